@@ -1,0 +1,233 @@
+"""The ``onnxfbp`` command line: refine, eval, inspect, demo, report.
+
+Exit codes: 0 success; 2 user error (bad model, data or output path: one line
+on stderr, no traceback unless ``--debug``); 3 the held-out gate was not met
+(nothing written); 130 interrupted (Ctrl-C or SIGTERM; nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from .errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, OnnxfbpError
+
+__all__ = ["main"]
+
+DEMO_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _progress(quiet: bool) -> Any:
+    if quiet:
+        return None
+    return lambda message: _stderr(f"  {message}")
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from .refine import RefineConfig  # noqa: PLC0415
+
+    config = RefineConfig(device=args.device, seed=args.seed)
+    for key in ("max_layers", "sweeps", "holdout", "min_gain", "batch_size"):
+        value = getattr(args, key, None)
+        if value is not None:
+            setattr(config, key, value)
+    config.allow_worse = bool(getattr(args, "allow_worse", False))
+    config.invert_convs = bool(getattr(args, "deep", False))
+    config.output_name = getattr(args, "output_name", None)
+    return config
+
+
+def _print_result(result: Any, stream: Any = sys.stdout) -> None:
+    hb, ha = result.heldout_before, result.heldout_after
+    print(f"held-out accuracy: {hb.accuracy:.4f} -> {ha.accuracy:.4f} (n={hb.n})", file=stream)
+    if result.eval_before is not None and result.eval_after is not None:
+        eb, ea = result.eval_before, result.eval_after
+        print(f"eval accuracy:     {eb.accuracy:.4f} -> {ea.accuracy:.4f} (n={eb.n})", file=stream)
+    kept = sorted({r.name for r in result.layers if r.accepted})
+    print(f"refined layers: {', '.join(kept) if kept else 'none'}; "
+          f"{result.timings.get('total', 0.0):.1f}s", file=stream)
+
+
+def cmd_refine(args: argparse.Namespace) -> int:
+    from .refine import refine  # noqa: PLC0415
+
+    result = refine(
+        args.model, args.output, args.data, config=_config(args), eval_data=args.eval_data,
+        force=args.force, progress=_progress(args.quiet),
+    )
+    if args.report:
+        _write_json(Path(args.report), result.to_dict())
+    _print_result(result)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    from .errors import OutputError  # noqa: PLC0415
+
+    try:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=2, default=float))
+        tmp.replace(path)
+    except OSError as exc:
+        raise OutputError(f"cannot write report {path}: {exc.strerror or exc}") from exc
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .refine import evaluate  # noqa: PLC0415
+
+    result = evaluate(args.model, args.data, device=args.device)
+    if args.json:
+        print(json.dumps({"accuracy": result.accuracy, "n": result.n, "loss": result.loss,
+                          "per_class": result.per_class}))
+    else:
+        print(f"accuracy {result.accuracy:.4f} on {result.n} samples")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import inspect_model, render_table  # noqa: PLC0415
+
+    info = inspect_model(args.model, deep=args.deep)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        render_table(info)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .refine import RefineConfig, evaluate, refine  # noqa: PLC0415
+
+    model = DEMO_DIR / "demo_mnist_cnn.onnx"
+    if not model.is_file():
+        raise OnnxfbpError(f"bundled demo model {model} is missing; rebuild it: python tools/make_demo.py")
+    out = Path(args.output)
+    print("onnxfbp demo: a small MNIST CNN (models/demo_mnist_cnn.onnx) meets digits rotated "
+          "by up to 45 degrees;\nrefining it on 2,000 labelled rotated digits "
+          "(models/demo_adapt.npz)...")
+    start = time.perf_counter()
+    result = refine(
+        model, out, DEMO_DIR / "demo_adapt.npz", config=RefineConfig(device=args.device),
+        eval_data=DEMO_DIR / "demo_eval.npz", force=True, progress=_progress(args.quiet),
+    )
+    clean_before = evaluate(model, DEMO_DIR / "demo_clean.npz", device=args.device)
+    clean_after = evaluate(out, DEMO_DIR / "demo_clean.npz", device=args.device)
+    _print_result(result)
+    print(f"clean accuracy:    {clean_before.accuracy:.4f} -> {clean_after.accuracy:.4f} "
+          f"(upright digits, n={clean_before.n})")
+    print(f"wrote {out} in {time.perf_counter() - start:.1f}s")
+    if args.report:
+        _write_json(Path(args.report), result.to_dict())
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import render_html  # noqa: PLC0415
+
+    render_html(Path(args.report), Path(args.output))
+    print(f"wrote {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onnxfbp",
+        description="Refine an exported ONNX classifier with new labelled data, "
+        "without its training code (feature-level reverse propagation).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+        p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    p = sub.add_parser("refine", help="refine MODEL on labelled data, write OUT")
+    p.add_argument("model")
+    p.add_argument("output")
+    p.add_argument("--data", required=True, help=".npz (input + y), .npy dir, or dir of .npz shards")
+    p.add_argument("--eval-data", help="held-out labelled data to report (and gate) on")
+    p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--min-gain", type=float, help="exit 3, writing nothing, unless accuracy gains this much")
+    p.add_argument("--allow-worse", action="store_true", help="write even if held-out accuracy drops")
+    p.add_argument("--max-layers", type=int, help="refine at most this many layers from the output")
+    p.add_argument("--sweeps", type=int, help="back-to-front passes at most")
+    p.add_argument("--holdout", type=float, help="fraction held out for choices (default 0.2)")
+    p.add_argument("--batch-size", type=int, help="samples per forward batch")
+    p.add_argument("--deep", action="store_true", help="also refine layers behind convolutions")
+    p.add_argument("--output-name", help="class-score output of the graph (default: found)")
+    p.add_argument("--seed", type=int, default=0)
+    common(p)
+    p.set_defaults(func=cmd_refine)
+
+    p = sub.add_parser("eval", help="accuracy of MODEL on labelled data")
+    p.add_argument("model")
+    p.add_argument("--data", required=True)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    common(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("inspect", help="each node's rule and which layers would be refined")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--deep", action="store_true", help="as refine --deep")
+    common(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo", help="refine the bundled MNIST model on bundled rotated digits")
+    p.add_argument("--output", default="demo_refined.onnx")
+    p.add_argument("--report", help="write the JSON report here")
+    common(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("report", help="render a JSON report as one self-contained HTML file")
+    p.add_argument("report")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+class _Terminated(BaseException):
+    pass
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return int(args.func(args))
+    except OnnxfbpError as exc:
+        if args.debug:
+            traceback.print_exc()
+        _stderr(f"onnxfbp: error: {exc}")
+        return exc.exit_code
+    except (KeyboardInterrupt, _Terminated):
+        _stderr("onnxfbp: interrupted; nothing was written")
+        return EXIT_INTERRUPTED
+    except MemoryError:
+        _stderr("onnxfbp: error: out of memory; lower --batch-size")
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""Errors a user can act on, and the CLI exit codes they map to.
+
+Every error raised for bad input is an :class:`OnnxfbpError`: its message is one
+line that says what is wrong and what to do. The CLI prints it without a
+traceback and exits with the error's ``exit_code``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EXIT_GATE",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USER_ERROR",
+    "DataError",
+    "GateError",
+    "ModelError",
+    "OnnxfbpError",
+    "OutputError",
+    "UnsupportedModelError",
+]
+
+EXIT_OK = 0
+EXIT_USER_ERROR = 2
+EXIT_GATE = 3
+EXIT_INTERRUPTED = 130
+
+
+class OnnxfbpError(Exception):
+    """A user error: bad model, bad data, bad output path. One-line message."""
+
+    exit_code: int = EXIT_USER_ERROR
+
+
+class ModelError(OnnxfbpError):
+    """The model file cannot be read, checked or run."""
+
+
+class UnsupportedModelError(ModelError):
+    """The graph has nothing onnxfbp can refine, or no class-score output."""
+
+
+class DataError(OnnxfbpError):
+    """The data file is missing, malformed or inconsistent with the model."""
+
+
+class OutputError(OnnxfbpError):
+    """The output path cannot be written as asked."""
+
+
+class GateError(OnnxfbpError):
+    """The refined model did not clear the held-out accuracy gate; nothing written."""
+
+    exit_code = EXIT_GATE

@@ -1,0 +1,196 @@
+"""Forward: run the model with onnxruntime in batches, returning the tensors the
+rules need, with the weights being refined fed as inputs.
+
+An internal copy of the graph (never written out) differs from the user's in
+three ways:
+
+1. the refinable weights are graph inputs instead of initializers, so new
+   values are fed at run time and no session is rebuilt per layer;
+2. every tensor the reverse pass needs is a graph output;
+3. a fixed batch dimension (1, 64, ...) is made symbolic, with batch constants
+   in Reshape shapes replaced by 0 ("copy this dim"). The change is verified
+   against the original graph on real samples; if it does not hold, batches are
+   fed in chunks of the fixed size instead (padding the last one).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+from .errors import ModelError
+
+__all__ = ["ForwardRunner", "available_providers", "choose_providers"]
+
+
+def available_providers() -> list[str]:
+    return list(ort.get_available_providers())
+
+
+def choose_providers(device: str) -> list[str]:
+    """Execution providers for ``auto`` (CUDA if present), ``cpu`` or ``cuda``."""
+    available = available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            from .errors import OnnxfbpError  # noqa: PLC0415
+
+            raise OnnxfbpError(
+                "--device cuda needs onnxruntime-gpu with the CUDA provider; "
+                "install onnxfbp[gpu] or use --device cpu"
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _session(model: onnx.ModelProto, providers: list[str], threads: int | None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    except Exception as exc:
+        msg = str(exc).splitlines()[0][:300]
+        raise ModelError(f"onnxruntime cannot load the model: {msg}") from exc
+
+
+def _dynamic_batch_copy(model: onnx.ModelProto, input_name: str, fixed: int) -> onnx.ModelProto:
+    m = copy.deepcopy(model)
+    g = m.graph
+    for vi in list(g.input) + list(g.output):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == fixed:
+            dims[0].Clear()
+            dims[0].dim_param = "batch"
+    del g.value_info[:]
+    inits = {t.name: t for t in g.initializer}
+    const_nodes = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+    for node in g.node:
+        if node.op_type != "Reshape" or len(node.input) < 2:
+            continue
+        name = node.input[1]
+        allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)
+        if name in inits:
+            shape = numpy_helper.to_array(inits[name]).copy()
+        elif name in const_nodes:
+            shape = numpy_helper.to_array(const_nodes[name].attribute[0].t).copy()
+        else:
+            continue
+        if shape.ndim != 1 or not len(shape) or shape[0] != fixed:
+            continue
+        shape[0] = -1 if allowzero and -1 not in shape else 0
+        new_name = f"{name}__onnxfbp_dynbatch_{node.name or id(node)}"
+        g.initializer.append(numpy_helper.from_array(shape.astype(np.int64), new_name))
+        node.input[1] = new_name
+    return m
+
+
+class ForwardRunner:
+    """Batched onnxruntime execution of a plan's internal graph.
+
+    ``weight_inputs`` are initializer names turned into graph inputs;
+    ``extra_outputs`` are intermediate tensors to return.
+    """
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        input_name: str,
+        weight_inputs: Iterable[str],
+        extra_outputs: Iterable[str],
+        providers: list[str],
+        batch_size: int = 256,
+        threads: int | None = None,
+    ) -> None:
+        self.input_name = input_name
+        self.batch_size = batch_size
+        self.providers = providers
+        internal = copy.deepcopy(model)
+        g = internal.graph
+        weights = set(weight_inputs)
+        keep, moved = [], []
+        for t in g.initializer:
+            (moved if t.name in weights else keep).append(t)
+        self.initial_weights = {t.name: numpy_helper.to_array(t) for t in moved}
+        del g.initializer[:]
+        g.initializer.extend(keep)
+        existing_inputs = {i.name for i in g.input}
+        for t in moved:
+            if t.name not in existing_inputs:
+                g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        present = {o.name for o in g.output}
+        for name in extra_outputs:
+            if name and name not in present:
+                g.output.append(onnx.ValueInfoProto(name=name))
+                present.add(name)
+        self.output_names = [o.name for o in g.output]
+        self.fixed_batch = self._fixed_batch(internal)
+        self.chunk: int | None = None
+        self._internal = internal
+        self.session = _session(internal, providers, threads)
+        in_meta = next(i for i in self.session.get_inputs() if i.name == input_name)
+        self.input_type = {"tensor(float)": np.float32, "tensor(double)": np.float64,
+                           "tensor(float16)": np.float16}.get(in_meta.type, np.float32)
+        if self.fixed_batch is not None:
+            self._make_batch_dynamic(threads)
+
+    def _fixed_batch(self, model: onnx.ModelProto) -> int | None:
+        vi = next(i for i in model.graph.input if i.name == self.input_name)
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value"):
+            return int(dims[0].dim_value)
+        return None
+
+    def _make_batch_dynamic(self, threads: int | None) -> None:
+        """Try a symbolic batch dim; keep it only if it reproduces the original."""
+        fixed = self.fixed_batch
+        assert fixed is not None
+        self.chunk = fixed
+        vi = next(i for i in self._internal.graph.input if i.name == self.input_name)
+        sample_shape = [d.dim_value for d in vi.type.tensor_type.shape.dim[1:]]
+        if not all(sample_shape):
+            return
+        rng = np.random.default_rng(0)
+        probe = rng.standard_normal((2 * fixed + 1, *sample_shape)).astype(np.float32)
+        try:
+            expected = self.run(probe, self.output_names[:1], self.initial_weights)
+            dynamic = _dynamic_batch_copy(self._internal, self.input_name, fixed)
+            session = _session(dynamic, self.providers, threads)
+            feeds = {self.input_name: probe, **self.initial_weights}
+            got = session.run(self.output_names[:1], feeds)[0]
+        except Exception:
+            return
+        ref = expected[self.output_names[0]]
+        if got.shape == ref.shape and np.allclose(got, ref, rtol=1e-4, atol=1e-4):
+            self.session, self.chunk = session, None
+
+    def run(
+        self, x: np.ndarray, outputs: list[str], weights: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Run on ``x`` (one batch of any size); returns the named outputs."""
+        x = np.asarray(x, dtype=self.input_type)
+        feeds: dict[str, Any] = dict(weights)
+        if self.chunk is None:
+            feeds[self.input_name] = x
+            return dict(zip(outputs, self.session.run(outputs, feeds), strict=True))
+        parts: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
+        for start in range(0, len(x), self.chunk):
+            piece = x[start : start + self.chunk]
+            n = len(piece)
+            if n < self.chunk:
+                pad = np.zeros((self.chunk - n, *piece.shape[1:]), piece.dtype)
+                piece = np.concatenate([piece, pad])
+            feeds[self.input_name] = piece
+            for name, value in zip(outputs, self.session.run(outputs, feeds), strict=True):
+                parts[name].append(value[:n])
+        return {name: np.concatenate(vals) for name, vals in parts.items()}

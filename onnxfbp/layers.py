@@ -1,0 +1,137 @@
+"""Layers as least-squares blocks: rows ``X`` and targets ``T`` from activations,
+weights to and from the solver's layout ``(groups, d_in [+1 bias row], d_out)``.
+
+- dense (Gemm ``alpha x B' + beta C``, MatMul ``x W`` (+ Add b)):
+  ``X = x`` (leading axes flattened), ``W_eff = alpha B'``, bias row ``beta C``.
+- conv: ``X`` = im2col patches per group (a random subset of output positions
+  per sample, so the Gram cost does not grow with the image area), weights
+  ``W[g]`` of shape (C_in/g * kh * kw, C_out/g), bias row per group.
+
+A bias that cannot be refined (absent, or shaped so that it broadcasts) stays
+fixed: it is subtracted from the target and gets no row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .graph import Layer
+from .rules import Array, NodeView, xp_of
+from .rules.linear import ConvRule, dense_weight, im2col
+
+__all__ = ["LayerBlock"]
+
+
+@dataclass
+class LayerBlock:
+    """One layer's view for the solver, built from its current node view."""
+
+    layer: Layer
+    view: NodeView
+    bias_value: np.ndarray | None  # current bias (raw tensor value), if refinable
+    fixed_bias: np.ndarray | None  # bias that is not refined, per output channel
+
+    @property
+    def groups(self) -> int:
+        return int(self.view.attr("group", 1)) if self.layer.kind == "conv" else 1
+
+    @property
+    def has_bias_row(self) -> bool:
+        return self.bias_value is not None
+
+    def effective_bias(self) -> np.ndarray | None:
+        if self.bias_value is None:
+            return None
+        b = np.asarray(self.bias_value, dtype=np.float64).reshape(-1)
+        if self.layer.op == "Gemm" and self.layer.bias_add_node is None:
+            b = b * float(self.view.attr("beta", 1.0))
+        return b
+
+    def weights(self) -> np.ndarray:
+        """Current weights in solver layout (G, d_in [+1], d_out), float64."""
+        if self.layer.kind == "dense":
+            blocks = dense_weight(self.view).astype(np.float64)[None]
+        else:
+            w = np.asarray(self.view.const(1), dtype=np.float64)
+            g = self.groups
+            cout = w.shape[0]
+            blocks = w.reshape(g, cout // g, -1).transpose(0, 2, 1)
+        b = self.effective_bias()
+        if b is not None:
+            bias_rows = b.reshape(blocks.shape[0], 1, blocks.shape[2])
+            blocks = np.concatenate([blocks, bias_rows], axis=1)
+        return blocks
+
+    def split(self, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Solver layout back to (weight tensor value, bias tensor value)."""
+        bias = None
+        if self.has_bias_row:
+            bias_eff = blocks[:, -1, :].reshape(-1)
+            blocks = blocks[:, :-1, :]
+            if self.layer.op == "Gemm" and self.layer.bias_add_node is None:
+                bias_eff = bias_eff / float(self.view.attr("beta", 1.0))
+            bias = bias_eff
+        if self.layer.kind == "dense":
+            w_eff = blocks[0]
+            if self.layer.op == "Gemm":
+                w_eff = w_eff / float(self.view.attr("alpha", 1.0))
+                if self.view.attr("transB", 0):
+                    w_eff = w_eff.T
+            return w_eff, bias
+        g, d, k = blocks.shape
+        w_shape = np.asarray(self.view.const(1)).shape
+        w = blocks.transpose(0, 2, 1).reshape(w_shape)
+        return w, bias
+
+    def rows(
+        self, x: Array, t: Array, rng: np.random.Generator | None, max_positions: int
+    ) -> tuple[Array, Array]:
+        """Rows (G, n, d[+1]) and targets (G, n, k) for one batch."""
+        xp = xp_of(x)
+        if self.layer.kind == "dense":
+            d_in = x.shape[-1]
+            xr = x.reshape(-1, d_in)[None]
+            tr = t.reshape(-1, t.shape[-1])[None]
+        else:
+            rule = ConvRule()
+            geometry = rule.geometry(self.view, x.shape)
+            g = geometry.group
+            n_out = t.shape[1]
+            tr = t.reshape(t.shape[0], g, n_out // g, -1).transpose(1, 0, 3, 2)
+            tr = tr.reshape(g, -1, n_out // g)
+            positions = t.shape[2] * t.shape[3]
+            if rng is not None and positions > max_positions:
+                # The same random output positions for every sample in the batch.
+                keep = np.sort(rng.choice(positions, size=max_positions, replace=False))
+                xs_small = self._patch_subset(x, geometry, keep, t.shape[2:])
+                tr = tr.reshape(g, t.shape[0], positions, -1)[:, :, xp.asarray(keep)]
+                tr = tr.reshape(g, -1, n_out // g)
+                xr = xs_small
+            else:
+                xr = im2col(x, geometry)
+        tr = xp.asarray(tr, dtype=xp.float32)
+        if self.fixed_bias is not None:
+            fb = xp.asarray(self.fixed_bias, dtype=xp.float32).reshape(tr.shape[0], 1, -1)
+            tr = tr - fb
+        if self.has_bias_row:
+            ones = xp.ones((*xr.shape[:2], 1), dtype=xr.dtype)
+            xr = xp.concatenate([xr, ones], axis=2)
+        return xr, tr
+
+    @staticmethod
+    def _patch_subset(x: Array, geometry: object, keep: np.ndarray, out_hw: tuple[int, int]) -> Array:
+        from .rules.linear import windows  # noqa: PLC0415
+
+        g = geometry
+        win = windows(x, g)  # type: ignore[arg-type]  # N, C, oh, ow, kh, kw
+        n, c = x.shape[:2]
+        oh, ow = out_hw
+        xp = xp_of(x)
+        rows, cols = xp.asarray(keep // ow), xp.asarray(keep % ow)
+        picked = win[:, :, rows, cols]  # N, C, P, kh, kw
+        groups = g.group  # type: ignore[attr-defined]
+        picked = picked.reshape(n, groups, c // groups, len(keep), -1)
+        picked = picked.transpose(1, 0, 3, 2, 4)  # G, N, P, Cg, kh*kw
+        return picked.reshape(groups, n * len(keep), -1)

@@ -1,0 +1,491 @@
+"""The refine pipeline: graph -> forward -> targets -> rules -> solve -> patch.
+
+For each sweep, the refinable layers are visited from the output back. For a
+layer ``L``:
+
+1. one streamed forward pass (onnxruntime) over the adaptation data with the
+   current weights gives the logits, ``L``'s input and the activations between
+   ``L`` and the logits;
+2. the label target ``t = z + step (onehot - softmax z)`` is set on the logits
+   and carried back to ``L``'s output through the inverse rules (``mu`` is the
+   proximal weight), several consumers of one tensor averaging their targets;
+3. the normal equations of ``L`` are accumulated for the training part and the
+   held-out part of the data, and ``W = argmin ||X W - T||^2 + lam ||W - W0||^2``
+   is solved for a grid of ``lam``; the lowest held-out residual wins;
+4. the new weights are kept only if held-out accuracy does not drop (ties are
+   broken by held-out cross-entropy).
+
+Sweeps repeat while some layer improves. The refined model is written only if
+it is at least as good as the input model on the held-out data (or better by
+``min_gain`` when asked).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from . import __version__
+from .backend import array_module, to_numpy
+from .data import LabelledData, from_arrays, load_data
+from .errors import GateError, UnsupportedModelError
+from .forward import ForwardRunner, choose_providers
+from .graph import Layer, Plan, load_model, plan_model
+from .layers import LayerBlock
+from .patch import check_output_path, write_refined
+from .rules import RULES, Array
+from .solve import NormalEquations, choose_ridge
+from .targets import cross_entropy, label_target
+
+__all__ = [
+    "EvalResult",
+    "LayerReport",
+    "RefineConfig",
+    "RefineResult",
+    "Refiner",
+    "evaluate",
+    "refine",
+]
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class RefineConfig:
+    """Settings of a refine run; the defaults need no tuning."""
+
+    device: str = "auto"  # auto | cpu | cuda
+    holdout: float = 0.2  # fraction of the labelled data held out for choices
+    max_layers: int | None = None  # refine at most this many layers, from the output
+    sweeps: int = 3  # back-to-front passes at most
+    step: float = 10.0  # logit-space step of the label target
+    mu: float = 1.0  # proximal weight of the reverse rules (relative)
+    ridge_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)  # lam / mean diag(G), first sweep
+    invert_convs: bool = False  # also refine layers whose target passes a Conv inverse
+    batch_size: int = 500
+    max_positions: int = 16  # conv output positions per sample in the normal equations
+    seed: int = 0
+    threads: int | None = None  # onnxruntime intra-op threads (None: all cores)
+    min_gain: float | None = None  # required held-out accuracy gain, else GateError
+    allow_worse: bool = False  # write even if held-out accuracy dropped
+    output_name: str | None = None  # class-score output (default: found automatically)
+
+
+@dataclass
+class LayerReport:
+    """What happened to one layer in one sweep."""
+
+    sweep: int
+    name: str
+    op: str
+    weight_shape: list[int]
+    accepted: bool
+    reason: str
+    lam: float | None = None
+    relative_change: float = 0.0
+    residual_before: float | None = None  # held-out target residual, per row
+    residual_after: float | None = None
+    heldout_accuracy: float | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    n: int
+    loss: float | None = None
+    per_class: list[float] | None = None
+    confusion: list[list[int]] | None = None
+
+
+@dataclass
+class RefineResult:
+    """Outcome of :func:`refine`; ``to_dict()`` is the JSON report."""
+
+    model: onnx.ModelProto
+    written: str | None
+    layers: list[LayerReport]
+    heldout_before: EvalResult
+    heldout_after: EvalResult
+    eval_before: EvalResult | None = None
+    eval_after: EvalResult | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": "onnxfbp.report/1",
+            "written": self.written,
+            "heldout": {"before": asdict(self.heldout_before), "after": asdict(self.heldout_after)},
+            "eval": None if self.eval_before is None else {
+                "before": asdict(self.eval_before), "after": asdict(self.eval_after) if self.eval_after else None
+            },
+            "layers": [asdict(layer) for layer in self.layers],
+            "timings": self.timings,
+            "environment": self.environment,
+            "plan": self.plan,
+            "config": self.config,
+        }
+
+
+def _as_data(data: LabelledData | tuple[np.ndarray, np.ndarray] | str | os.PathLike[str], input_name: str) -> LabelledData:
+    if isinstance(data, LabelledData):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        return load_data(data, input_name)
+    x, y = data
+    return from_arrays(x, y)
+
+
+class Refiner:
+    """A loaded model with its plan and onnxruntime runner, ready to refine or evaluate."""
+
+    def __init__(self, model_path: str | os.PathLike[str], config: RefineConfig | None = None,
+                 progress: Progress | None = None) -> None:
+        self.config = config or RefineConfig()
+        self.progress = progress or (lambda message: None)
+        self.model_path = Path(model_path)
+        self.timings: dict[str, float] = {}
+        start = time.perf_counter()
+        self.model = load_model(self.model_path)
+        self.plan: Plan = plan_model(self.model, self.config.output_name)
+        self.timings["plan"] = time.perf_counter() - start
+        self.providers = choose_providers(self.config.device)
+        device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        self.xp = array_module(device) if device == "cuda" else np
+        self.device = device
+        self.skipped: dict[str, str] = {}
+        self.layers = []
+        for layer in reversed(self.plan.refinable):
+            downstream = [self.plan.nodes[i].op for i in self._nodes_after(layer.output)]
+            if "Conv" in downstream and not self.config.invert_convs:
+                self.skipped[layer.name] = "its target would pass a Conv inverse (enable: --deep)"
+            elif self.config.max_layers is not None and len(self.layers) >= self.config.max_layers:
+                self.skipped[layer.name] = f"beyond --max-layers {self.config.max_layers}"
+            else:
+                self.layers.append(layer)
+        weight_inputs = set()
+        for layer in self.layers:
+            weight_inputs.add(layer.weight.initializer)
+            if layer.bias is not None:
+                weight_inputs.add(layer.bias.initializer)
+        extra = {self.plan.logits}
+        for pn in self.plan.nodes:
+            extra.update(pn.inputs[i] for i in pn.data_inputs)
+            extra.update(pn.outputs[:1])
+        for layer in self.layers:
+            extra.add(layer.input)
+        extra.discard(self.plan.input_name)
+        self.runner = ForwardRunner(
+            self.model, self.plan.input_name, sorted(weight_inputs), sorted(extra),
+            self.providers, self.config.batch_size, self.config.threads,
+        )
+        self.values: dict[str, np.ndarray] = dict(self.runner.initial_weights)
+        self.original = {k: v.copy() for k, v in self.values.items()}
+        self._downstream = {layer.name: self._nodes_after(layer.output) for layer in self.layers}
+
+    # ------------------------------------------------------------------ helpers
+
+    def _nodes_after(self, tensor: str) -> list[int]:
+        """Indices (into plan.nodes) of path nodes downstream of ``tensor``."""
+        reach = {tensor}
+        out = []
+        for i, pn in enumerate(self.plan.nodes):
+            if any(pn.inputs[j] in reach for j in pn.data_inputs):
+                out.append(i)
+                reach.update(pn.outputs)
+        return out
+
+    def tensor_values(self) -> dict[str, np.ndarray]:
+        """Current values of weight tensors as the graph sees them (after chains)."""
+        out = dict(self.values)
+        for layer in self.layers:
+            out[layer.weight_tensor] = layer.weight.apply(self.values[layer.weight.initializer])
+            if layer.bias is not None and layer.bias_tensor is not None:
+                out[layer.bias_tensor] = layer.bias.apply(self.values[layer.bias.initializer])
+        return out
+
+    def _block(self, layer: Layer, views: dict[str, Any], values: dict[str, np.ndarray]) -> LayerBlock:
+        view = views[layer.name]
+        bias_value = values[layer.bias_tensor] if layer.bias is not None and layer.bias_tensor else None
+        fixed = None
+        if bias_value is None:
+            if layer.kind == "dense" and layer.op == "Gemm" and 2 in view.static and view.static[2].size:
+                c = np.asarray(view.static[2], dtype=np.float64) * float(view.attr("beta", 1.0))
+                fixed = np.broadcast_to(c.reshape(-1), (view.static[1].shape[0 if view.attr("transB", 0) else 1],))
+            elif layer.kind == "conv" and 2 in view.static and view.static[2].size:
+                fixed = np.asarray(view.static[2], dtype=np.float64)
+        return LayerBlock(layer, view, bias_value, fixed)
+
+    def forward(self, x: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
+        acts = self.runner.run(x, [o for o in outputs if o != self.plan.input_name], self.values)
+        acts[self.plan.input_name] = np.asarray(x, dtype=np.float32)
+        return acts
+
+    def scores(self, data: LabelledData, idx: np.ndarray) -> tuple[float, int, np.ndarray]:
+        """Summed cross-entropy, correct count and predictions on ``data[idx]``."""
+        loss, correct, preds = 0.0, 0, []
+        for x, y in data.batches(idx, self.config.batch_size):
+            z = self.forward(x, [self.plan.logits])[self.plan.logits]
+            z = z.reshape(len(y), -1)
+            batch_loss, batch_correct = cross_entropy(z, y)
+            loss += batch_loss
+            correct += batch_correct
+            preds.append(z.argmax(axis=1))
+        return loss, correct, np.concatenate(preds) if preds else np.zeros(0, np.int64)
+
+    def evaluate(self, data: LabelledData, idx: np.ndarray | None = None) -> EvalResult:
+        idx = np.arange(len(data)) if idx is None else idx
+        loss, correct, preds = self.scores(data, idx)
+        labels = np.concatenate([y for _, y in data.batches(idx, 65536)]) if len(idx) else np.zeros(0, np.int64)
+        k = int(max(self.plan.n_classes or 0, labels.max(initial=0) + 1, preds.max(initial=0) + 1))
+        confusion = np.zeros((k, k), dtype=np.int64)
+        np.add.at(confusion, (labels, preds), 1)
+        per_class = (np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)).round(6).tolist()
+        n = len(idx)
+        return EvalResult(correct / max(n, 1), n, loss / max(n, 1), per_class, confusion.tolist())
+
+    def reverse_targets(self, acts: dict[str, Array], t_logits: Array, layer: Layer) -> Array:
+        """Carry the logits target back to ``layer.output`` through the inverse rules."""
+        views = self._views
+        sums: dict[str, Array] = {self.plan.logits: t_logits - acts[self.plan.logits]}
+        counts: dict[str, int] = {self.plan.logits: 1}
+        for i in reversed(self._downstream[layer.name]):
+            pn = self.plan.nodes[i]
+            out = pn.outputs[0]
+            if out not in sums:
+                continue
+            o0 = acts[out]
+            t = o0 + sums[out] / counts[out]
+            xs = [acts[pn.inputs[j]] for j in pn.data_inputs]
+            new = RULES[pn.op].inverse(views[pn.name], t, xs, o0, self.config.mu)
+            for j, x_t, x0 in zip(pn.data_inputs, new, xs, strict=True):
+                name = pn.inputs[j]
+                sums[name] = sums.get(name, 0) + (x_t - x0)
+                counts[name] = counts.get(name, 0) + 1
+        if layer.output not in sums:
+            raise RuntimeError(f"no target reached {layer.output}")
+        return acts[layer.output] + sums[layer.output] / counts[layer.output]
+
+    def _needed(self, layer: Layer) -> list[str]:
+        names = {self.plan.logits, layer.input, layer.output}
+        for i in self._downstream[layer.name]:
+            pn = self.plan.nodes[i]
+            names.update(pn.inputs[j] for j in pn.data_inputs)
+            names.add(pn.outputs[0])
+        return sorted(names)
+
+    # ------------------------------------------------------------------ refine
+
+    def refine(self, data: LabelledData, eval_data: LabelledData | None = None) -> RefineResult:
+        cfg = self.config
+        t0 = time.perf_counter()
+        for d in (data, eval_data):
+            if d is not None:
+                d.validate(self.plan.input_shape, self.plan.n_classes)
+        if not self.layers:
+            raise UnsupportedModelError(
+                "nothing to refine: no Conv/Gemm/MatMul layer with stored weights is reachable "
+                "from the output" + (f" (boundaries: {'; '.join(self.plan.boundaries)})" if self.plan.boundaries else "")
+            )
+        rng = np.random.default_rng(cfg.seed)
+        n = len(data)
+        is_val = rng.random(n) < cfg.holdout if n >= 10 else np.zeros(n, bool)
+        train_idx, val_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+        if len(val_idx) == 0:  # tiny data: judge on the training part itself
+            val_idx = train_idx
+        self.timings["validate"] = time.perf_counter() - t0
+
+        t = time.perf_counter()
+        before = self.evaluate(data, val_idx)
+        eval_before = self.evaluate(eval_data) if eval_data is not None else None
+        self.timings["evaluate_before"] = time.perf_counter() - t
+        best_loss, best_correct = before.loss * len(val_idx), round(before.accuracy * len(val_idx))  # type: ignore[operator]
+        reports: list[LayerReport] = []
+        solve_time = forward_time = 0.0
+        chosen_lam: dict[str, float] = {}
+        for sweep in range(cfg.sweeps):
+            improved = False
+            for layer in self.layers:
+                ls = time.perf_counter()
+                values = self.tensor_values()
+                views = self.plan.node_views(values)
+                self._views = views
+                block = self._block(layer, views, values)
+                w0 = block.weights()
+                groups, d, k = w0.shape
+                xp = self.xp
+                ne_train = NormalEquations(groups, d, k, xp)
+                ne_val = NormalEquations(groups, d, k, xp)
+                needed = self._needed(layer)
+                ft = time.perf_counter()
+                for split_idx, ne in ((train_idx, ne_train), (val_idx, ne_val)):
+                    for x, y in data.batches(split_idx, cfg.batch_size):
+                        acts = self.forward(x, needed)
+                        z = acts[self.plan.logits].reshape(len(y), -1)
+                        t_logits = label_target(z, y, cfg.step).reshape(acts[self.plan.logits].shape)
+                        target = self.reverse_targets(acts, t_logits, layer)
+                        rows, trows = block.rows(acts[layer.input], target, rng, cfg.max_positions)
+                        ne.add(rows, trows)
+                forward_time += time.perf_counter() - ft
+                st = time.perf_counter()
+                previous = chosen_lam.get(layer.name)
+                grid = cfg.ridge_grid if previous is None else (previous / 4, previous, previous * 4)
+                choice = choose_ridge(ne_train, ne_val, xp.asarray(w0), grid)
+                if choice.lam != float("inf"):
+                    chosen_lam[layer.name] = choice.lam
+                new_w = to_numpy(choice.weights)
+                solve_time += time.perf_counter() - st
+                weight_shape = list(np.asarray(views[layer.name].const(1)).shape)
+                rel = float(np.linalg.norm(new_w - w0) / max(np.linalg.norm(w0), 1e-12))
+                per_row = max(ne_val.rows, 1)
+                report = LayerReport(
+                    sweep=sweep, name=layer.name, op=layer.op, weight_shape=weight_shape,
+                    accepted=False, reason="", lam=None if choice.lam == float("inf") else choice.lam,
+                    relative_change=rel, residual_before=choice.residual_before / per_row,
+                    residual_after=choice.residual / per_row,
+                )
+                if choice.lam == float("inf") or not np.isfinite(new_w).all():
+                    report.reason = "no finite solution; layer left unchanged"
+                else:
+                    saved = {k2: v.copy() for k2, v in self.values.items()}
+                    self._set_weights(layer, block, new_w)
+                    loss, correct, _ = self.scores(data, val_idx)
+                    if correct > best_correct or (correct == best_correct and loss < best_loss):
+                        report.accepted, report.reason = True, "held-out score improved"
+                        best_loss, best_correct = loss, correct
+                        improved = True
+                    else:
+                        self.values = saved
+                        report.reason = "held-out score did not improve; reverted"
+                    report.heldout_accuracy = correct / len(val_idx)
+                report.seconds = time.perf_counter() - ls
+                reports.append(report)
+                self.progress(
+                    f"sweep {sweep + 1} {layer.op} {layer.name}: "
+                    f"{'kept' if report.accepted else 'reverted'}, held-out acc "
+                    f"{(report.heldout_accuracy or 0):.4f}, lam {report.lam}, {report.seconds:.2f}s"
+                )
+            if not improved:
+                break
+        self.timings["forward_and_targets"] = forward_time
+        self.timings["solve"] = solve_time
+        t = time.perf_counter()
+        after = self.evaluate(data, val_idx)
+        eval_after = self.evaluate(eval_data) if eval_data is not None else None
+        self.timings["evaluate_after"] = time.perf_counter() - t
+        self.timings["total"] = time.perf_counter() - t0
+        return RefineResult(
+            model=self.patched_model(), written=None, layers=reports,
+            heldout_before=before, heldout_after=after,
+            eval_before=eval_before, eval_after=eval_after,
+            timings=dict(self.timings), environment=self.environment(),
+            plan=self.plan_summary(), config=asdict(self.config),
+        )
+
+    def _set_weights(self, layer: Layer, block: LayerBlock, new_w: np.ndarray) -> None:
+        weight_value, bias_value = block.split(new_w)
+        init = layer.weight.initializer
+        self.values[init] = layer.weight.write_back(np.asarray(weight_value), self.values[init])
+        if bias_value is not None and layer.bias is not None:
+            binit = layer.bias.initializer
+            self.values[binit] = layer.bias.write_back(np.asarray(bias_value), self.values[binit])
+
+    def patched_model(self) -> onnx.ModelProto:
+        """The input model with refined initializer values; nothing else changed."""
+        from .patch import with_initializers  # noqa: PLC0415
+
+        changed = {k: v for k, v in self.values.items() if not np.array_equal(v, self.original[k])}
+        return with_initializers(self.model, changed)
+
+    def environment(self) -> dict[str, Any]:
+        return {
+            "onnxfbp": __version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
+            "numpy": np.__version__, "python": platform.python_version(),
+            "device": self.device, "providers": self.providers,
+            "batch_mode": "dynamic" if self.runner.chunk is None else f"fixed chunks of {self.runner.chunk}",
+        }
+
+    def plan_summary(self) -> dict[str, Any]:
+        refined = {layer.name for layer in self.layers}
+        return {
+            "input": self.plan.input_name, "output": self.plan.output_name,
+            "logits": self.plan.logits, "output_kind": self.plan.output_kind,
+            "n_classes": self.plan.n_classes, "boundaries": self.plan.boundaries,
+            "layers": [
+                {"name": layer.name, "op": layer.op, "refined": layer.name in refined,
+                 "reason": layer.reason or self.skipped.get(layer.name)}
+                for layer in self.plan.layers
+            ],
+        }
+
+
+def refine(
+    model: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None,
+    data: LabelledData | tuple[np.ndarray, np.ndarray] | str | os.PathLike[str],
+    y: np.ndarray | None = None,
+    *,
+    config: RefineConfig | None = None,
+    eval_data: LabelledData | tuple[np.ndarray, np.ndarray] | str | os.PathLike[str] | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> RefineResult:
+    """Refine ``model`` on labelled data and write the result to ``output``.
+
+    ``data`` is a path (.npz, .npy directory, shard directory), a
+    :class:`LabelledData`, or inputs ``x`` with labels ``y`` given as the next
+    argument. Returns the report; raises :class:`OnnxfbpError` subclasses for
+    user errors and :class:`GateError` when the held-out gate is not met (then
+    nothing is written).
+    """
+    config = config or RefineConfig()
+    if output is not None:
+        check_output_path(Path(model), Path(output), force)
+    refiner = Refiner(model, config, progress)
+    name = refiner.plan.input_name
+    adapt = _as_data((data, y) if y is not None else data, name)  # type: ignore[arg-type]
+    held = _as_data(eval_data, name) if eval_data is not None else None
+    result = refiner.refine(adapt, held)
+    gate_before, gate_after = result.heldout_before, result.heldout_after
+    if result.eval_before is not None and result.eval_after is not None:
+        gate_before, gate_after = result.eval_before, result.eval_after
+    gain = gate_after.accuracy - gate_before.accuracy
+    if config.min_gain is not None and gain < config.min_gain:
+        raise GateError(
+            f"held-out accuracy gain {gain:+.4f} is below --min-gain {config.min_gain}; nothing written"
+        )
+    if gain < 0 and not config.allow_worse:
+        raise GateError(f"refined model is worse on held-out data ({gain:+.4f}); nothing written")
+    if output is not None:
+        t = time.perf_counter()
+        write_refined(result.model, Path(output), force, input_path=Path(model))
+        result.timings["write"] = time.perf_counter() - t
+        result.written = str(output)
+    return result
+
+
+def evaluate(
+    model: str | os.PathLike[str],
+    data: LabelledData | tuple[np.ndarray, np.ndarray] | str | os.PathLike[str],
+    y: np.ndarray | None = None,
+    *,
+    device: str = "auto",
+    batch_size: int = 500,
+) -> EvalResult:
+    """Accuracy of ``model`` on labelled data (same inputs as :func:`refine`)."""
+    refiner = Refiner(model, RefineConfig(device=device, batch_size=batch_size, max_layers=0))
+    adapt = _as_data((data, y) if y is not None else data, refiner.plan.input_name)  # type: ignore[arg-type]
+    adapt.validate(refiner.plan.input_shape, refiner.plan.n_classes)
+    return refiner.evaluate(adapt)

@@ -1,0 +1,187 @@
+"""Element-wise activations and the softmax family.
+
+Each inverse is exact on the function's reachable range; a target outside it
+is first clamped into the range (the closest reachable output), and where the
+function is flat the current input is moved only as far as needed:
+
+- Relu:       x* = t where t > 0, else min(x0, 0)
+- LeakyRelu:  x* = t where t >= 0, else t / alpha
+- PRelu:      x* = t where t >= 0, else t / slope (slope != 0), else min(x0, 0)
+- Sigmoid:    x* = log(t / (1 - t)),  t clamped to [eps, 1 - eps]
+- Tanh:       x* = artanh(t),         t clamped to [-1 + eps, 1 - eps]
+- Clip:       x* = t inside (lo, hi); min(x0, lo) where t <= lo; max(x0, hi) where t >= hi
+- Softmax:    x* = log t + c,  c per row so that mean(x*) = mean(x0) (shift is free)
+- LogSoftmax: x* = t + c,      same shift
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from . import Array, InverseRule, NodeView, register, xp_of
+
+EPS = 1e-4
+
+
+@register
+class ReluRule(InverseRule):
+    """``o = max(x, 0)``; ``x* = t`` where ``t > 0``, else ``min(x0, 0)``."""
+
+    op_types = ("Relu",)
+
+    def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
+        return xp_of(xs[0]).maximum(xs[0], 0)
+
+    def inverse(
+        self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
+    ) -> list[Array]:
+        xp = xp_of(t)
+        return [xp.where(t > 0, t, xp.minimum(xs[0], 0)).astype(xs[0].dtype)]
+
+
+@register
+class LeakyReluRule(InverseRule):
+    """``o = x`` if ``x >= 0`` else ``alpha x``; ``x* = t`` or ``t / alpha``."""
+
+    op_types = ("LeakyRelu",)
+
+    def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
+        x, alpha = xs[0], node.attr("alpha", 0.01)
+        return xp_of(x).where(x >= 0, x, alpha * x)
+
+    def inverse(
+        self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
+    ) -> list[Array]:
+        xp, alpha = xp_of(t), node.attr("alpha", 0.01)
+        if alpha <= 0:
+            return [xp.where(t > 0, t, xp.minimum(xs[0], 0)).astype(xs[0].dtype)]
+        return [xp.where(t >= 0, t, t / alpha).astype(xs[0].dtype)]
+
+
+@register
+class PReluRule(InverseRule):
+    """``o = x`` if ``x >= 0`` else ``slope x`` (slope a constant, broadcast)."""
+
+    op_types = ("PRelu",)
+
+    def check(self, node: NodeView) -> str | None:
+        return None if 1 in node.static else "slope must be constant"
+
+    def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
+        xp = xp_of(xs[0])
+        slope = xp.asarray(node.const(1), dtype=xs[0].dtype)
+        return xp.where(xs[0] >= 0, xs[0], slope * xs[0])
+
+    def inverse(
+        self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
+    ) -> list[Array]:
+        xp = xp_of(t)
+        slope = xp.broadcast_to(xp.asarray(node.const(1), dtype=t.dtype), t.shape)
+        safe = xp.where(slope > 0, slope, 1)
+        neg = xp.where(slope > 0, t / safe, xp.minimum(xs[0], 0))
+        return [xp.where(t >= 0, t, neg).astype(xs[0].dtype)]
+
+
+@register
+class SigmoidRule(InverseRule):
+    """``o = 1 / (1 + e^-x)``; ``x* = logit(clamp(t, eps, 1 - eps))``."""
+
+    op_types = ("Sigmoid",)
+
+    def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
+        xp = xp_of(xs[0])
+        return 1.0 / (1.0 + xp.exp(-xs[0]))
+
+    def inverse(
+        self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
+    ) -> list[Array]:
+        xp = xp_of(t)
+        tc = xp.clip(t, EPS, 1 - EPS)
+        return [xp.log(tc / (1 - tc)).astype(xs[0].dtype)]
+
+
+@register
+class TanhRule(InverseRule):
+    """``o = tanh x``; ``x* = artanh(clamp(t, -1 + eps, 1 - eps))``."""
+
+    op_types = ("Tanh",)
+
+    def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
+        return xp_of(xs[0]).tanh(xs[0])
+
+    def inverse(
+        self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
+    ) -> list[Array]:
+        xp = xp_of(t)
+        return [xp.arctanh(xp.clip(t, -1 + EPS, 1 - EPS)).astype(xs[0].dtype)]
+
+
+def _clip_bounds(node: NodeView) -> tuple[float, float]:
+    lo = node.attr("min", -np.inf)
+    hi = node.attr("max", np.inf)
+    if 1 in node.static and node.static[1].size:
+        lo = float(node.static[1])
+    if 2 in node.static and node.static[2].size:
+        hi = float(node.static[2])
+    return float(lo), float(hi)
+
+
+@register
+class ClipRule(InverseRule):
+    """``o = min(max(x, lo), hi)``; exact inside, one-sided where saturated."""
+
+    op_types = ("Clip",)
+
+    def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
+        lo, hi = _clip_bounds(node)
+        return xp_of(xs[0]).clip(xs[0], lo, hi)
+
+    def inverse(
+        self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
+    ) -> list[Array]:
+        xp, x0 = xp_of(t), xs[0]
+        lo, hi = _clip_bounds(node)
+        out = xp.where(t <= lo, xp.minimum(x0, lo), t)
+        out = xp.where(t >= hi, xp.maximum(x0, hi), out)
+        return [out.astype(x0.dtype)]
+
+
+def _softmax_axis(node: NodeView, ndim: int) -> int:
+    default = -1 if node.opset >= 13 else 1
+    axis = int(node.attr("axis", default))
+    return axis % ndim
+
+
+@register
+class SoftmaxRule(InverseRule):
+    """Softmax / LogSoftmax over ``axis``. Before opset 13 the input is coerced to
+    2-D at ``axis``; targets use the same view. Inverse: ``log t`` (or ``t``) plus
+    the free per-row shift that keeps the row mean of ``x0``."""
+
+    op_types = ("Softmax", "LogSoftmax")
+
+    def _rows(self, node: NodeView, x: Array) -> tuple[Array, int]:
+        axis = _softmax_axis(node, x.ndim)
+        if node.opset < 13:
+            return x.reshape(int(np.prod(x.shape[:axis])), -1), 1
+        return x, axis
+
+    def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
+        xp = xp_of(xs[0])
+        x, axis = self._rows(node, xs[0])
+        z = x - x.max(axis=axis, keepdims=True)
+        logp = z - xp.log(xp.exp(z).sum(axis=axis, keepdims=True))
+        out = logp if node.op_type == "LogSoftmax" else xp.exp(logp)
+        return out.reshape(xs[0].shape)
+
+    def inverse(
+        self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
+    ) -> list[Array]:
+        xp = xp_of(t)
+        tr, axis = self._rows(node, t)
+        x0, _ = self._rows(node, xs[0])
+        logits = xp.log(xp.clip(tr, 1e-12, None)) if node.op_type == "Softmax" else tr
+        shift = x0.mean(axis=axis, keepdims=True) - logits.mean(axis=axis, keepdims=True)
+        return [(logits + shift).reshape(xs[0].shape).astype(xs[0].dtype)]

@@ -1,0 +1,106 @@
+"""Affine element-wise ops: Add, Sub, Mul, Div, BatchNormalization.
+
+With one constant operand ``c`` the inverse is exact:
+
+- Add: x* = t - c          Sub: x* = t + c (x - c) or c - t (c - x)
+- Mul: x* = t / c          Div: x* = t * c (x / c)
+- BatchNormalization (inference): o = g (x - m) / sqrt(v + eps) + b,
+  x* = (t - b) sqrt(v + eps) / g + m   (channels with g = 0 keep x0)
+
+With two activations (residual Add, Sub) the residual r = t - o0 is split
+evenly, the minimum-norm solution: x1* = x1 + r/2, x2* = x2 +- r/2 (summed over
+broadcast axes when an operand was broadcast).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from . import Array, InverseRule, NodeView, register, unbroadcast, xp_of
+
+
+def _operand(node: NodeView, xs: Sequence[Array], index: int) -> Array:
+    """Input ``index``: from ``xs`` (dynamic inputs, in order) or the constants."""
+    if index in node.static:
+        return xp_of(xs[0]).asarray(node.static[index], dtype=xs[0].dtype)
+    return xs[node.dynamic.index(index)]
+
+
+@register
+class BinaryAffineRule(InverseRule):
+    """Add / Sub / Mul / Div where at least one operand is an activation."""
+
+    op_types = ("Add", "Sub", "Mul", "Div")
+
+    def check(self, node: NodeView) -> str | None:
+        if len(node.dynamic) == 2 and node.op_type in ("Mul", "Div"):
+            return f"{node.op_type} of two activations is not invertible here"
+        if node.op_type == "Div" and node.dynamic == (1,):
+            return "Div of a constant by an activation is not supported"
+        return None
+
+    def data_inputs(self, node: NodeView) -> tuple[int, ...]:
+        return tuple(node.dynamic)
+
+    def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
+        a, b = _operand(node, xs, 0), _operand(node, xs, 1)
+        return {"Add": a + b, "Sub": a - b, "Mul": a * b, "Div": a / b}[node.op_type]
+
+    def inverse(
+        self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
+    ) -> list[Array]:
+        xp = xp_of(t)
+        op = node.op_type
+        if len(node.dynamic) == 2:  # Add / Sub of two activations: split residual
+            half = (t - o0) / 2
+            sign = -1.0 if op == "Sub" else 1.0
+            r0 = unbroadcast(half, tuple(xs[0].shape), xp.sum)
+            r1 = unbroadcast(sign * half, tuple(xs[1].shape), xp.sum)
+            return [xs[0] + r0.astype(xs[0].dtype), xs[1] + r1.astype(xs[1].dtype)]
+        index = node.dynamic[0]
+        x0 = xs[0]
+        c = xp.asarray(node.static[1 - index], dtype=t.dtype)
+        if op == "Add":
+            x = t - c
+        elif op == "Sub":
+            x = t + c if index == 0 else c - t
+        elif op == "Mul":
+            safe = xp.where(xp.abs(c) > 1e-12, c, 1)
+            x = xp.where(xp.abs(c) > 1e-12, t / safe, x0)
+        else:  # Div: x / c
+            x = t * c
+        if x.shape != x0.shape:  # x was broadcast against c: average the targets
+            x = x0 + unbroadcast(x - x0, tuple(x0.shape), xp.mean)
+        return [x.astype(x0.dtype)]
+
+
+@register
+class BatchNormRule(InverseRule):
+    """Inference BatchNormalization: exact per-channel affine inverse."""
+
+    op_types = ("BatchNormalization",)
+
+    def check(self, node: NodeView) -> str | None:
+        if not all(i in node.static for i in (1, 2, 3, 4)):
+            return "scale, bias, mean and variance must be constant"
+        return super().check(node)
+
+    def _affine(self, node: NodeView, x: Array) -> tuple[Array, Array]:
+        xp = xp_of(x)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        g, b, m, v = (xp.asarray(node.const(i), dtype=xp.float64) for i in (1, 2, 3, 4))
+        scale = g / xp.sqrt(v + node.attr("epsilon", 1e-5))
+        return scale.reshape(shape), (b - m * scale).reshape(shape)
+
+    def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
+        scale, shift = self._affine(node, xs[0])
+        return (xs[0] * scale + shift).astype(xs[0].dtype)
+
+    def inverse(
+        self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
+    ) -> list[Array]:
+        xp = xp_of(t)
+        scale, shift = self._affine(node, t)
+        ok = xp.abs(scale) > 1e-12
+        x = xp.where(ok, (t - shift) / xp.where(ok, scale, 1), xs[0])
+        return [x.astype(xs[0].dtype)]

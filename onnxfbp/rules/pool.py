@@ -1,0 +1,181 @@
+"""Pooling and reductions: MaxPool, AveragePool, GlobalAveragePool, ReduceMean.
+
+- MaxPool: each window's arg-max entry takes the window's target (averaged if
+  windows overlap); every other entry becomes ``min(x0, t)`` so that it does
+  not exceed the target maximum.
+- AveragePool (windows of k entries): the minimum-norm input change that moves
+  a window mean by ``r`` adds ``r`` to each of its entries; overlapping windows
+  average their contributions.
+- GlobalAveragePool / ReduceMean: ``x* = x0 + broadcast(r)`` (minimum norm).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from . import Array, InverseRule, NodeView, register, xp_of
+from .linear import ConvGeometry, conv_geometry, windows
+
+
+def _pool_geometry(node: NodeView, shape: tuple[int, ...]) -> ConvGeometry:
+    kernel = tuple(node.attr("kernel_shape"))
+    return conv_geometry(
+        node, (shape[2], shape[3]), (kernel[0], kernel[1]), bool(node.attr("ceil_mode", 0))
+    )
+
+
+def _scatter_windows(values: Array, x_shape: tuple[int, ...], g: ConvGeometry, op: str) -> Array:
+    """Put per-window values (N, C, oh, ow, kh, kw) back on the padded input grid,
+    combined by ``op`` (``add`` or ``min``); returns the unpadded grid."""
+    xp = xp_of(values)
+    n, c, h, w = x_shape
+    pt, pl, pb, pr = g.pads
+    (kh, kw), (sh, sw), (dh, dw) = g.kernel, g.strides, g.dilations
+    oh, ow = values.shape[2:4]
+    fill = 0.0 if op == "add" else np.inf
+    out = xp.full((n, c, h + pt + pb, w + pl + pr), fill, dtype=values.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            sl = (slice(None), slice(None), slice(i * dh, i * dh + sh * (oh - 1) + 1, sh),
+                  slice(j * dw, j * dw + sw * (ow - 1) + 1, sw))
+            if op == "add":
+                out[sl] += values[..., i, j]
+            else:
+                out[sl] = xp.minimum(out[sl], values[..., i, j])
+    return out[:, :, pt : pt + h, pl : pl + w]
+
+
+@register
+class MaxPoolRule(InverseRule):
+    """2-D MaxPool: arg-max entries take the target, others ``min(x0, t)``."""
+
+    op_types = ("MaxPool",)
+
+    def check(self, node: NodeView) -> str | None:
+        if len(node.attr("kernel_shape", [])) != 2:
+            return "only 2-D pooling is supported"
+        return None
+
+    def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
+        g = _pool_geometry(node, xs[0].shape)
+        return windows(xs[0], g, -np.inf).max(axis=(4, 5))
+
+    def inverse(
+        self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
+    ) -> list[Array]:
+        xp = xp_of(t)
+        x0 = xs[0]
+        g = _pool_geometry(node, x0.shape)
+        win = windows(x0, g, -np.inf)
+        kh, kw = g.kernel
+        flat = win.reshape(*win.shape[:4], kh * kw)
+        arg = flat.argmax(axis=-1)
+        onehot = (arg[..., None] == xp.arange(kh * kw)).reshape(win.shape)
+        tw = xp.broadcast_to(t[..., None, None], win.shape)
+        sums = _scatter_windows(xp.where(onehot, tw, 0).astype(t.dtype), x0.shape, g, "add")
+        counts = _scatter_windows(onehot.astype(t.dtype), x0.shape, g, "add")
+        caps = _scatter_windows(xp.ascontiguousarray(tw), x0.shape, g, "min")
+        rest = xp.minimum(x0, caps)
+        out = xp.where(counts > 0, sums / xp.maximum(counts, 1), rest)
+        return [out.astype(x0.dtype)]
+
+
+@register
+class AveragePoolRule(InverseRule):
+    """2-D AveragePool; linear, so the adjoint identity is checked too."""
+
+    op_types = ("AveragePool",)
+    linear = True
+
+    def check(self, node: NodeView) -> str | None:
+        if len(node.attr("kernel_shape", [])) != 2:
+            return "only 2-D pooling is supported"
+        return None
+
+    def _divisor(self, node: NodeView, shape: tuple[int, ...], g: ConvGeometry, xp: object) -> Array:
+        ones = xp.ones((1, 1, shape[2], shape[3]), dtype=np.float64)  # type: ignore[attr-defined]
+        if node.attr("count_include_pad", 0):
+            return float(g.kernel[0] * g.kernel[1])
+        return windows(ones, g, 0.0).sum(axis=(4, 5))
+
+    def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
+        return self.apply_linear(node, xs[0])
+
+    def apply_linear(self, node: NodeView, x: Array) -> Array:
+        xp = xp_of(x)
+        g = _pool_geometry(node, x.shape)
+        div = self._divisor(node, x.shape, g, xp)
+        return (windows(x, g, 0.0).sum(axis=(4, 5)) / div).astype(x.dtype)
+
+    def adjoint(self, node: NodeView, y: Array, x_shape: tuple[int, ...]) -> Array:
+        xp = xp_of(y)
+        g = _pool_geometry(node, x_shape)
+        div = self._divisor(node, x_shape, g, xp)
+        vals = xp.broadcast_to((y / div)[..., None, None], (*y.shape, *g.kernel))
+        return _scatter_windows(xp.ascontiguousarray(vals).astype(y.dtype), x_shape, g, "add")
+
+    def inverse(
+        self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
+    ) -> list[Array]:
+        xp = xp_of(t)
+        x0 = xs[0]
+        g = _pool_geometry(node, x0.shape)
+        r = t - o0
+        vals = xp.ascontiguousarray(xp.broadcast_to(r[..., None, None], (*r.shape, *g.kernel)))
+        spread = _scatter_windows(vals, x0.shape, g, "add")
+        cover = _scatter_windows(xp.ones_like(vals), x0.shape, g, "add")
+        return [(x0 + spread / xp.maximum(cover, 1)).astype(x0.dtype)]
+
+
+def _reduce_axes(node: NodeView, ndim: int) -> tuple[int, ...]:
+    if node.op_type == "GlobalAveragePool":
+        return tuple(range(2, ndim))
+    axes = node.attr("axes")
+    if axes is None and 1 in node.static:
+        axes = [int(a) for a in np.asarray(node.static[1]).ravel()]
+    if axes is None:
+        return tuple(range(ndim))
+    return tuple(sorted(int(a) % ndim for a in axes))
+
+
+@register
+class MeanReduceRule(InverseRule):
+    """GlobalAveragePool and ReduceMean: ``x* = x0 + broadcast(t - o0)``."""
+
+    op_types = ("GlobalAveragePool", "ReduceMean")
+    linear = True
+
+    def check(self, node: NodeView) -> str | None:
+        if node.op_type == "ReduceMean" and node.attr("noop_with_empty_axes", 0):
+            return "noop_with_empty_axes is not supported"
+        return None
+
+    def _keep(self, node: NodeView) -> bool:
+        return node.op_type == "GlobalAveragePool" or bool(node.attr("keepdims", 1))
+
+    def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
+        return self.apply_linear(node, xs[0])
+
+    def apply_linear(self, node: NodeView, x: Array) -> Array:
+        return x.mean(axis=_reduce_axes(node, x.ndim), keepdims=self._keep(node))
+
+    def _expand(self, node: NodeView, y: Array, x_shape: tuple[int, ...]) -> Array:
+        axes = _reduce_axes(node, len(x_shape))
+        if not self._keep(node):
+            for a in axes:
+                y = xp_of(y).expand_dims(y, a)
+        return y
+
+    def adjoint(self, node: NodeView, y: Array, x_shape: tuple[int, ...]) -> Array:
+        axes = _reduce_axes(node, len(x_shape))
+        count = int(np.prod([x_shape[a] for a in axes]))
+        y = self._expand(node, y, x_shape)
+        return xp_of(y).broadcast_to(y / count, x_shape)
+
+    def inverse(
+        self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
+    ) -> list[Array]:
+        r = self._expand(node, t - o0, tuple(xs[0].shape))
+        return [(xs[0] + r).astype(xs[0].dtype)]

@@ -1,0 +1,137 @@
+"""Solve: block-wise regularized least squares with streaming normal equations.
+
+For a layer with input rows ``X`` (im2col patches for a convolution, one block
+per group; a column of ones when the layer has a bias) and target rows ``T``:
+
+    W = argmin ||X W - T||^2 + lam ||W - W0||^2
+      = (G + lam I)^-1 (B + lam W0),      G = sum_batches X^T X,  B = sum X^T T
+
+``G`` and ``B`` are accumulated batch by batch (a reduction: memory is
+O(d^2 + d k), independent of the number of samples, and partial sums from
+several workers just add), products in float32, sums in float64. Each solve is
+a Cholesky factorization. ``lam`` is relative to the mean diagonal of ``G``
+and chosen on held-out statistics ``(Gv, Bv, cv)`` by the held-out residual
+
+    ||Xv W - Tv||^2 = tr(W^T Gv W) - 2 tr(W^T Bv) + cv
+
+which needs no held-out sample kept in memory. All functions take NumPy or
+CuPy arrays (``xp``) and run the same code on either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .rules import Array, xp_of
+
+__all__ = ["NormalEquations", "RidgeChoice", "choose_ridge", "ridge_solve"]
+
+
+@dataclass
+class NormalEquations:
+    """Streaming sums for ``groups`` independent blocks of size d x k."""
+
+    groups: int
+    d: int
+    k: int
+    xp: Any = np
+    gram: Array = field(init=False)
+    cross: Array = field(init=False)
+    target_sq: float = field(init=False, default=0.0)
+    rows: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.gram = self.xp.zeros((self.groups, self.d, self.d), dtype=self.xp.float64)
+        self.cross = self.xp.zeros((self.groups, self.d, self.k), dtype=self.xp.float64)
+
+    def add(self, x: Array, t: Array) -> None:
+        """Accumulate rows ``x`` (G, n, d) and targets ``t`` (G, n, k)."""
+        xp = self.xp
+        x = xp.asarray(x, dtype=xp.float32)
+        t = xp.asarray(t, dtype=xp.float32)
+        xt = x.transpose(0, 2, 1)
+        self.gram += xp.matmul(xt, x).astype(xp.float64)
+        self.cross += xp.matmul(xt, t).astype(xp.float64)
+        self.target_sq += float((t.astype(xp.float64) ** 2).sum())
+        self.rows += int(x.shape[1])
+
+    def merge(self, other: NormalEquations) -> None:
+        """Add another worker's partial sums (the reduction is associative)."""
+        self.gram += other.gram
+        self.cross += other.cross
+        self.target_sq += other.target_sq
+        self.rows += other.rows
+
+
+def ridge_solve(gram: Array, cross: Array, w0: Array, lam: float) -> Array:
+    """``(G + lam I)^-1 (B + lam W0)`` per block, by Cholesky; ``lam`` absolute."""
+    xp = xp_of(gram)
+    out = xp.empty_like(cross)
+    eye = xp.eye(gram.shape[-1], dtype=gram.dtype)
+    for g in range(gram.shape[0]):
+        a = gram[g] + lam * eye
+        rhs = cross[g] + lam * w0[g]
+        if xp is np:
+            from scipy.linalg import cho_factor, cho_solve  # noqa: PLC0415
+
+            out[g] = cho_solve(cho_factor(a, lower=True, check_finite=False), rhs, check_finite=False)
+        else:
+            low = xp.linalg.cholesky(a)
+            y = _tri_solve(xp, low, rhs, lower=True)
+            out[g] = _tri_solve(xp, low.T, y, lower=False)
+    return out
+
+
+def _tri_solve(xp: Any, a: Array, b: Array, lower: bool) -> Array:
+    import cupyx.scipy.linalg as cla  # noqa: PLC0415
+
+    return cla.solve_triangular(a, b, lower=lower)
+
+
+def heldout_residual(w: Array, val: NormalEquations) -> float:
+    """``||Xv W - Tv||^2`` from the held-out sums."""
+    xp = xp_of(w)
+    quad = float((w * xp.matmul(val.gram, w)).sum())
+    lin = float((w * val.cross).sum())
+    return quad - 2.0 * lin + val.target_sq
+
+
+@dataclass(frozen=True)
+class RidgeChoice:
+    weights: Array  # (G, d, k)
+    lam: float  # relative to the mean diagonal of G
+    residual: float  # held-out residual of the chosen weights
+    residual_before: float  # held-out residual of W0
+
+
+def choose_ridge(
+    train: NormalEquations, val: NormalEquations | None, w0: Array, grid: Sequence[float]
+) -> RidgeChoice:
+    """Solve for every relative ``lam`` in ``grid``; keep the lowest held-out residual.
+
+    Without held-out sums the middle of the grid is used. A solve that is not
+    finite (singular or exploding) is skipped; if none is finite, W0 is kept.
+    """
+    xp = train.xp
+    w0 = xp.asarray(w0, dtype=xp.float64)
+    scale = float(xp.mean(xp.diagonal(train.gram, axis1=1, axis2=2))) or 1.0
+    before = heldout_residual(w0, val) if val is not None else float("nan")
+    candidates = list(grid) if val is not None else [sorted(grid)[len(grid) // 2]]
+    best = RidgeChoice(w0, float("inf"), before, before)
+    for lam in candidates:
+        try:
+            w = ridge_solve(train.gram, train.cross, w0, lam * scale)
+        except Exception:  # LinAlgError: not positive definite at this lam
+            continue
+        if not bool(xp.isfinite(w).all()):
+            continue
+        res = heldout_residual(w, val) if val is not None else 0.0
+        if res < best.residual or best.lam == float("inf"):
+            best = RidgeChoice(w, float(lam), res, before)
+    if best.lam == float("inf"):
+        return RidgeChoice(w0, float("inf"), before, before)
+    return best
