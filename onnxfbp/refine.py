@@ -122,6 +122,7 @@ class RefineResult:
     environment: dict[str, Any] = field(default_factory=dict)
     plan: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    feature_maps: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -136,6 +137,7 @@ class RefineResult:
             "environment": self.environment,
             "plan": self.plan,
             "config": self.config,
+            "feature_maps": self.feature_maps,
         }
 
 
@@ -386,13 +388,44 @@ class Refiner:
         eval_after = self.evaluate(eval_data) if eval_data is not None else None
         self.timings["evaluate_after"] = time.perf_counter() - t
         self.timings["total"] = time.perf_counter() - t0
+        feature_maps = self.feature_maps(data, val_idx[:4])
         return RefineResult(
             model=self.patched_model(), written=None, layers=reports,
             heldout_before=before, heldout_after=after,
             eval_before=eval_before, eval_after=eval_after,
             timings=dict(self.timings), environment=self.environment(),
-            plan=self.plan_summary(), config=asdict(self.config),
+            plan=self.plan_summary(), config=asdict(self.config), feature_maps=feature_maps,
         )
+
+    def feature_maps(self, data: LabelledData, idx: np.ndarray, channels: int = 6) -> dict[str, Any]:
+        """For a few samples: each refined layer's actual output next to the target
+        reconstructed for it from the labels (final weights)."""
+        if not len(idx):
+            return {}
+        x, y = data.take(np.sort(idx))
+        values = self.tensor_values()
+        self._views = self.plan.node_views(values)
+        out: dict[str, Any] = {}
+        for layer in self.layers:
+            acts = self.forward(x, self._needed(layer))
+            z = acts[self.plan.logits].reshape(len(y), -1)
+            t_logits = label_target(z, y, self.config.step).reshape(acts[self.plan.logits].shape)
+            target = to_numpy(self.reverse_targets(acts, t_logits, layer))
+            actual = to_numpy(acts[layer.output])
+            if actual.ndim == 4:
+                energy = np.abs(target - actual).mean(axis=(0, 2, 3))
+                chosen = np.sort(np.argsort(energy)[::-1][:channels])
+                actual, target = actual[:, chosen], target[:, chosen]
+            else:
+                chosen = np.arange(min(actual.shape[-1], 64))
+                actual, target = actual[..., chosen], target[..., chosen]
+            out[layer.name] = {
+                "op": layer.op, "samples": [int(i) for i in np.sort(idx)],
+                "labels": [int(v) for v in y], "channels": [int(c) for c in chosen],
+                "actual": np.round(actual.astype(np.float64), 4).tolist(),
+                "target": np.round(target.astype(np.float64), 4).tolist(),
+            }
+        return out
 
     def _set_weights(self, layer: Layer, block: LayerBlock, new_w: np.ndarray) -> None:
         weight_value, bias_value = block.split(new_w)
