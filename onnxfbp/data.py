@@ -46,6 +46,7 @@ class LabelledData:
         sizes = shard_sizes if shard_sizes is not None else [len(p.y) for p in self.parts]
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self._cached: tuple[int, _Part] | None = None
+        self._validated: set[tuple[tuple[int | str, ...], int | None]] = set()
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
@@ -60,6 +61,9 @@ class LabelledData:
     def take(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rows ``idx`` (sorted ascending) as (float32 inputs, int64 labels)."""
         idx = np.asarray(idx, dtype=np.int64)
+        if idx.size == 0:
+            shape = tuple(self._part(0).x.shape[1:]) if len(self) else ()
+            return np.zeros((0, *shape), np.float32), np.zeros(0, np.int64)
         xs, ys = [], []
         which = np.searchsorted(self._offsets, idx, side="right") - 1
         for k in np.unique(which):
@@ -77,53 +81,107 @@ class LabelledData:
         return tuple(self._part(0).x.shape[1:])
 
     def validate(self, input_shape: list[int | str], n_classes: int | None) -> None:
-        """Check shapes, dtypes, finiteness and label range, streaming; raise DataError."""
+        """Check shapes, dtypes, finiteness and label range, streaming; raise DataError.
+
+        Inputs are read in chunks of a few thousand rows (a memory map or a shard
+        directory is never loaded whole). A successful check is remembered, so
+        validating the same data for the same model again costs nothing.
+        """
+        key = (tuple(input_shape), n_classes)
+        if key in self._validated:
+            return
         if len(self) == 0:
-            raise DataError(f"{self.source} holds no samples; give at least one labelled sample")
+            raise DataError(
+                f"{self.source} holds no samples; give at least one labelled sample"
+            )
         expected = [d if isinstance(d, int) and d > 0 else None for d in input_shape[1:]]
+        first: tuple[int, ...] | None = None
         n_parts = len(self._offsets) - 1
         for k in range(n_parts):
             part = self._part(k)
+            where = self._where(k)
             shape = tuple(part.x.shape[1:])
-            if len(shape) != len(expected) or any(
+            if input_shape and (len(shape) != len(expected) or any(
                 e is not None and e != s for e, s in zip(expected, shape, strict=False)
-            ):
+            )):
                 want = ["N", *[e if e is not None else "?" for e in expected]]
                 raise DataError(
-                    f"{self.source}: inputs have shape {list(part.x.shape)} but the model "
+                    f"{where}: inputs have shape {list(part.x.shape)} but the model "
                     f"expects {want}; preprocess the data to the model's input layout"
                 )
-            if not (np.issubdtype(part.x.dtype, np.floating) or np.issubdtype(part.x.dtype, np.integer)):
-                raise DataError(f"{self.source}: inputs have dtype {part.x.dtype}; store numbers (float32)")
+            if first is not None and shape != first:
+                raise DataError(
+                    f"{where}: inputs have shape {list(part.x.shape)} but earlier shards have "
+                    f"{['N', *first]}; give every shard the same sample shape"
+                )
+            first = shape
+            if not (np.issubdtype(part.x.dtype, np.floating)
+                    or np.issubdtype(part.x.dtype, np.integer)):
+                raise DataError(
+                    f"{where}: inputs have dtype {part.x.dtype}; store numbers (float32)"
+                )
             if not np.issubdtype(part.y.dtype, np.integer):
                 raise DataError(
-                    f"{self.source}: labels have dtype {part.y.dtype}; store integer class indices under 'y'"
+                    f"{where}: labels have dtype {part.y.dtype}; "
+                    "store integer class indices under 'y'"
                 )
-            for start in range(0, len(part.y), _CHECK_CHUNK):
-                chunk = np.asarray(part.x[start : start + _CHECK_CHUNK])
-                if np.issubdtype(chunk.dtype, np.floating) and not np.isfinite(chunk).all():
-                    raise DataError(f"{self.source}: inputs contain NaN or Inf; clean or drop those samples")
+            if np.issubdtype(part.x.dtype, np.floating):
+                for start in range(0, len(part.y), _CHECK_CHUNK):
+                    chunk = np.asarray(part.x[start : start + _CHECK_CHUNK])
+                    finite = np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
+                    if not finite.all():
+                        row = int(self._offsets[k]) + start + int(np.argmin(finite))
+                        raise DataError(
+                            f"{where}: inputs contain NaN or Inf (first at sample {row}); "
+                            "clean or drop those samples"
+                        )
             y = np.asarray(part.y)
             if y.size and y.min() < 0:
-                raise DataError(f"{self.source}: labels must be >= 0 (found {int(y.min())})")
+                raise DataError(
+                    f"{where}: labels must be class indices >= 0 (found {int(y.min())}); "
+                    "map them to 0..classes-1"
+                )
             if n_classes is not None and y.size and y.max() >= n_classes:
                 raise DataError(
-                    f"{self.source}: label {int(y.max())} is out of range for a model with "
+                    f"{where}: label {int(y.max())} is out of range for a model with "
                     f"{n_classes} classes; labels must be 0..{n_classes - 1}"
                 )
+        self._validated.add(key)
+
+    def _where(self, k: int) -> str:
+        """The file a part comes from, for messages."""
+        if self._shard_paths is not None:
+            return str(self._shard_paths[k])
+        return self.source
 
 
 def from_arrays(x: np.ndarray, y: np.ndarray, source: str = "arrays") -> LabelledData:
-    """Wrap in-memory (or memory-mapped) arrays."""
-    x, y = np.asarray(x) if not isinstance(x, np.memmap) else x, np.asarray(y)
+    """Wrap in-memory (or memory-mapped) arrays; a memory map stays a memory map."""
+    x = x if isinstance(x, np.memmap) else np.asarray(x)
+    y = y if isinstance(y, np.memmap) else np.asarray(y)
     if x.ndim == 0 or y.ndim != 1:
-        raise DataError(f"{source}: labels must be a 1-D array of class indices and inputs at least 1-D")
+        raise DataError(
+            f"{source}: labels must be a 1-D array of class indices and inputs at least 1-D "
+            f"(got inputs of shape {list(x.shape)}, labels of shape {list(y.shape)})"
+        )
     if len(x) != len(y):
-        raise DataError(f"{source}: {len(x)} inputs but {len(y)} labels; they must pair one to one")
+        raise DataError(
+            f"{source}: {len(x)} inputs but {len(y)} labels; they must pair one to one"
+        )
     return LabelledData([_Part(x, y)], source)
 
 
+_NPZ_HINT = "save inputs and labels with numpy.savez(PATH, x=inputs, y=labels)"
+
+
 def _read_npz(path: Path, input_key: str | None) -> _Part:
+    if not zipfile.is_zipfile(path):
+        if path.suffix == ".npy":
+            raise DataError(
+                f"{path} is a single .npy array; labelled data needs inputs and labels: "
+                f"{_NPZ_HINT}, or put x.npy and y.npy in one folder"
+            )
+        raise DataError(f"{path} is not an .npz file; {_NPZ_HINT}")
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = list(z.keys())
@@ -131,47 +189,89 @@ def _read_npz(path: Path, input_key: str | None) -> _Part:
             if xkey is None or "y" not in keys:
                 want = f"'{input_key}' or 'x'" if input_key else "'x'"
                 raise DataError(
-                    f"{path} has keys {keys}; it needs the inputs under {want} and labels under 'y'"
+                    f"{path} has keys {keys}; it needs the inputs under {want} "
+                    "and labels under 'y'"
                 )
             x, y = z[xkey], z["y"]
     except DataError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"{path} is not a readable .npz file ({exc}); save it with numpy.savez") from exc
-    if y.ndim != 1 or len(x) != len(y):
-        raise DataError(f"{path}: {len(x)} inputs but labels of shape {list(y.shape)}; they must pair one to one")
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as exc:
+        raise DataError(
+            f"{path} is not a readable .npz file ({exc}); {_NPZ_HINT}"
+        ) from exc
+    if x.ndim == 0 or y.ndim != 1 or len(x) != len(y):
+        raise DataError(
+            f"{path}: inputs of shape {list(x.shape)} but labels of shape {list(y.shape)}; "
+            "labels must be 1-D and pair one to one with the inputs"
+        )
     return _Part(x, y)
 
 
+def _shard_size(shard: Path) -> int:
+    """Number of labelled samples in a shard, reading only its labels."""
+    if not zipfile.is_zipfile(shard):
+        raise DataError(f"shard {shard} is not an .npz file; {_NPZ_HINT}")
+    try:
+        with np.load(shard, allow_pickle=False) as z:
+            if "y" not in z:
+                raise DataError(
+                    f"shard {shard} has keys {list(z.keys())} but no labels under 'y'; "
+                    "store them under 'y'"
+                )
+            y = z["y"]
+    except DataError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as exc:
+        raise DataError(f"shard {shard} is not a readable .npz file ({exc}); {_NPZ_HINT}") from exc
+    if y.ndim != 1:
+        raise DataError(
+            f"shard {shard}: labels have shape {list(y.shape)}; store a 1-D array of class indices"
+        )
+    return int(y.shape[0])
+
+
 def load_data(path: str | Path, input_name: str | None = None) -> LabelledData:
-    """Open a ``.npz`` file, an ``.npy`` pair directory or a shard directory."""
+    """Open a ``.npz`` file, an ``.npy`` pair directory or a shard directory.
+
+    Only cheap checks happen here (the file format, keys, lengths); shapes, dtypes,
+    finiteness and labels are checked against the model by :meth:`LabelledData.validate`.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist; check the path")
-    if path.is_dir():
-        xnpy = next((path / n for n in (f"{input_name}.npy", "x.npy") if input_name and (path / n).is_file()
-                     or n == "x.npy" and (path / n).is_file()), None)
-        if xnpy is not None and (path / "y.npy").is_file():
-            try:
-                x = np.load(xnpy, mmap_mode="r")
-                y = np.load(path / "y.npy", mmap_mode="r")
-            except (OSError, ValueError) as exc:
-                raise DataError(f"cannot memory-map {xnpy}: {exc}") from exc
-            return from_arrays(x, y, str(path))  # type: ignore[arg-type]
-        shards = sorted(path.glob("*.npz"))
-        if not shards:
-            raise DataError(f"{path} holds neither x.npy + y.npy nor .npz shards")
-        sizes = []
-        for shard in shards:
-            try:
-                with np.load(shard, allow_pickle=False) as z:
-                    if "y" not in z:
-                        raise DataError(f"shard {shard} has no labels under 'y'")
-                    sizes.append(int(z["y"].shape[0]))
-            except DataError:
-                raise
-            except Exception as exc:
-                raise DataError(f"shard {shard} is not a readable .npz file ({exc})") from exc
-        return LabelledData(source=str(path), shard_paths=shards, input_key=input_name, shard_sizes=sizes)
-    part = _read_npz(path, input_name)
-    return LabelledData([part], str(path))
+    if not path.is_dir():
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise DataError(
+                f"cannot read data file {path}: {exc.strerror or exc}; check its permissions"
+            ) from exc
+        return LabelledData([_read_npz(path, input_name)], str(path))
+    names = [f"{input_name}.npy"] if input_name else []
+    xnpy = next((path / n for n in [*names, "x.npy"] if (path / n).is_file()), None)
+    if xnpy is not None:
+        ynpy = path / "y.npy"
+        if not ynpy.is_file():
+            raise DataError(
+                f"{path} holds {xnpy.name} but no y.npy; save the labels next to it "
+                "(numpy.save(y.npy, labels))"
+            )
+        try:
+            x = np.load(xnpy, mmap_mode="r", allow_pickle=False)
+            y = np.load(ynpy, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise DataError(
+                f"cannot memory-map {xnpy.name} and y.npy in {path} ({exc}); "
+                "write them with numpy.save"
+            ) from exc
+        return from_arrays(x, y, str(path))
+    shards = sorted(p for p in path.glob("*.npz") if p.is_file())
+    if not shards:
+        raise DataError(
+            f"{path} holds neither x.npy + y.npy nor .npz shards; "
+            "see 'Data formats' in the README"
+        )
+    sizes = [_shard_size(shard) for shard in shards]
+    return LabelledData(source=str(path), shard_paths=shards, input_key=input_name,
+                        shard_sizes=sizes)

@@ -46,23 +46,119 @@ _OUTPUT_ACTIVATIONS = ("Softmax", "LogSoftmax")
 
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    """Read a model and its external data; refuse data outside the model's folder."""
+    """Read a model and its external data; refuse what onnxfbp cannot use safely.
+
+    Raises :class:`ModelError` (one line: what is wrong, what to do) for a missing,
+    unreadable, truncated or non-ONNX file, external data that is missing, short or
+    outside the model's folder, and an IR version or opset onnxruntime cannot run.
+    """
+    import onnxruntime as ort  # noqa: PLC0415
+
     path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"model {path} is a folder; pass the .onnx file inside it")
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist; check the path")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ModelError(
+            f"cannot read model {path}: {exc.strerror or exc}; check its permissions"
+        ) from exc
+    if not raw:
+        raise ModelError(
+            f"model file {path} is empty; pass the .onnx file exported by your framework"
+        )
+    try:
+        model = onnx.load_model_from_string(raw)
     except Exception as exc:  # protobuf DecodeError and friends
         raise ModelError(
-            f"{path} is not a readable ONNX model ({type(exc).__name__}); "
-            "pass the .onnx file exported by your framework"
+            f"{path} is not a readable ONNX model ({type(exc).__name__}: truncated, corrupt or "
+            "another format); pass the .onnx file exported by your framework"
         ) from exc
+    del raw
     if not model.graph.node:
-        raise ModelError(f"{path} has no graph nodes; is it an ONNX model file?")
+        raise ModelError(
+            f"{path} has no graph nodes: it is not an ONNX model, or an empty one; "
+            "pass the .onnx file exported by your framework"
+        )
+
+    # IR version and opsets: a one-Identity-node probe with the same header is loaded
+    # by onnxruntime (milliseconds), so an unsupported opset is named before any work.
+    probes: dict[tuple[tuple[str, int], ...], bool] = {}
+    ir = int(model.ir_version)
+
+    def accepts(opsets: tuple[tuple[str, int], ...]) -> bool:
+        if opsets not in probes:
+            vi = onnx.helper.make_tensor_value_info
+            graph = onnx.helper.make_graph(
+                [onnx.helper.make_node("Identity", ["x"], ["y"])], "probe",
+                [vi("x", onnx.TensorProto.FLOAT, [1])], [vi("y", onnx.TensorProto.FLOAT, [1])],
+            )
+            probe = onnx.helper.make_model(
+                graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets])
+            probe.ir_version = ir
+            options = ort.SessionOptions()
+            options.log_severity_level = 4
+            try:
+                ort.InferenceSession(probe.SerializeToString(), options,
+                                     providers=["CPUExecutionProvider"])
+                probes[opsets] = True
+            except Exception:
+                probes[opsets] = False
+        return probes[opsets]
+
+    imports = tuple(sorted((o.domain or "", int(o.version)) for o in model.opset_import))
+    if not imports:
+        raise ModelError(
+            f"{path} declares no opset: it is truncated or not a complete ONNX export; "
+            "pass the .onnx file exported by your framework"
+        )
+    if not accepts(imports):
+        if not accepts((("", 13),)):
+            raise ModelError(
+                f"{path.name} has ONNX IR version {ir}, which onnxruntime {ort.__version__} cannot "
+                "load; re-export the model with an older exporter or upgrade onnxruntime"
+            )
+        main_version = next((v for d, v in imports if d in ("", "ai.onnx")), 13)
+        for domain, version in imports:
+            if domain in ("", "ai.onnx"):
+                base_probe: tuple[tuple[str, int], ...] = (("", version),)
+            else:
+                base_probe = (("", main_version), (domain, version))
+            if accepts(base_probe):
+                continue
+            lo, hi = 0, version - 1  # the newest version onnxruntime accepts, by bisection
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if accepts(tuple((d, mid if d == domain else v) for d, v in base_probe)):
+                    lo = mid
+                else:
+                    hi = mid - 1
+            name = domain or "ai.onnx"
+            runs = f"it runs {name} up to opset {lo}" if lo else f"it has no {name} domain"
+            raise ModelError(
+                f"{path.name} uses opset {version} of {name}, which onnxruntime "
+                f"{ort.__version__} cannot run ({runs}); re-export the model with an older "
+                "opset or upgrade onnxruntime"
+            )
+        listed = ", ".join(f"{d or 'ai.onnx'}:{v}" for d, v in imports)
+        raise ModelError(
+            f"onnxruntime {ort.__version__} cannot load {path.name} (IR version {ir}, opsets "
+            f"{listed}); re-export the model with an older exporter or upgrade onnxruntime"
+        )
+
     base = path.resolve().parent
     for tensor in _external_tensors(model):
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
         target = (base / location).resolve()
+        if not location:
+            raise ModelError(
+                f"weight {tensor.name!r} is stored as external data without a file name; "
+                "re-export the model (onnx.save_model(..., save_as_external_data=True))"
+            )
         if base != target and base not in target.parents:
             raise ModelError(
                 f"external data of {tensor.name!r} points outside the model folder "
@@ -73,10 +169,41 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
                 f"external data file {location} for {tensor.name!r} is missing; "
                 f"copy it next to {path.name}"
             )
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
+        except ValueError:
+            raise ModelError(
+                f"external data of {tensor.name!r} has a malformed offset or length; "
+                "re-export the model"
+            ) from None
+        size = target.stat().st_size
+        if offset < 0 or offset > size or (length >= 0 and offset + length > size):
+            raise ModelError(
+                f"external data file {location} is shorter than {path.name} expects "
+                f"({size} bytes; {tensor.name!r} needs bytes {offset}..{offset + max(length, 0)}): "
+                "it is truncated or from another export; copy the complete file"
+            )
     try:
         onnx.load_external_data_for_model(model, str(base))
     except Exception as exc:
-        raise ModelError(f"cannot read external data of {path.name}: {exc}") from exc
+        raise ModelError(
+            f"cannot read external data of {path.name} ({exc}); "
+            "copy the complete data files next to it"
+        ) from exc
+    t = onnx.TensorProto
+    itemsize = {t.FLOAT: 4, t.DOUBLE: 8, t.FLOAT16: 2, t.BFLOAT16: 2, t.INT8: 1, t.UINT8: 1,
+                t.INT16: 2, t.UINT16: 2, t.INT32: 4, t.UINT32: 4, t.INT64: 8, t.UINT64: 8,
+                t.BOOL: 1}
+    for tensor in model.graph.initializer:
+        if not tensor.HasField("raw_data") or tensor.data_type not in itemsize:
+            continue
+        expected = int(np.prod(tensor.dims, dtype=np.int64)) * itemsize[tensor.data_type]
+        if len(tensor.raw_data) != expected:
+            raise ModelError(
+                f"weight {tensor.name!r} of {path.name} holds {len(tensor.raw_data)} bytes but "
+                f"its shape {list(tensor.dims)} needs {expected}: the model or its data file is "
+                "truncated or corrupt; copy the complete files"
+            )
     return model
 
 
