@@ -195,10 +195,15 @@ def _read_npz(path: Path, input_key: str | None) -> _Part:
             x, y = z[xkey], z["y"]
     except DataError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as exc:
-        raise DataError(
-            f"{path} is not a readable .npz file ({exc}); {_NPZ_HINT}"
-        ) from exc
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise DataError(
+                f"{path} holds Python objects, not numeric arrays; {_NPZ_HINT} "
+                "with numeric (float32 / int64) arrays"
+            ) from exc
+        raise DataError(f"{path} is not a readable .npz file ({exc}); {_NPZ_HINT}") from exc
+    except (OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
+        raise DataError(f"{path} is not a readable .npz file ({exc}); {_NPZ_HINT}") from exc
     if x.ndim == 0 or y.ndim != 1 or len(x) != len(y):
         raise DataError(
             f"{path}: inputs of shape {list(x.shape)} but labels of shape {list(y.shape)}; "
