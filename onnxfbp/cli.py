@@ -1,16 +1,19 @@
 """The ``onnxfbp`` command line: refine, eval, inspect, demo, report.
 
-Exit codes: 0 success; 2 user error (bad model, data or output path: one line
-on stderr, no traceback unless ``--debug``); 3 the held-out gate was not met
-(nothing written); 130 interrupted (Ctrl-C or SIGTERM; nothing written).
+Exit codes: 0 success; 1 internal error (a bug: one line, the traceback with
+``--debug``); 2 user error (bad model, data or output path: one line on stderr,
+no traceback unless ``--debug``); 3 the held-out gate was not met (nothing
+written); 130 interrupted (Ctrl-C or SIGTERM; nothing written).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Sequence
@@ -18,7 +21,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from .errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, OnnxfbpError
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USER_ERROR, OnnxfbpError
 
 __all__ = ["main"]
 
@@ -60,9 +63,65 @@ def _print_result(result: Any, stream: Any = sys.stdout) -> None:
           f"{result.timings.get('total', 0.0):.1f}s", file=stream)
 
 
+def _check_inputs_exist(*paths: str | None) -> None:
+    """Name a mistyped model or data path at once, before the model is even read."""
+    from .errors import DataError, ModelError  # noqa: PLC0415
+
+    for k, path in enumerate(paths):
+        if path is not None and not Path(path).exists():
+            kind = ModelError if k == 0 else DataError
+            what = "model file" if k == 0 else "data file"
+            raise kind(f"{what} {path} does not exist; check the path")
+
+
+def _check_report_path(report: str | None, *inputs: str | Path | None) -> None:
+    """Refuse, before any work, a report path that would clobber an input or the
+    output, or that cannot be written."""
+    from .errors import OutputError  # noqa: PLC0415
+
+    if report is None:
+        return
+    path = Path(report)
+    for other in inputs:
+        if other is None:
+            continue
+        other = Path(other)
+        same = path.resolve() == other.resolve()
+        if not same and path.exists() and other.exists():
+            same = path.samefile(other)
+        if same:
+            raise OutputError(
+                f"--report {report} is also the model, data or output path; "
+                "give the report its own file name, such as report.json"
+            )
+    if path.name in ("", ".", "..") or path.is_dir():
+        raise OutputError(f"--report {report} is a folder; give a file name such as report.json")
+    parent = path.parent
+    if not parent.is_dir():
+        raise OutputError(
+            f"cannot write report {report}: folder {parent} does not exist; create it first"
+        )
+    from .patch import signals_deferred  # noqa: PLC0415
+
+    try:
+        with signals_deferred():
+            os.rmdir(tempfile.mkdtemp(prefix=".onnxfbp-", dir=parent))
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write report {report}: folder {parent} is not writable "
+            f"({exc.strerror or exc}); choose another folder"
+        ) from exc
+
+
 def cmd_refine(args: argparse.Namespace) -> int:
+    from .patch import check_output_path  # noqa: PLC0415
     from .refine import refine  # noqa: PLC0415
 
+    # Everything that can be checked without the model, before anything is computed;
+    # refine() then validates the model and the data against each other, also first.
+    _check_inputs_exist(args.model, args.data, args.eval_data)
+    check_output_path(Path(args.model), Path(args.output), args.force)
+    _check_report_path(args.report, args.model, args.output, args.data, args.eval_data)
     result = refine(
         args.model, args.output, args.data, config=_config(args), eval_data=args.eval_data,
         force=args.force, progress=_progress(args.quiet),
@@ -75,14 +134,20 @@ def cmd_refine(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` whole or not at all (a temporary file, then a rename)."""
     from .errors import OutputError  # noqa: PLC0415
+    from .patch import signals_deferred  # noqa: PLC0415
 
+    tmp = path.with_name(f".{path.name}.onnxfbp-tmp")
     try:
-        tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(payload, indent=2, default=float))
-        tmp.replace(path)
+        with signals_deferred():
+            tmp.replace(path)
     except OSError as exc:
         raise OutputError(f"cannot write report {path}: {exc.strerror or exc}") from exc
+    finally:
+        with signals_deferred():
+            tmp.unlink(missing_ok=True)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -113,8 +178,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     model = DEMO_DIR / "demo_mnist_cnn.onnx"
     if not model.is_file():
-        raise OnnxfbpError(f"bundled demo model {model} is missing; rebuild it: python tools/make_demo.py")
+        raise OnnxfbpError(
+            f"bundled demo model {model} is missing; rebuild it: python tools/make_demo.py"
+        )
     out = Path(args.output)
+    _check_report_path(args.report, model, out)
     print("onnxfbp demo: a small MNIST CNN (models/demo_mnist_cnn.onnx) meets digits rotated "
           "by up to 45 degrees;\nrefining it on 2,000 labelled rotated digits "
           "(models/demo_adapt.npz)...")
@@ -158,12 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("refine", help="refine MODEL on labelled data, write OUT")
     p.add_argument("model")
     p.add_argument("output")
-    p.add_argument("--data", required=True, help=".npz (input + y), .npy dir, or dir of .npz shards")
+    p.add_argument("--data", required=True,
+                   help=".npz (input + y), .npy dir, or dir of .npz shards")
     p.add_argument("--eval-data", help="held-out labelled data to report (and gate) on")
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
-    p.add_argument("--min-gain", type=float, help="exit 3, writing nothing, unless accuracy gains this much")
-    p.add_argument("--allow-worse", action="store_true", help="write even if held-out accuracy drops")
+    p.add_argument("--min-gain", type=float,
+                   help="exit 3, writing nothing, unless accuracy gains this much")
+    p.add_argument("--allow-worse", action="store_true",
+                   help="write even if held-out accuracy drops")
     p.add_argument("--max-layers", type=int, help="refine at most this many layers from the output")
     p.add_argument("--sweeps", type=int, help="back-to-front passes at most")
     p.add_argument("--holdout", type=float, help="fraction held out for choices (default 0.2)")
@@ -203,30 +274,63 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Terminated(BaseException):
-    pass
+    """SIGTERM, raised in the main thread like KeyboardInterrupt is for SIGINT."""
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise _Terminated()
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _stamp(path: str | None) -> tuple[int, int, int] | None:
+    """Identity of the file at ``path`` (None if absent): tells whether a run wrote it."""
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The console script. Exit codes: 0 ok, 1 internal error (a bug; ``--debug``
+    shows the traceback), 2 user error, 3 held-out gate not met, 130 interrupted."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     parser = build_parser()
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    debug = bool(getattr(args, "debug", False))
+    output = getattr(args, "output", None) if args.command in ("refine", "demo") else None
+    before = _stamp(output)
     try:
         return int(args.func(args))
     except OnnxfbpError as exc:
-        if args.debug:
+        if debug:
             traceback.print_exc()
-        _stderr(f"onnxfbp: error: {exc}")
+        _stderr(f"onnxfbp: error: {_one_line(exc)}")
         return exc.exit_code
     except (KeyboardInterrupt, _Terminated):
-        _stderr("onnxfbp: interrupted; nothing was written")
+        if debug:
+            traceback.print_exc()
+        # The output is replaced in one step, so it is either the old file or the new one.
+        after = _stamp(output)
+        if output is not None and after is not None and after != before:
+            _stderr(f"onnxfbp: interrupted after {output} was written")
+        else:
+            _stderr("onnxfbp: interrupted; nothing was written")
         return EXIT_INTERRUPTED
     except MemoryError:
-        _stderr("onnxfbp: error: out of memory; lower --batch-size")
+        if debug:
+            traceback.print_exc()
+        _stderr("onnxfbp: error: out of memory; lower --batch-size (or use smaller data shards)")
         return EXIT_USER_ERROR
+    except Exception as exc:  # a bug, not a user error: one line, traceback with --debug
+        if debug:
+            traceback.print_exc()
+        _stderr(f"onnxfbp: internal error: {type(exc).__name__}: {_one_line(exc)}; "
+                "rerun with --debug for the traceback and report it")
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "EXIT_GATE",
+    "EXIT_INTERNAL",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_USER_ERROR",
@@ -21,6 +22,7 @@ __all__ = [
 ]
 
 EXIT_OK = 0
+EXIT_INTERNAL = 1  # a bug in onnxfbp, not in its input (one line; --debug shows the traceback)
 EXIT_USER_ERROR = 2
 EXIT_GATE = 3
 EXIT_INTERRUPTED = 130

@@ -13,9 +13,14 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import numpy as np
 import onnx
@@ -24,20 +29,43 @@ from onnx import numpy_helper
 
 from .errors import OutputError
 
-__all__ = ["check_output_path", "with_initializers", "write_refined"]
+__all__ = ["check_output_path", "signals_deferred", "with_initializers", "write_refined"]
 
 EXTERNAL_SIZE_THRESHOLD = 1024
 
 
 def check_output_path(input_path: Path, output: Path, force: bool) -> None:
-    """Refuse an output that equals the input, exists (without force), or cannot be written."""
-    if output.exists() and input_path.exists() and output.resolve() == input_path.resolve():
-        raise OutputError(f"output {output} is the input model; choose another output path")
-    if output.is_dir():
-        raise OutputError(f"output {output} is a directory; give a file name such as refined.onnx")
+    """Refuse, before any work, an output that cannot be written as asked.
+
+    Refused: the input model or one of its external data files (also through a link,
+    and for the ``OUT.data`` file an external-data output writes), an existing file
+    without ``force``, a folder, a path below a regular file, a missing or unwritable
+    folder. Writability is probed by creating (and removing) an empty temporary
+    folder where the output will be staged, so it holds for root and read-only mounts.
+    """
+    output, input_path = Path(output), Path(input_path)
+    if output.name in ("", ".", "..") or output.is_dir():
+        raise OutputError(f"output {output} is a folder; give a file name such as refined.onnx")
+    data_file = output.with_name(output.name + ".data")
+    protected = _input_files(input_path, [output, data_file])
+    for candidate in (output, data_file):
+        for k, name in enumerate(protected):
+            if not _same_file(candidate, name):
+                continue
+            if candidate == output and k == 0:
+                raise OutputError(f"output {output} is the input model; choose another output path")
+            what = "the input model" if k == 0 else f"{name.name} (data of {input_path.name})"
+            raise OutputError(
+                f"writing {candidate} would overwrite {what}; choose another output path"
+            )
     if output.exists() and not force:
         raise OutputError(f"output {output} already exists; pass --force to overwrite it")
-    parent = output.parent if str(output.parent) else Path(".")
+    if data_file.exists() and not force:
+        raise OutputError(
+            f"{data_file} already exists (it would hold the output's weights); "
+            "pass --force to overwrite it or choose another output path"
+        )
+    parent = output.parent
     probe = parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -45,8 +73,70 @@ def check_output_path(input_path: Path, output: Path, force: bool) -> None:
         raise OutputError(f"cannot write {output}: {probe} is a file, not a folder")
     if not parent.is_dir():
         raise OutputError(f"cannot write {output}: folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write {output}: folder {parent} is not writable")
+    try:
+        with signals_deferred():
+            os.rmdir(tempfile.mkdtemp(prefix=".onnxfbp-", dir=parent))
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write {output}: folder {parent} is not writable "
+            f"({exc.strerror or exc}); choose another output folder"
+        ) from exc
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name the same file (links and spellings resolved)."""
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def _input_files(input_path: Path, candidates: list[Path]) -> list[Path]:
+    """The input model and (only if a candidate exists, to stay cheap) its external data files."""
+    files = [input_path]
+    if any(c.exists() for c in candidates) and input_path.is_file():
+        try:
+            header = onnx.load(str(input_path), load_external_data=False)
+        except Exception:  # an unreadable model is reported by load_model
+            return files
+        for tensor in header.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+                if location:
+                    files.append(input_path.parent / location)
+    return files
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT / SIGTERM for the duration of a short critical section.
+
+    A signal that arrives inside is re-raised as soon as the section ends, through
+    the handler that was installed before (KeyboardInterrupt for SIGINT), so a
+    commit of several renames, or the removal of a temporary folder, is never cut
+    in half. Outside the main thread (where handlers cannot be set) it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous: dict[int, Any] = {}
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        pending.append(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler is None or handler in (signal.SIG_IGN, signal.SIG_DFL):
+            continue  # ignored, default (kills: nothing to clean up) or set outside Python
+        previous[sig] = signal.signal(sig, hold)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if pending:
+            signal.raise_signal(pending[0])
 
 
 def with_initializers(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
@@ -67,30 +157,43 @@ def with_initializers(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) 
 
 def write_refined(model: onnx.ModelProto, output: Path, force: bool, input_path: Path,
                   external: bool | None = None) -> None:
-    """Check and atomically write ``model`` to ``output`` (with ``.data`` if external)."""
+    """Check and atomically write ``model`` to ``output`` (with ``.data`` if external).
+
+    The model is saved, checked by onnx.checker and loaded by onnxruntime in a
+    temporary ``.onnxfbp-*`` folder next to ``output``, then moved into place.
+    Ctrl-C or SIGTERM at any point leaves either no output or a complete one, and
+    no temporary folder.
+    """
+    output, input_path = Path(output), Path(input_path)
     check_output_path(input_path, output, force)
     if external is None:
         external = _input_has_external_data(input_path) or model.ByteSize() > 2_000_000_000
-    tmpdir = Path(tempfile.mkdtemp(prefix=".onnxfbp-", dir=output.parent if str(output.parent) else "."))
+    tmpdir: Path | None = None
     try:
+        with signals_deferred():
+            tmpdir = Path(tempfile.mkdtemp(prefix=".onnxfbp-", dir=output.parent))
         staged = tmpdir / output.name
         data_name = output.name + ".data"
         if external:
-            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=EXTERNAL_SIZE_THRESHOLD)
+            onnx.save_model(model, str(staged), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_name,
+                            size_threshold=EXTERNAL_SIZE_THRESHOLD)
         else:
             onnx.save_model(model, str(staged))
         onnx.checker.check_model(str(staged))
         options = ort.SessionOptions()
         options.log_severity_level = 3
         ort.InferenceSession(str(staged), options, providers=["CPUExecutionProvider"])
-        if external and (tmpdir / data_name).exists():
-            os.replace(tmpdir / data_name, output.parent / data_name)
-        os.replace(staged, output)
+        with signals_deferred():  # the data file and the model land together
+            if external and (tmpdir / data_name).exists():
+                os.replace(tmpdir / data_name, output.parent / data_name)
+            os.replace(staged, output)
     except OSError as exc:
         raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from exc
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        if tmpdir is not None:
+            with signals_deferred():
+                shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def _input_has_external_data(path: Path) -> bool:
