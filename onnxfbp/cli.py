@@ -33,9 +33,11 @@ def _stderr(message: str) -> None:
 
 
 def _progress(quiet: bool) -> Any:
-    if quiet:
-        return None
-    return lambda message: _stderr(f"  {message}")
+    """The refine progress callback: a live display when stderr is a terminal, plain
+    lines otherwise, silent with ``--quiet`` (see :mod:`onnxfbp.progress`)."""
+    from .progress import ProgressDisplay  # noqa: PLC0415
+
+    return ProgressDisplay(quiet=quiet)
 
 
 def _config(args: argparse.Namespace) -> Any:

@@ -1,0 +1,218 @@
+"""Progress on stderr for long runs: a live rich display on a terminal, plain
+lines otherwise, nothing when quiet.
+
+:class:`ProgressDisplay` is a ``Callable[[str], None]``, so it plugs into
+``refine(..., progress=...)`` as it is: the pipeline calls it once per layer
+visit with a line such as::
+
+    sweep 1 Gemm /fc2/Gemm: kept, held-out acc 0.8816, lam 0.01, 2.37s
+
+- stderr is a terminal: each line is printed (kept in green, reverted in
+  yellow) above a spinner that shows the sweep, the number of layer visits, the
+  current held-out accuracy and the elapsed time, so a long first forward pass
+  does not look like a hang. The spinner is transient: it disappears when the
+  display is closed (``close()``, ``with``, garbage collection or exit).
+- stderr is not a terminal (a log file, CI): the line is printed as it is,
+  indented by two spaces, and flushed.
+- ``quiet=True``: nothing at all.
+
+Finer-grained progress: :meth:`ProgressDisplay.task` opens a bar for a phase
+with a known amount of work (samples of a forward pass, ridge values of a
+solve)::
+
+    with progress.task("sweep 1 Gemm /fc2/Gemm: forward", total=n_samples) as bar:
+        for x, y in batches:
+            ...
+            bar.advance(len(y))
+
+On a terminal the bar is shown under the spinner and removed when the ``with``
+block ends; otherwise ``task`` prints nothing (the per-layer line says enough
+in a log). Callers that may receive a plain function use
+``getattr(progress, "task", None)``.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import weakref
+from types import TracebackType
+from typing import IO, Any
+
+from rich.console import Console, RenderableType
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.text import Text
+
+__all__ = ["ProgressDisplay", "ProgressTask", "parse_layer_line"]
+
+_LAYER_LINE = re.compile(
+    r"^sweep (?P<sweep>\d+) (?P<op>\S+) (?P<name>.+?): (?P<outcome>kept|reverted), "
+    r"held-out acc (?P<acc>[-+0-9.eE]+|nan), lam (?P<lam>\S+), (?P<seconds>[-+0-9.eE]+)s$"
+)
+
+
+def parse_layer_line(message: str) -> dict[str, Any] | None:
+    """The fields of a per-layer progress line, or None if ``message`` is another line."""
+    m = _LAYER_LINE.match(message.strip())
+    if m is None:
+        return None
+    lam = m["lam"]
+    return {
+        "sweep": int(m["sweep"]), "op": m["op"], "name": m["name"],
+        "kept": m["outcome"] == "kept", "heldout_accuracy": float(m["acc"]),
+        "lam": None if lam == "None" else _float_or_none(lam), "seconds": float(m["seconds"]),
+    }
+
+
+def _float_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+class _BarColumn(BarColumn):
+    """A bar only for tasks with a known total (the main spinner line has none)."""
+
+    def render(self, task: Task) -> RenderableType:
+        return Text("") if task.total is None else super().render(task)
+
+
+class _CountColumn(MofNCompleteColumn):
+    def render(self, task: Task) -> Text:
+        return Text("") if task.total is None else super().render(task)
+
+
+class ProgressTask:
+    """A bar for one phase (see :meth:`ProgressDisplay.task`); ``advance(n)`` moves it."""
+
+    def __init__(self, progress: Progress | None, task_id: TaskID | None) -> None:
+        self._progress = progress
+        self._task_id = task_id
+
+    def advance(self, amount: float = 1) -> None:
+        if self._progress is not None and self._task_id is not None:
+            self._progress.advance(self._task_id, amount)
+
+    def __enter__(self) -> ProgressTask:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None and self._task_id is not None:
+            self._progress.remove_task(self._task_id)
+            self._task_id = None
+
+
+class ProgressDisplay:
+    """Progress callback for :func:`onnxfbp.refine`: live on a terminal, plain lines
+    otherwise, silent when ``quiet``.
+
+    ``stream`` defaults to ``sys.stderr``; ``console`` (a rich Console) overrides
+    both the stream and the terminal detection (tests pass
+    ``Console(force_terminal=True)``).
+    """
+
+    def __init__(self, quiet: bool = False, *, stream: IO[str] | None = None,
+                 console: Console | None = None, title: str = "refining") -> None:
+        self.quiet = quiet
+        self.title = title
+        self.visits = 0
+        self.lines: list[str] = []  # every message received, in order
+        self._stream = stream
+        self._sweep: int | None = None
+        self._accuracy: float | None = None
+        self._progress: Progress | None = None
+        self._main: TaskID | None = None
+        if quiet:
+            self.console = None
+            return
+        self.console = console or Console(file=stream or sys.stderr, highlight=False)
+        if self.console.is_terminal and not self.console.is_dumb_terminal:
+            stdout_tty = bool(getattr(sys.stdout, "isatty", lambda: False)())
+            self._progress = Progress(
+                SpinnerColumn(), TextColumn("{task.description}"), _BarColumn(bar_width=24),
+                _CountColumn(), TimeElapsedColumn(),
+                console=self.console, transient=True,
+                # Route stdout through the display only when it shares the terminal;
+                # `onnxfbp refine ... > out.txt` must still write to out.txt.
+                redirect_stdout=stdout_tty, redirect_stderr=True,
+            )
+            self._main = self._progress.add_task(self._describe(), total=None)
+            self._progress.start()
+            # Stop the display (restoring stdout/stderr, erasing the spinner) when this
+            # object is collected or at interpreter exit, whichever comes first.
+            self._finalizer = weakref.finalize(self, self._progress.stop)
+
+    @property
+    def live(self) -> bool:
+        """True while a live display is shown on the terminal."""
+        return self._progress is not None and self._progress.live.is_started
+
+    def _describe(self) -> str:
+        parts = [self.title]
+        if self._sweep is not None:
+            parts.append(f"sweep {self._sweep}")
+        if self.visits:
+            parts.append(f"{self.visits} layer visit{'s' if self.visits != 1 else ''}")
+        if self._accuracy is not None:
+            parts.append(f"held-out acc {self._accuracy:.4f}")
+        return " · ".join(parts)
+
+    def __call__(self, message: str) -> None:
+        if self.quiet:
+            return
+        self.lines.append(message)
+        fields = parse_layer_line(message)
+        if fields is not None:
+            self.visits += 1
+            self._sweep = fields["sweep"]
+            if fields["kept"]:
+                self._accuracy = fields["heldout_accuracy"]
+        if self._progress is None:
+            stream = self._stream or sys.stderr
+            print(f"  {message}", file=stream, flush=True)
+            return
+        assert self.console is not None and self._main is not None
+        self.console.print(self._styled(message, fields))
+        self._progress.update(self._main, description=self._describe())
+
+    @staticmethod
+    def _styled(message: str, fields: dict[str, Any] | None) -> Text:
+        if fields is None:
+            return Text(f"  {message}")
+        text = Text("  ")
+        text.append(f"sweep {fields['sweep']} ", style="dim")
+        text.append(f"{fields['op']} ", style="cyan")
+        text.append(f"{fields['name']}: ", style="bold")
+        text.append("kept" if fields["kept"] else "reverted",
+                    style="green" if fields["kept"] else "yellow")
+        rest = message.split(": kept" if fields["kept"] else ": reverted", 1)[-1]
+        text.append(rest)
+        return text
+
+    def task(self, description: str, total: float | None = None) -> ProgressTask:
+        """A bar for one phase; use as ``with progress.task(...) as bar: bar.advance(n)``."""
+        if self._progress is None:
+            return ProgressTask(None, None)
+        return ProgressTask(self._progress, self._progress.add_task(description, total=total))
+
+    def close(self) -> None:
+        """Stop the live display (idempotent); plain and quiet modes have nothing to stop."""
+        if self._progress is not None:
+            self._finalizer()
+
+    def __enter__(self) -> ProgressDisplay:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
