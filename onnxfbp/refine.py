@@ -71,6 +71,8 @@ class RefineConfig:
     mu: float = 1.0  # proximal weight of the reverse rules (relative)
     ridge_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)  # lam / mean diag(G), first sweep
     invert_convs: bool = False  # also refine layers whose target passes a Conv inverse
+    schedule: str = "sequential"  # sequential (Gauss-Seidel) | jacobi (one pass per sweep)
+    jacobi_steps: tuple[float, ...] = (1.0, 0.5, 0.25)  # joint-update scales tried
     batch_size: int = 500
     max_positions: int = 16  # conv output positions per sample in the normal equations
     seed: int = 0
@@ -139,6 +141,31 @@ class RefineResult:
             "config": self.config,
             "feature_maps": self.feature_maps,
         }
+
+
+@dataclass
+class _Stats:
+    """One layer's block, starting weights and streamed sums (train, held-out)."""
+
+    block: LayerBlock
+    w0: np.ndarray
+    train: NormalEquations
+    val: NormalEquations
+
+
+@dataclass
+class _Score:
+    """Best held-out score so far: summed cross-entropy and correct count."""
+
+    loss: float
+    correct: int
+
+    def better(self, loss: float, correct: int, commit: bool = True) -> bool:
+        """More correct, or as many with lower loss; records it when ``commit``."""
+        ok = correct > self.correct or (correct == self.correct and loss < self.loss)
+        if ok and commit:
+            self.loss, self.correct = loss, correct
+        return ok
 
 
 def _as_data(data: LabelledData | tuple[np.ndarray, np.ndarray] | str | os.PathLike[str], input_name: str) -> LabelledData:
@@ -258,12 +285,15 @@ class Refiner:
         n = len(idx)
         return EvalResult(correct / max(n, 1), n, loss / max(n, 1), per_class, confusion.tolist())
 
-    def reverse_targets(self, acts: dict[str, Array], t_logits: Array, layer: Layer) -> Array:
-        """Carry the logits target back to ``layer.output`` through the inverse rules."""
+    def _reverse(self, acts: dict[str, Array], t_logits: Array,
+                 path: list[int]) -> tuple[dict[str, Array], dict[str, int]]:
+        """Carry the logits target back through the nodes ``path`` (indices into
+        plan.nodes, forward order) with the inverse rules. Returns, per tensor, the
+        summed target residuals of its consumers and their count (targets average)."""
         views = self._views
         sums: dict[str, Array] = {self.plan.logits: t_logits - acts[self.plan.logits]}
         counts: dict[str, int] = {self.plan.logits: 1}
-        for i in reversed(self._downstream[layer.name]):
+        for i in reversed(path):
             pn = self.plan.nodes[i]
             out = pn.outputs[0]
             if out not in sums:
@@ -276,6 +306,11 @@ class Refiner:
                 name = pn.inputs[j]
                 sums[name] = sums.get(name, 0) + (x_t - x0)
                 counts[name] = counts.get(name, 0) + 1
+        return sums, counts
+
+    def reverse_targets(self, acts: dict[str, Array], t_logits: Array, layer: Layer) -> Array:
+        """The target at ``layer.output`` carried back from the logits target."""
+        sums, counts = self._reverse(acts, t_logits, self._downstream[layer.name])
         if layer.output not in sums:
             raise RuntimeError(f"no target reached {layer.output}")
         return acts[layer.output] + sums[layer.output] / counts[layer.output]
@@ -313,74 +348,18 @@ class Refiner:
         before = self.evaluate(data, val_idx)
         eval_before = self.evaluate(eval_data) if eval_data is not None else None
         self.timings["evaluate_before"] = time.perf_counter() - t
-        best_loss, best_correct = before.loss * len(val_idx), round(before.accuracy * len(val_idx))  # type: ignore[operator]
+        state = _Score(before.loss * len(val_idx), round(before.accuracy * len(val_idx)))  # type: ignore[operator]
         reports: list[LayerReport] = []
-        solve_time = forward_time = 0.0
-        chosen_lam: dict[str, float] = {}
+        self._forward_time = self._solve_time = 0.0
+        self._chosen_lam: dict[str, float] = {}
         for sweep in range(cfg.sweeps):
-            improved = False
-            for layer in self.layers:
-                ls = time.perf_counter()
-                values = self.tensor_values()
-                views = self.plan.node_views(values)
-                self._views = views
-                block = self._block(layer, views, values)
-                w0 = block.weights()
-                groups, d, k = w0.shape
-                xp = self.xp
-                ne_train = NormalEquations(groups, d, k, xp)
-                ne_val = NormalEquations(groups, d, k, xp)
-                needed = self._needed(layer)
-                ft = time.perf_counter()
-                for split_idx, ne in ((train_idx, ne_train), (val_idx, ne_val)):
-                    for x, y in data.batches(split_idx, cfg.batch_size):
-                        acts = self.forward(x, needed)
-                        z = acts[self.plan.logits].reshape(len(y), -1)
-                        t_logits = label_target(z, y, cfg.step).reshape(acts[self.plan.logits].shape)
-                        target = self.reverse_targets(acts, t_logits, layer)
-                        rows, trows = block.rows(acts[layer.input], target, rng, cfg.max_positions)
-                        ne.add(rows, trows)
-                forward_time += time.perf_counter() - ft
-                st = time.perf_counter()
-                previous = chosen_lam.get(layer.name)
-                grid = cfg.ridge_grid if previous is None else (previous / 4, previous, previous * 4)
-                choice = choose_ridge(ne_train, ne_val, xp.asarray(w0), grid)
-                if choice.lam != float("inf"):
-                    chosen_lam[layer.name] = choice.lam
-                new_w = to_numpy(choice.weights)
-                solve_time += time.perf_counter() - st
-                weight_shape = list(np.asarray(views[layer.name].const(1)).shape)
-                rel = float(np.linalg.norm(new_w - w0) / max(np.linalg.norm(w0), 1e-12))
-                per_row = max(ne_val.rows, 1)
-                report = LayerReport(
-                    sweep=sweep, name=layer.name, op=layer.op, weight_shape=weight_shape,
-                    accepted=False, reason="", lam=None if choice.lam == float("inf") else choice.lam,
-                    relative_change=rel, residual_before=choice.residual_before / per_row,
-                    residual_after=choice.residual / per_row,
-                )
-                if choice.lam == float("inf") or not np.isfinite(new_w).all():
-                    report.reason = "no finite solution; layer left unchanged"
-                else:
-                    saved = {k2: v.copy() for k2, v in self.values.items()}
-                    self._set_weights(layer, block, new_w)
-                    loss, correct, _ = self.scores(data, val_idx)
-                    if correct > best_correct or (correct == best_correct and loss < best_loss):
-                        report.accepted, report.reason = True, "held-out score improved"
-                        best_loss, best_correct = loss, correct
-                        improved = True
-                    else:
-                        self.values = saved
-                        report.reason = "held-out score did not improve; reverted"
-                    report.heldout_accuracy = correct / len(val_idx)
-                report.seconds = time.perf_counter() - ls
-                reports.append(report)
-                self.progress(
-                    f"sweep {sweep + 1} {layer.op} {layer.name}: "
-                    f"{'kept' if report.accepted else 'reverted'}, held-out acc "
-                    f"{(report.heldout_accuracy or 0):.4f}, lam {report.lam}, {report.seconds:.2f}s"
-                )
+            if cfg.schedule == "jacobi":
+                improved = self._sweep_jacobi(sweep, data, train_idx, val_idx, rng, state, reports)
+            else:
+                improved = self._sweep_sequential(sweep, data, train_idx, val_idx, rng, state, reports)
             if not improved:
                 break
+        forward_time, solve_time = self._forward_time, self._solve_time
         self.timings["forward_and_targets"] = forward_time
         self.timings["solve"] = solve_time
         t = time.perf_counter()
@@ -395,6 +374,147 @@ class Refiner:
             eval_before=eval_before, eval_after=eval_after,
             timings=dict(self.timings), environment=self.environment(),
             plan=self.plan_summary(), config=asdict(self.config), feature_maps=feature_maps,
+        )
+
+    # ------------------------------------------------------------------ sweeps
+
+    def _accumulate(self, data: LabelledData, train_idx: np.ndarray, val_idx: np.ndarray,
+                    layers: list[Layer], rng: np.random.Generator) -> dict[str, _Stats]:
+        """One streamed pass: normal equations of every layer in ``layers`` against
+        targets carried back from the labels through the current weights."""
+        cfg = self.config
+        values = self.tensor_values()
+        self._views = self.plan.node_views(values)
+        stats: dict[str, _Stats] = {}
+        for layer in layers:
+            block = self._block(layer, self._views, values)
+            w0 = block.weights()
+            g, d, k = w0.shape
+            stats[layer.name] = _Stats(block, w0, NormalEquations(g, d, k, self.xp),
+                                       NormalEquations(g, d, k, self.xp))
+        needed = sorted({name for layer in layers for name in self._needed(layer)})
+        path = sorted({i for layer in layers for i in self._downstream[layer.name]})
+        ft = time.perf_counter()
+        for split, split_idx in ((0, train_idx), (1, val_idx)):
+            for x, y in data.batches(split_idx, cfg.batch_size):
+                acts = self.forward(x, needed)
+                z = acts[self.plan.logits].reshape(len(y), -1)
+                t_logits = label_target(z, y, cfg.step).reshape(acts[self.plan.logits].shape)
+                sums, counts = self._reverse(acts, t_logits, path)
+                for layer in layers:
+                    if layer.output not in sums:
+                        raise RuntimeError(f"no target reached {layer.output}")
+                    target = acts[layer.output] + sums[layer.output] / counts[layer.output]
+                    st = stats[layer.name]
+                    rows, trows = st.block.rows(acts[layer.input], target, rng, cfg.max_positions)
+                    (st.train if split == 0 else st.val).add(rows, trows)
+        self._forward_time += time.perf_counter() - ft
+        return stats
+
+    def _solve(self, layer: Layer, st: _Stats) -> Any:
+        started = time.perf_counter()
+        previous = self._chosen_lam.get(layer.name)
+        d = st.w0.shape[1]
+        if previous is None:
+            grid = self.config.ridge_grid
+        elif d > 1024:  # one Cholesky of a large Gram costs seconds: keep the choice
+            grid = (previous,)
+        else:
+            grid = (previous / 4, previous, previous * 4)
+        choice = choose_ridge(st.train, st.val, self.xp.asarray(st.w0), grid)
+        if choice.lam != float("inf"):
+            self._chosen_lam[layer.name] = choice.lam
+        self._solve_time += time.perf_counter() - started
+        return choice
+
+    def _report(self, sweep: int, layer: Layer, st: _Stats, choice: Any, new_w: np.ndarray) -> LayerReport:
+        per_row = max(st.val.rows, 1)
+        return LayerReport(
+            sweep=sweep, name=layer.name, op=layer.op,
+            weight_shape=list(np.asarray(st.block.view.const(1)).shape), accepted=False, reason="",
+            lam=None if choice.lam == float("inf") else choice.lam,
+            relative_change=float(np.linalg.norm(new_w - st.w0) / max(np.linalg.norm(st.w0), 1e-12)),
+            residual_before=choice.residual_before / per_row, residual_after=choice.residual / per_row,
+        )
+
+    def _sweep_sequential(self, sweep: int, data: LabelledData, train_idx: np.ndarray,
+                          val_idx: np.ndarray, rng: np.random.Generator, state: _Score,
+                          reports: list[LayerReport]) -> bool:
+        """Back to front, one layer at a time; each sees the updates after it."""
+        improved = False
+        for layer in self.layers:
+            started = time.perf_counter()
+            st = self._accumulate(data, train_idx, val_idx, [layer], rng)[layer.name]
+            choice = self._solve(layer, st)
+            new_w = to_numpy(choice.weights)
+            report = self._report(sweep, layer, st, choice, new_w)
+            if choice.lam == float("inf") or not np.isfinite(new_w).all():
+                report.reason = "no finite solution; layer left unchanged"
+            else:
+                saved = dict(self.values)
+                self._set_weights(layer, st.block, new_w)
+                loss, correct, _ = self.scores(data, val_idx)
+                if state.better(loss, correct):
+                    report.accepted, report.reason = True, "held-out score improved"
+                    improved = True
+                else:
+                    self.values = saved
+                    report.reason = "held-out score did not improve; reverted"
+                report.heldout_accuracy = correct / len(val_idx)
+            report.seconds = time.perf_counter() - started
+            reports.append(report)
+            self._announce(report)
+        return improved
+
+    def _sweep_jacobi(self, sweep: int, data: LabelledData, train_idx: np.ndarray,
+                      val_idx: np.ndarray, rng: np.random.Generator, state: _Score,
+                      reports: list[LayerReport]) -> bool:
+        """All layers from one pass; the joint update is scaled by the best of a few
+        step sizes on held-out data, and kept only if it improves."""
+        started = time.perf_counter()
+        stats = self._accumulate(data, train_idx, val_idx, self.layers, rng)
+        solved = []
+        for layer in self.layers:
+            st = stats[layer.name]
+            choice = self._solve(layer, st)
+            new_w = to_numpy(choice.weights)
+            report = self._report(sweep, layer, st, choice, new_w)
+            if choice.lam == float("inf") or not np.isfinite(new_w).all():
+                report.reason = "no finite solution; layer left unchanged"
+            else:
+                solved.append((layer, st, new_w, report))
+            reports.append(report)
+        saved = dict(self.values)
+        best: tuple[float, float, int] | None = None
+        for alpha in self.config.jacobi_steps:
+            self.values = dict(saved)
+            for layer, st, new_w, _ in solved:
+                self._set_weights(layer, st.block, st.w0 + alpha * (new_w - st.w0))
+            loss, correct, _ = self.scores(data, val_idx)
+            if state.better(loss, correct, commit=False) and (
+                best is None or correct > best[2] or (correct == best[2] and loss < best[1])
+            ):
+                best = (alpha, loss, correct)
+        self.values = dict(saved)
+        if best is not None:
+            alpha, loss, correct = best
+            for layer, st, new_w, report in solved:
+                self._set_weights(layer, st.block, st.w0 + alpha * (new_w - st.w0))
+                report.accepted, report.reason = True, f"joint update kept at step {alpha}"
+                report.heldout_accuracy = correct / len(val_idx)
+            state.better(loss, correct)
+        for _, _, _, report in solved:
+            if not report.accepted:
+                report.reason = "joint update did not improve held-out score; reverted"
+            report.seconds = (time.perf_counter() - started) / max(len(self.layers), 1)
+            self._announce(report)
+        return best is not None
+
+    def _announce(self, report: LayerReport) -> None:
+        self.progress(
+            f"sweep {report.sweep + 1} {report.op} {report.name}: "
+            f"{'kept' if report.accepted else 'reverted'}, held-out acc "
+            f"{(report.heldout_accuracy or 0):.4f}, lam {report.lam}, {report.seconds:.2f}s"
         )
 
     def feature_maps(self, data: LabelledData, idx: np.ndarray, channels: int = 6) -> dict[str, Any]:
