@@ -168,10 +168,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect import inspect_model, render_table  # noqa: PLC0415
 
     info = inspect_model(args.model, deep=args.deep)
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        render_table(info)
+    try:
+        if args.json:
+            print(json.dumps(info, indent=2), flush=True)
+        else:
+            render_table(info)
+            sys.stdout.flush()
+    except BrokenPipeError:  # `onnxfbp inspect ... | head`: the reader has enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -1,38 +1,116 @@
 """``onnxfbp inspect``: every node's op, its inverse rule (or why it has none),
-its weights, and which layers a refine run would change."""
+its weights, and which layers a refine run would change.
+
+:func:`inspect_model` returns a JSON-able dict (``onnxfbp inspect --json``):
+
+- ``model``, ``producer``, ``opset``, ``input`` {name, shape}, ``output`` {name,
+  kind, logits, classes}, ``batch`` (``dynamic`` or ``fixed N``);
+- ``refined_layers``: the node names a refine run with the same ``--deep``
+  would change, in the order it visits them (from the output back);
+- ``layers``: every Conv/Gemm/MatMul on the reverse path, with ``kind``,
+  ``weight`` {initializer, shape, via}, ``bias`` {initializer, shape, add_node}
+  or null, ``refined`` and ``why_not``;
+- ``boundaries``: nodes where targets stop, with the reason;
+- ``nodes``: every node in graph order, with ``name``, ``op``, ``rule`` (the
+  planner's status: ``rule`` = on the reverse path with an inverse rule,
+  ``constant`` = computes a constant, ``not on the reverse path``, or the
+  reason the node stops the targets), ``status`` (the same as one word:
+  ``inverse``, ``constant``, ``off-path`` or ``boundary``), ``weights``
+  (initializer inputs and their shapes), ``tensors`` (those of them that are
+  floating point, i.e. not shapes or axes), ``refined``, ``why_not``,
+  ``weight_of`` (the layer whose weight this node reshapes/transposes, if any)
+  and ``note`` (e.g. for a Softmax after the logits);
+- ``summary``: node counts per status.
+"""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from .graph import load_model, plan_model
+import onnx
 
 __all__ = ["inspect_model", "render_table"]
 
+STATUS_INVERSE, STATUS_CONSTANT, STATUS_OFF_PATH, STATUS_BOUNDARY = (
+    "inverse", "constant", "off-path", "boundary")
+
+
+def _status(rule: str) -> str:
+    if rule == "rule":
+        return STATUS_INVERSE
+    if rule == "constant":
+        return STATUS_CONSTANT
+    if rule == "not on the reverse path" or not rule:
+        return STATUS_OFF_PATH
+    return STATUS_BOUNDARY
+
+
+def _chain_nodes(tensor: str, producer: dict[str, Any], inits: set[str]) -> list[Any]:
+    """Nodes between an initializer and ``tensor`` (Reshape/Transpose/... of a weight)."""
+    out = []
+    cursor = tensor
+    while cursor and cursor not in inits and cursor in producer:
+        node = producer[cursor]
+        out.append(node)
+        cursor = node.input[0] if node.input else ""
+    return out
+
 
 def inspect_model(path: str | os.PathLike[str], deep: bool = False) -> dict[str, Any]:
-    """A JSON-able description of the model as onnxfbp sees it."""
+    """A JSON-able description of the model as onnxfbp sees it (see the module doc)."""
     from .refine import RefineConfig, Refiner  # noqa: PLC0415
 
-    model = load_model(path)
-    plan = plan_model(model)
     refiner = Refiner(path, RefineConfig(device="cpu", invert_convs=deep))
-    refined = {layer.name for layer in refiner.layers}
-    layers = {layer.name: layer for layer in plan.layers}
-    inits = {t.name: list(t.dims) for t in model.graph.initializer}
-    nodes = []
+    model, plan = refiner.model, refiner.plan
+    refined = [layer.name for layer in refiner.layers]
+    inits = {t.name: [int(d) for d in t.dims] for t in model.graph.initializer}
+    float_inits = {t.name for t in model.graph.initializer
+                   if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
+                                      onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)}
+    producer = {out: node for node in model.graph.node for out in node.output}
+    rule_of = {name: status for name, _, status in plan.all_nodes}
+
+    layers, weight_of = [], {}
+    for layer in plan.layers:
+        via = _chain_nodes(layer.weight_tensor, producer, set(inits))
+        for node in via:
+            weight_of[node.name] = layer.name
+        bias = None
+        if layer.bias is not None:
+            bias = {"initializer": layer.bias.initializer,
+                    "shape": inits.get(layer.bias.initializer),
+                    "add_node": layer.bias_add_node}
+        why_not = None
+        if layer.name not in refined:
+            why_not = layer.reason or refiner.skipped.get(layer.name) or "not refined"
+        layers.append({
+            "name": layer.name, "op": layer.op, "kind": layer.kind,
+            "weight": {"initializer": layer.weight.initializer,
+                       "shape": inits.get(layer.weight.initializer),
+                       "via": [node.op_type for node in reversed(via)]},
+            "bias": bias, "refined": layer.name in refined, "why_not": why_not,
+        })
+    by_layer = {entry["name"]: entry for entry in layers}
+
+    nodes, summary = [], {s: 0 for s in (STATUS_INVERSE, STATUS_CONSTANT, STATUS_OFF_PATH,
+                                         STATUS_BOUNDARY)}
     for node in model.graph.node:
-        name = node.name
-        status = next((s for n, op, s in plan.all_nodes if n == name), "")
-        weights = {i: inits[i] for i in node.input if i in inits}
-        layer = layers.get(name)
+        rule = rule_of.get(node.name, "")
+        status = _status(rule)
+        summary[status] += 1
+        layer = by_layer.get(node.name)
+        note = None
+        if plan.logits != plan.output_name and plan.logits in node.input:
+            note = "after the logits: the label target is set on its input"
         nodes.append({
-            "name": name, "op": node.op_type, "rule": status,
-            "weights": weights,
-            "refined": name in refined,
-            "why_not": None if layer is None or name in refined
-            else (layer.reason or refiner.skipped.get(name)),
+            "name": node.name, "op": node.op_type, "rule": rule, "status": status,
+            "weights": {i: inits[i] for i in node.input if i in inits},
+            "tensors": [i for i in node.input if i in float_inits],
+            "refined": node.name in refined,
+            "why_not": None if layer is None else layer["why_not"],
+            "weight_of": weight_of.get(node.name),
+            "note": note,
         })
     return {
         "model": str(path),
@@ -42,33 +120,99 @@ def inspect_model(path: str | os.PathLike[str], deep: bool = False) -> dict[str,
         "output": {"name": plan.output_name, "kind": plan.output_kind, "logits": plan.logits,
                    "classes": plan.n_classes},
         "batch": "dynamic" if refiner.runner.chunk is None else f"fixed {refiner.runner.chunk}",
+        "deep": deep,
         "boundaries": plan.boundaries,
-        "refined_layers": [layer.name for layer in refiner.layers],
+        "refined_layers": refined,
+        "layers": layers,
         "nodes": nodes,
+        "summary": summary,
     }
 
 
-def render_table(info: dict[str, Any]) -> None:
-    """Print ``info`` as a table (rich)."""
+def _shape(shape: list[int] | None) -> str:
+    return "?" if shape is None else "×".join(str(d) for d in shape) or "scalar"
+
+
+_STATUS_STYLE = {
+    STATUS_INVERSE: ("inverse", "green"),
+    STATUS_CONSTANT: ("constant", "dim"),
+    STATUS_OFF_PATH: ("off path", "dim"),
+    STATUS_BOUNDARY: ("stops here", "red"),
+}
+
+
+def render_table(info: dict[str, Any], console: Any = None) -> None:
+    """Print ``info`` (from :func:`inspect_model`) as a table with rich."""
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
+    from rich.text import Text  # noqa: PLC0415
 
-    console = Console()
-    console.print(f"[bold]{info['model']}[/]  producer: {info['producer'] or '?'}  opset {info['opset']}")
-    console.print(f"input {info['input']['name']} {info['input']['shape']}  "
-                  f"output {info['output']['name']} ({info['output']['kind']}, "
-                  f"{info['output']['classes']} classes)  batch: {info['batch']}")
-    table = Table(show_lines=False)
-    for col in ("node", "op", "rule", "weights", "refined"):
-        table.add_column(col)
-    for n in info["nodes"]:
-        weights = ", ".join(f"{k}{v}" for k, v in n["weights"].items())
-        refined = "yes" if n["refined"] else (n["why_not"] or "")
-        table.add_row(n["name"], n["op"], n["rule"], weights, refined)
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:  # rich would exit 1; let the caller decide
+            raise BrokenPipeError
+
+    if console is None:
+        console = _Console(highlight=False)
+        if not console.is_terminal:  # a pipe or a file: do not squeeze into 80 columns
+            console = _Console(highlight=False, width=max(console.width, 140))
+    out = info["output"]
+    console.print(Text.assemble((info["model"], "bold"),
+                                f"  producer: {info['producer'] or '?'}  opset {info['opset']}"))
+    console.print(f"input {info['input']['name']} {info['input']['shape']}  ->  output "
+                  f"{out['name']} ({out['kind']}, {out['classes'] or '?'} classes)  "
+                  f"batch: {info['batch']}", markup=False)
+    layers = {entry["name"]: entry for entry in info.get("layers", [])}
+    table = Table(show_lines=False, header_style="bold", pad_edge=False)
+    table.add_column("#", justify="right", style="dim")
+    table.add_column("node", overflow="fold")
+    table.add_column("op")
+    table.add_column("reverse rule", overflow="fold")
+    table.add_column("weights", overflow="fold")
+    table.add_column("refine", overflow="fold")
+    for i, n in enumerate(info["nodes"]):
+        status = n.get("status") or _status(n["rule"])
+        label, style = _STATUS_STYLE[status]
+        if status == STATUS_BOUNDARY:
+            label = f"{label}: {n['rule']}"
+        elif n.get("note"):
+            label = f"{label} ({n['note'].split(':')[0]})"
+        rule = Text(label, style=style)
+        layer = layers.get(n["name"])
+        if layer is not None:
+            w = layer["weight"]
+            weights = f"W {_shape(w['shape'])}"
+            if w["via"]:
+                weights += f" via {'+'.join(w['via'])}"
+            if layer["bias"] is not None:
+                b = layer["bias"]
+                weights += f", b {_shape(b['shape'])}"
+                if b["add_node"]:
+                    weights += " (Add)"
+        else:  # float initializers only: integer inputs are shapes and axes
+            weights = ", ".join(_shape(n["weights"][t]) for t in n.get("tensors", n["weights"]))
+            if n.get("weight_of"):
+                weights = f"{weights} → weight of {n['weight_of']}"
+        if n["refined"]:
+            refine = Text("yes", style="bold green")
+        elif layer is not None:
+            refine = Text(f"no: {n['why_not']}", style="yellow")
+        else:
+            refine = Text("")
+        table.add_row(str(i), Text(n["name"] or "(unnamed)"), n["op"], rule, Text(weights), refine)
     console.print(table)
+    summary = info.get("summary")
+    if summary:
+        console.print(f"{len(info['nodes'])} nodes: {summary[STATUS_INVERSE]} with an inverse "
+                      f"rule on the reverse path, {summary[STATUS_CONSTANT]} constant, "
+                      f"{summary[STATUS_OFF_PATH]} off the path, {summary[STATUS_BOUNDARY]} "
+                      "stopping the targets", markup=False)
     if info["boundaries"]:
-        console.print("[yellow]transitional boundaries (targets stop here; layers before them are "
-                      "left alone):[/]")
+        console.print("[yellow]transitional boundaries (targets stop here; layers before them "
+                      "are left alone):[/]")
         for b in info["boundaries"]:
-            console.print(f"  {b}")
-    console.print(f"would refine: {', '.join(info['refined_layers']) or 'nothing'}")
+            console.print(f"  {b}", markup=False)
+    refined = info["refined_layers"]
+    console.print(Text.assemble("would refine: ", (", ".join(refined) or "nothing", "bold")))
+    if not info.get("deep") and any(
+            (entry["why_not"] or "").endswith("(enable: --deep)") for entry in layers.values()):
+        console.print("(more with --deep: layers whose targets pass a Conv inverse)", style="dim")
