@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -307,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = bool(getattr(args, "debug", False))
+    if not debug:  # overflow / invalid-value noise: the pipeline skips non-finite results
+        warnings.simplefilter("ignore", RuntimeWarning)
     output = getattr(args, "output", None) if args.command in ("refine", "demo") else None
     before = _stamp(output)
     try:
