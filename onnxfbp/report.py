@@ -608,6 +608,8 @@ def _fig_feature_map(name: str, fm: dict[str, Any], max_samples: int,
         for i in range(s):
             ax = axes[i]
             x = np.arange(flat_a.shape[1])
+            if actual.ndim == 2 and len(fm.get("channels") or ()) == len(x):
+                x = np.asarray(fm["channels"])  # feature indices, when a subset was kept
             style = {"marker": ".", "markersize": 3} if len(x) <= 128 else {}
             ax.plot(x, flat_a[i], color=BEFORE, linewidth=1, label="actual", **style)
             ax.plot(x, flat_t[i], color=AFTER, linewidth=1, label="target", **style)
