@@ -71,7 +71,8 @@ def inspect_model(path: str | os.PathLike[str], deep: bool = False) -> dict[str,
     producer = {out: node for node in model.graph.node for out in node.output}
     rule_of = {name: status for name, _, status in plan.all_nodes}
 
-    layers, weight_of = [], {}
+    layers: list[dict[str, Any]] = []
+    weight_of: dict[str, str] = {}
     for layer in plan.layers:
         via = _chain_nodes(layer.weight_tensor, producer, set(inits))
         for node in via:
@@ -93,13 +94,14 @@ def inspect_model(path: str | os.PathLike[str], deep: bool = False) -> dict[str,
         })
     by_layer = {entry["name"]: entry for entry in layers}
 
-    nodes, summary = [], {s: 0 for s in (STATUS_INVERSE, STATUS_CONSTANT, STATUS_OFF_PATH,
+    nodes: list[dict[str, Any]] = []
+    summary = {s: 0 for s in (STATUS_INVERSE, STATUS_CONSTANT, STATUS_OFF_PATH,
                                          STATUS_BOUNDARY)}
     for node in model.graph.node:
         rule = rule_of.get(node.name, "")
         status = _status(rule)
         summary[status] += 1
-        layer = by_layer.get(node.name)
+        entry = by_layer.get(node.name)
         note = None
         if plan.logits != plan.output_name and plan.logits in node.input:
             note = "after the logits: the label target is set on its input"
@@ -108,7 +110,7 @@ def inspect_model(path: str | os.PathLike[str], deep: bool = False) -> dict[str,
             "weights": {i: inits[i] for i in node.input if i in inits},
             "tensors": [i for i in node.input if i in float_inits],
             "refined": node.name in refined,
-            "why_not": None if layer is None else layer["why_not"],
+            "why_not": None if entry is None else entry["why_not"],
             "weight_of": weight_of.get(node.name),
             "note": note,
         })

@@ -83,7 +83,7 @@ def _float_or_none(text: str) -> float | None:
 class _BarColumn(BarColumn):
     """A bar only for tasks with a known total (the main spinner line has none)."""
 
-    def render(self, task: Task) -> RenderableType:
+    def render(self, task: Task) -> RenderableType:  # type: ignore[override]
         return Text("") if task.total is None else super().render(task)
 
 

@@ -373,8 +373,8 @@ def _fig_accuracy(report: dict[str, Any]) -> Any:
     fig = _figure(1.6 + 1.5 * len(splits), 4.4)
     ax = fig.add_subplot()
     x = np.arange(len(splits))
-    for offset, key, color, label in ((-0.2, 1, BEFORE, "before"), (0.2, 2, AFTER, "after")):
-        values = [s[key]["accuracy"] for s in splits]
+    for offset, which, color, label in ((-0.2, 1, BEFORE, "before"), (0.2, 2, AFTER, "after")):
+        values = [float((s[1] if which == 1 else s[2])["accuracy"]) for s in splits]
         bars = ax.bar(x + offset, values, 0.38, color=color, label=label)
         for bar, v in zip(bars, values, strict=True):
             ax.text(bar.get_x() + bar.get_width() / 2, v + 0.01, f"{v:.3f}", ha="center",
