@@ -66,13 +66,13 @@ class RefineConfig:
     device: str = "auto"  # auto | cpu | cuda
     holdout: float = 0.2  # fraction of the labelled data held out for choices
     max_layers: int | None = None  # refine at most this many layers, from the output
-    sweeps: int = 3  # back-to-front passes at most
-    step: float = 10.0  # logit-space step of the label target
+    sweeps: int = 5  # passes at most (each stops early if held-out score stops improving)
+    step: float = 20.0  # logit-space step of the label target
     mu: float = 1.0  # proximal weight of the reverse rules (relative)
     ridge_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)  # lam / mean diag(G), first sweep
     invert_convs: bool = False  # also refine layers whose target passes a Conv inverse
-    schedule: str = "sequential"  # sequential (Gauss-Seidel) | jacobi (one pass per sweep)
-    jacobi_steps: tuple[float, ...] = (1.0, 0.5, 0.25)  # joint-update scales tried
+    schedule: str = "jacobi"  # jacobi (all layers from one pass) | sequential (one by one)
+    jacobi_steps: tuple[float, ...] = (1.0, 0.5)  # joint-update scales tried on held-out data
     batch_size: int = 500
     max_positions: int = 16  # conv output positions per sample in the normal equations
     seed: int = 0
@@ -336,6 +336,9 @@ class Refiner:
                 "nothing to refine: no Conv/Gemm/MatMul layer with stored weights is reachable "
                 "from the output" + (f" (boundaries: {'; '.join(self.plan.boundaries)})" if self.plan.boundaries else "")
             )
+        if self.plan.boundaries:
+            self.progress("transitional boundaries (layers before them are left alone): "
+                          + "; ".join(self.plan.boundaries))
         rng = np.random.default_rng(cfg.seed)
         n = len(data)
         is_val = rng.random(n) < cfg.holdout if n >= 10 else np.zeros(n, bool)
