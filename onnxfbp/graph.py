@@ -159,6 +159,11 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
                 f"weight {tensor.name!r} is stored as external data without a file name; "
                 "re-export the model (onnx.save_model(..., save_as_external_data=True))"
             )
+        if Path(location).is_absolute() or location.startswith(("/", "\\")):
+            raise ModelError(
+                f"external data of {tensor.name!r} has an absolute location ({location}); "
+                "refusing it: keep the data file next to the model, named relative to it"
+            )
         if base != target and base not in target.parents:
             raise ModelError(
                 f"external data of {tensor.name!r} points outside the model folder "
