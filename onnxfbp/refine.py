@@ -35,8 +35,9 @@ import onnx
 import onnxruntime as ort
 
 from . import __version__
-from .backend import array_module, to_numpy
+from .backend import array_module, cupy_or_none, to_numpy
 from .data import LabelledData, from_arrays, load_data
+from .device import run_to_device
 from .errors import GateError, UnsupportedModelError
 from .forward import ForwardRunner, choose_providers
 from .graph import Layer, Plan, load_model, plan_model
@@ -131,8 +132,11 @@ class RefineResult:
             "schema": "onnxfbp.report/1",
             "written": self.written,
             "heldout": {"before": asdict(self.heldout_before), "after": asdict(self.heldout_after)},
-            "eval": None if self.eval_before is None else {
-                "before": asdict(self.eval_before), "after": asdict(self.eval_after) if self.eval_after else None
+            "eval": None
+            if self.eval_before is None
+            else {
+                "before": asdict(self.eval_before),
+                "after": asdict(self.eval_after) if self.eval_after else None,
             },
             "layers": [asdict(layer) for layer in self.layers],
             "timings": self.timings,
@@ -168,7 +172,9 @@ class _Score:
         return ok
 
 
-def _as_data(data: LabelledData | tuple[np.ndarray, np.ndarray] | str | os.PathLike[str], input_name: str) -> LabelledData:
+def _as_data(
+    data: LabelledData | tuple[np.ndarray, np.ndarray] | str | os.PathLike[str], input_name: str
+) -> LabelledData:
     if isinstance(data, LabelledData):
         return data
     if isinstance(data, (str, os.PathLike)):
@@ -180,8 +186,12 @@ def _as_data(data: LabelledData | tuple[np.ndarray, np.ndarray] | str | os.PathL
 class Refiner:
     """A loaded model with its plan and onnxruntime runner, ready to refine or evaluate."""
 
-    def __init__(self, model_path: str | os.PathLike[str], config: RefineConfig | None = None,
-                 progress: Progress | None = None) -> None:
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        config: RefineConfig | None = None,
+        progress: Progress | None = None,
+    ) -> None:
         self.config = config or RefineConfig()
         self.progress = progress or (lambda message: None)
         self.model_path = Path(model_path)
@@ -192,13 +202,15 @@ class Refiner:
         self.timings["plan"] = time.perf_counter() - start
         self.providers = choose_providers(self.config.device)
         device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
-        self.xp = array_module(device) if device == "cuda" else np
+        if device == "cuda" and self.config.device == "auto":
+            self.xp = cupy_or_none() or np  # CUDA forward, NumPy solves if CuPy is missing
+        else:
+            self.xp = array_module(device) if device == "cuda" else np
         self.device = device
         self.skipped: dict[str, str] = {}
         self.layers = []
         for layer in reversed(self.plan.refinable):
-            downstream = [self.plan.nodes[i].op for i in self._nodes_after(layer.output)]
-            if "Conv" in downstream and not self.config.invert_convs:
+            if self._nodes_after(layer.output) is None:
                 self.skipped[layer.name] = "its target would pass a Conv inverse (enable: --deep)"
             elif self.config.max_layers is not None and len(self.layers) >= self.config.max_layers:
                 self.skipped[layer.name] = f"beyond --max-layers {self.config.max_layers}"
@@ -217,23 +229,37 @@ class Refiner:
             extra.add(layer.input)
         extra.discard(self.plan.input_name)
         self.runner = ForwardRunner(
-            self.model, self.plan.input_name, sorted(weight_inputs), sorted(extra),
-            self.providers, self.config.batch_size, self.config.threads,
+            self.model,
+            self.plan.input_name,
+            sorted(weight_inputs),
+            sorted(extra),
+            self.providers,
+            self.config.batch_size,
+            self.config.threads,
         )
         self.values: dict[str, np.ndarray] = dict(self.runner.initial_weights)
         self.original = {k: v.copy() for k, v in self.values.items()}
-        self._downstream = {layer.name: self._nodes_after(layer.output) for layer in self.layers}
+        self._downstream = {
+            layer.name: self._nodes_after(layer.output) or [] for layer in self.layers
+        }
 
     # ------------------------------------------------------------------ helpers
 
-    def _nodes_after(self, tensor: str) -> list[int]:
-        """Indices (into plan.nodes) of path nodes downstream of ``tensor``."""
+    def _nodes_after(self, tensor: str) -> list[int] | None:
+        """Indices (into plan.nodes, forward order) of the path nodes through which
+        a target reaches ``tensor`` from the logits; ``None`` if none does. Without
+        ``invert_convs`` a target never passes a Conv inverse (expensive and, for
+        deep layers, rarely worth it): routes around it (residual shortcuts) count."""
         reach = {tensor}
         out = []
         for i, pn in enumerate(self.plan.nodes):
+            if pn.op == "Conv" and not self.config.invert_convs:
+                continue
             if any(pn.inputs[j] in reach for j in pn.data_inputs):
                 out.append(i)
                 reach.update(pn.outputs)
+        if self.plan.logits not in reach:
+            return None
         return out
 
     def tensor_values(self) -> dict[str, np.ndarray]:
@@ -245,20 +271,38 @@ class Refiner:
                 out[layer.bias_tensor] = layer.bias.apply(self.values[layer.bias.initializer])
         return out
 
-    def _block(self, layer: Layer, views: dict[str, Any], values: dict[str, np.ndarray]) -> LayerBlock:
+    def _block(
+        self, layer: Layer, views: dict[str, Any], values: dict[str, np.ndarray]
+    ) -> LayerBlock:
         view = views[layer.name]
-        bias_value = values[layer.bias_tensor] if layer.bias is not None and layer.bias_tensor else None
+        bias_value = (
+            values[layer.bias_tensor] if layer.bias is not None and layer.bias_tensor else None
+        )
         fixed = None
         if bias_value is None:
-            if layer.kind == "dense" and layer.op == "Gemm" and 2 in view.static and view.static[2].size:
+            if (
+                layer.kind == "dense"
+                and layer.op == "Gemm"
+                and 2 in view.static
+                and view.static[2].size
+            ):
                 c = np.asarray(view.static[2], dtype=np.float64) * float(view.attr("beta", 1.0))
-                fixed = np.broadcast_to(c.reshape(-1), (view.static[1].shape[0 if view.attr("transB", 0) else 1],))
+                fixed = np.broadcast_to(
+                    c.reshape(-1), (view.static[1].shape[0 if view.attr("transB", 0) else 1],)
+                )
             elif layer.kind == "conv" and 2 in view.static and view.static[2].size:
                 fixed = np.asarray(view.static[2], dtype=np.float64)
         return LayerBlock(layer, view, bias_value, fixed)
 
-    def forward(self, x: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
-        acts = self.runner.run(x, [o for o in outputs if o != self.plan.input_name], self.values)
+    def forward(self, x: np.ndarray, outputs: list[str], on_device: bool = False) -> dict[str, Any]:
+        """Named activations for the batch ``x`` (the input itself included); with
+        ``on_device`` they are arrays of the solver's array module (CuPy on GPU)."""
+        names = [o for o in outputs if o != self.plan.input_name]
+        if on_device and self.xp is not np:
+            acts = run_to_device(self.runner, x, names, self.values, self.xp)
+            acts[self.plan.input_name] = self.xp.asarray(x, dtype=self.xp.float32)
+            return acts
+        acts = self.runner.run(x, names, self.values)
         acts[self.plan.input_name] = np.asarray(x, dtype=np.float32)
         return acts
 
@@ -277,7 +321,11 @@ class Refiner:
     def evaluate(self, data: LabelledData, idx: np.ndarray | None = None) -> EvalResult:
         idx = np.arange(len(data)) if idx is None else idx
         loss, correct, preds = self.scores(data, idx)
-        labels = np.concatenate([y for _, y in data.batches(idx, 65536)]) if len(idx) else np.zeros(0, np.int64)
+        labels = (
+            np.concatenate([y for _, y in data.batches(idx, 65536)])
+            if len(idx)
+            else np.zeros(0, np.int64)
+        )
         k = int(max(self.plan.n_classes or 0, labels.max(initial=0) + 1, preds.max(initial=0) + 1))
         confusion = np.zeros((k, k), dtype=np.int64)
         np.add.at(confusion, (labels, preds), 1)
@@ -285,8 +333,9 @@ class Refiner:
         n = len(idx)
         return EvalResult(correct / max(n, 1), n, loss / max(n, 1), per_class, confusion.tolist())
 
-    def _reverse(self, acts: dict[str, Array], t_logits: Array,
-                 path: list[int]) -> tuple[dict[str, Array], dict[str, int]]:
+    def _reverse(
+        self, acts: dict[str, Array], t_logits: Array, path: list[int]
+    ) -> tuple[dict[str, Array], dict[str, int]]:
         """Carry the logits target back through the nodes ``path`` (indices into
         plan.nodes, forward order) with the inverse rules. Returns, per tensor, the
         summed target residuals of its consumers and their count (targets average)."""
@@ -334,11 +383,18 @@ class Refiner:
         if not self.layers:
             raise UnsupportedModelError(
                 "nothing to refine: no Conv/Gemm/MatMul layer with stored weights is reachable "
-                "from the output" + (f" (boundaries: {'; '.join(self.plan.boundaries)})" if self.plan.boundaries else "")
+                "from the output"
+                + (
+                    f" (boundaries: {'; '.join(self.plan.boundaries)})"
+                    if self.plan.boundaries
+                    else ""
+                )
             )
         if self.plan.boundaries:
-            self.progress("transitional boundaries (layers before them are left alone): "
-                          + "; ".join(self.plan.boundaries))
+            self.progress(
+                "transitional boundaries (layers before them are left alone): "
+                + "; ".join(self.plan.boundaries)
+            )
         rng = np.random.default_rng(cfg.seed)
         n = len(data)
         is_val = rng.random(n) < cfg.holdout if n >= 10 else np.zeros(n, bool)
@@ -359,7 +415,9 @@ class Refiner:
             if cfg.schedule == "jacobi":
                 improved = self._sweep_jacobi(sweep, data, train_idx, val_idx, rng, state, reports)
             else:
-                improved = self._sweep_sequential(sweep, data, train_idx, val_idx, rng, state, reports)
+                improved = self._sweep_sequential(
+                    sweep, data, train_idx, val_idx, rng, state, reports
+                )
             if not improved:
                 break
         forward_time, solve_time = self._forward_time, self._solve_time
@@ -372,17 +430,30 @@ class Refiner:
         self.timings["total"] = time.perf_counter() - t0
         feature_maps = self.feature_maps(data, val_idx[:4])
         return RefineResult(
-            model=self.patched_model(), written=None, layers=reports,
-            heldout_before=before, heldout_after=after,
-            eval_before=eval_before, eval_after=eval_after,
-            timings=dict(self.timings), environment=self.environment(),
-            plan=self.plan_summary(), config=asdict(self.config), feature_maps=feature_maps,
+            model=self.patched_model(),
+            written=None,
+            layers=reports,
+            heldout_before=before,
+            heldout_after=after,
+            eval_before=eval_before,
+            eval_after=eval_after,
+            timings=dict(self.timings),
+            environment=self.environment(),
+            plan=self.plan_summary(),
+            config=asdict(self.config),
+            feature_maps=feature_maps,
         )
 
     # ------------------------------------------------------------------ sweeps
 
-    def _accumulate(self, data: LabelledData, train_idx: np.ndarray, val_idx: np.ndarray,
-                    layers: list[Layer], rng: np.random.Generator) -> dict[str, _Stats]:
+    def _accumulate(
+        self,
+        data: LabelledData,
+        train_idx: np.ndarray,
+        val_idx: np.ndarray,
+        layers: list[Layer],
+        rng: np.random.Generator,
+    ) -> dict[str, _Stats]:
         """One streamed pass: normal equations of every layer in ``layers`` against
         targets carried back from the labels through the current weights."""
         cfg = self.config
@@ -393,16 +464,18 @@ class Refiner:
             block = self._block(layer, self._views, values)
             w0 = block.weights()
             g, d, k = w0.shape
-            stats[layer.name] = _Stats(block, w0, NormalEquations(g, d, k, self.xp),
-                                       NormalEquations(g, d, k, self.xp))
+            stats[layer.name] = _Stats(
+                block, w0, NormalEquations(g, d, k, self.xp), NormalEquations(g, d, k, self.xp)
+            )
         needed = sorted({name for layer in layers for name in self._needed(layer)})
         path = sorted({i for layer in layers for i in self._downstream[layer.name]})
         ft = time.perf_counter()
         for split, split_idx in ((0, train_idx), (1, val_idx)):
             for x, y in data.batches(split_idx, cfg.batch_size):
-                acts = self.forward(x, needed)
+                acts = self.forward(x, needed, on_device=True)
                 z = acts[self.plan.logits].reshape(len(y), -1)
-                t_logits = label_target(z, y, cfg.step).reshape(acts[self.plan.logits].shape)
+                y_dev = self.xp.asarray(y)
+                t_logits = label_target(z, y_dev, cfg.step).reshape(acts[self.plan.logits].shape)
                 sums, counts = self._reverse(acts, t_logits, path)
                 for layer in layers:
                     if layer.output not in sums:
@@ -430,19 +503,35 @@ class Refiner:
         self._solve_time += time.perf_counter() - started
         return choice
 
-    def _report(self, sweep: int, layer: Layer, st: _Stats, choice: Any, new_w: np.ndarray) -> LayerReport:
+    def _report(
+        self, sweep: int, layer: Layer, st: _Stats, choice: Any, new_w: np.ndarray
+    ) -> LayerReport:
         per_row = max(st.val.rows, 1)
         return LayerReport(
-            sweep=sweep, name=layer.name, op=layer.op,
-            weight_shape=list(np.asarray(st.block.view.const(1)).shape), accepted=False, reason="",
+            sweep=sweep,
+            name=layer.name,
+            op=layer.op,
+            weight_shape=list(np.asarray(st.block.view.const(1)).shape),
+            accepted=False,
+            reason="",
             lam=None if choice.lam == float("inf") else choice.lam,
-            relative_change=float(np.linalg.norm(new_w - st.w0) / max(np.linalg.norm(st.w0), 1e-12)),
-            residual_before=choice.residual_before / per_row, residual_after=choice.residual / per_row,
+            relative_change=float(
+                np.linalg.norm(new_w - st.w0) / max(np.linalg.norm(st.w0), 1e-12)
+            ),
+            residual_before=choice.residual_before / per_row,
+            residual_after=choice.residual / per_row,
         )
 
-    def _sweep_sequential(self, sweep: int, data: LabelledData, train_idx: np.ndarray,
-                          val_idx: np.ndarray, rng: np.random.Generator, state: _Score,
-                          reports: list[LayerReport]) -> bool:
+    def _sweep_sequential(
+        self,
+        sweep: int,
+        data: LabelledData,
+        train_idx: np.ndarray,
+        val_idx: np.ndarray,
+        rng: np.random.Generator,
+        state: _Score,
+        reports: list[LayerReport],
+    ) -> bool:
         """Back to front, one layer at a time; each sees the updates after it."""
         improved = False
         for layer in self.layers:
@@ -469,9 +558,16 @@ class Refiner:
             self._announce(report)
         return improved
 
-    def _sweep_jacobi(self, sweep: int, data: LabelledData, train_idx: np.ndarray,
-                      val_idx: np.ndarray, rng: np.random.Generator, state: _Score,
-                      reports: list[LayerReport]) -> bool:
+    def _sweep_jacobi(
+        self,
+        sweep: int,
+        data: LabelledData,
+        train_idx: np.ndarray,
+        val_idx: np.ndarray,
+        rng: np.random.Generator,
+        state: _Score,
+        reports: list[LayerReport],
+    ) -> bool:
         """All layers from one pass; the joint update is scaled by the best of a few
         step sizes on held-out data, and kept only if it improves."""
         started = time.perf_counter()
@@ -520,7 +616,9 @@ class Refiner:
             f"{(report.heldout_accuracy or 0):.4f}, lam {report.lam}, {report.seconds:.2f}s"
         )
 
-    def feature_maps(self, data: LabelledData, idx: np.ndarray, channels: int = 6) -> dict[str, Any]:
+    def feature_maps(
+        self, data: LabelledData, idx: np.ndarray, channels: int = 6
+    ) -> dict[str, Any]:
         """For a few samples: each refined layer's actual output next to the target
         reconstructed for it from the labels (final weights)."""
         if not len(idx):
@@ -543,8 +641,10 @@ class Refiner:
                 chosen = np.arange(min(actual.shape[-1], 64))
                 actual, target = actual[..., chosen], target[..., chosen]
             out[layer.name] = {
-                "op": layer.op, "samples": [int(i) for i in np.sort(idx)],
-                "labels": [int(v) for v in y], "channels": [int(c) for c in chosen],
+                "op": layer.op,
+                "samples": [int(i) for i in np.sort(idx)],
+                "labels": [int(v) for v in y],
+                "channels": [int(c) for c in chosen],
                 "actual": np.round(actual.astype(np.float64), 4).tolist(),
                 "target": np.round(target.astype(np.float64), 4).tolist(),
             }
@@ -567,21 +667,34 @@ class Refiner:
 
     def environment(self) -> dict[str, Any]:
         return {
-            "onnxfbp": __version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__,
-            "numpy": np.__version__, "python": platform.python_version(),
-            "device": self.device, "providers": self.providers,
-            "batch_mode": "dynamic" if self.runner.chunk is None else f"fixed chunks of {self.runner.chunk}",
+            "onnxfbp": __version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+            "device": self.device,
+            "providers": self.providers,
+            "batch_mode": "dynamic"
+            if self.runner.chunk is None
+            else f"fixed chunks of {self.runner.chunk}",
         }
 
     def plan_summary(self) -> dict[str, Any]:
         refined = {layer.name for layer in self.layers}
         return {
-            "input": self.plan.input_name, "output": self.plan.output_name,
-            "logits": self.plan.logits, "output_kind": self.plan.output_kind,
-            "n_classes": self.plan.n_classes, "boundaries": self.plan.boundaries,
+            "input": self.plan.input_name,
+            "output": self.plan.output_name,
+            "logits": self.plan.logits,
+            "output_kind": self.plan.output_kind,
+            "n_classes": self.plan.n_classes,
+            "boundaries": self.plan.boundaries,
             "layers": [
-                {"name": layer.name, "op": layer.op, "refined": layer.name in refined,
-                 "reason": layer.reason or self.skipped.get(layer.name)}
+                {
+                    "name": layer.name,
+                    "op": layer.op,
+                    "refined": layer.name in refined,
+                    "reason": layer.reason or self.skipped.get(layer.name),
+                }
                 for layer in self.plan.layers
             ],
         }

@@ -1,0 +1,81 @@
+"""GPU path: the same code with CuPy arrays and the CUDA execution provider.
+
+The equality tests run only where CuPy sees a GPU and onnxruntime has the CUDA
+provider (``bash tools/gpu_check.sh``); the error test runs only where they do not.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from onnxfbp import RefineConfig, Refiner, load_data
+from onnxfbp.backend import cupy_or_none
+from onnxfbp.solve import NormalEquations, ridge_solve
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+HAS_GPU = cupy_or_none() is not None and "CUDAExecutionProvider" in ort.get_available_providers()
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs CuPy with a CUDA GPU and onnxruntime-gpu")
+
+
+@pytest.mark.skipif(HAS_GPU, reason="a GPU is present")
+def test_cuda_request_without_gpu_is_a_clear_error(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onnxfbp.cli",
+            "refine",
+            str(MODELS / "demo_mnist_cnn.onnx"),
+            str(tmp_path / "o.onnx"),
+            "--data",
+            str(MODELS / "demo_adapt.npz"),
+            "--device",
+            "cuda",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "--device cuda" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@needs_gpu
+def test_cupy_solver_matches_numpy() -> None:
+    cp = cupy_or_none()
+    assert cp is not None
+    rng = np.random.default_rng(0)
+    x, t = rng.standard_normal((2, 400, 30)), rng.standard_normal((2, 400, 5))
+    w0 = rng.standard_normal((2, 30, 5))
+    cpu, gpu = NormalEquations(2, 30, 5), NormalEquations(2, 30, 5, cp)
+    cpu.add(x, t)
+    gpu.add(cp.asarray(x), cp.asarray(t))
+    np.testing.assert_allclose(cp.asnumpy(gpu.gram), cpu.gram, rtol=1e-5)
+    w_cpu = ridge_solve(cpu.gram, cpu.cross, w0, 0.3)
+    w_gpu = ridge_solve(gpu.gram, gpu.cross, cp.asarray(w0), 0.3)
+    np.testing.assert_allclose(cp.asnumpy(w_gpu), w_cpu, rtol=1e-6, atol=1e-8)
+
+
+@needs_gpu
+def test_refine_on_gpu_matches_cpu() -> None:
+    data = load_data(MODELS / "demo_adapt.npz")
+    results = {}
+    for device in ("cpu", "cuda"):
+        refiner = Refiner(MODELS / "demo_mnist_cnn.onnx", RefineConfig(device=device, sweeps=1))
+        assert (refiner.xp is np) == (device == "cpu")
+        result = refiner.refine(data)
+        results[device] = (result.heldout_after.accuracy, refiner.values)
+    acc_cpu, w_cpu = results["cpu"]
+    acc_gpu, w_gpu = results["cuda"]
+    assert abs(acc_cpu - acc_gpu) <= 0.005
+    for name, value in w_cpu.items():
+        np.testing.assert_allclose(w_gpu[name], value, rtol=1e-3, atol=1e-4)
