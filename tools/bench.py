@@ -33,7 +33,13 @@ Scenarios (shift seeds: 1 for the adaptation half, 2 for the evaluation half)
                                  dynamic-batch copy is made in memory for onnxruntime)
 
 ``--memory`` runs onnxfbp (or ``--methods``) on mnist-rot with 5,000 and with 50,000
-adaptation samples (the 5,000 raw images rotated with seeds 1..10) and compares peak RSS.
+adaptation samples (the 5,000 raw images rotated with seeds 1..10) and compares peak RSS,
+both of the whole process and net of what was resident before the call (the caller's data).
+
+Seeds: data shifts are fixed; the peer's shuffle and logreg's held-out split use the repeat
+index. Children run with OMP_WAIT_POLICY=PASSIVE and OPENBLAS_THREAD_TIMEOUT=4 (OpenBLAS
+otherwise spins and slows 10x when anything else runs on a 2-core box); ``other load`` is
+the share of the cores other processes used while a child ran.
 
 Peak RSS caveat: on Linux a child's ``ru_maxrss`` is never below the parent's RSS at spawn
 time (vfork + exec records the parent's high-water mark), so the parent stays lean: it never
@@ -128,6 +134,7 @@ MEMORY_SCENARIOS: dict[str, Scenario] = {
         tiles=MEMORY_TILES,
     ),
 }
+ALL_SCENARIOS = {**SCENARIOS, **MEMORY_SCENARIOS}
 METHODS = (
     "none",
     "onnxfbp",
@@ -150,29 +157,26 @@ def prepare_data(names: list[str], out_dir: Path) -> None:
     """Write ``<scenario>.npz`` (x_adapt, y_adapt, x_eval, y_eval; float32 NCHW) per scenario."""
     import numpy as np
 
-    ds_mod = datasets_module()
-    cifar10_test, mnist_test, shift_images = (
-        ds_mod.cifar10_test,
-        ds_mod.mnist_test,
-        ds_mod.shift_images,
-    )
+    datasets = datasets_module()
     cache: dict[tuple[str, str, int], tuple[NDArray[Any], NDArray[Any]]] = {}
 
     def shifted(ds: str, shift: str, tiles: int) -> tuple[NDArray[Any], NDArray[Any]]:
         key = (ds, shift, tiles)
         if key not in cache:
-            images, labels = mnist_test() if ds == "mnist" else cifar10_test()
+            images, labels = datasets.mnist_test() if ds == "mnist" else datasets.cifar10_test()
             half = len(labels) // 2
             imgs01 = images.astype(np.float32) / 255.0
-            adapt = [shift_images(imgs01[:half], shift, ADAPT_SEED + k) for k in range(tiles)]
-            x_eval = shift_images(imgs01[half:], shift, EVAL_SEED)
+            adapt = [
+                datasets.shift_images(imgs01[:half], shift, ADAPT_SEED + k) for k in range(tiles)
+            ]
+            x_eval = datasets.shift_images(imgs01[half:], shift, EVAL_SEED)
             x_all = preprocess(np.concatenate([*adapt, x_eval]), ds)
             y_all = np.concatenate([np.tile(labels[:half], tiles), labels[half:]])
             cache[key] = (x_all, y_all)
         return cache[key]
 
     for name in names:
-        sc = {**SCENARIOS, **MEMORY_SCENARIOS}[name]
+        sc = ALL_SCENARIOS[name]
         x_all, y_all = shifted(sc.dataset, sc.shift, sc.tiles)
         n_pool = len(y_all) - sc.n_eval
         np.savez(
@@ -566,7 +570,7 @@ def worker(args: argparse.Namespace) -> int:
     """Child process: one method on one prepared scenario; prints one marked JSON line."""
     import numpy as np
 
-    sc = {**SCENARIOS, **MEMORY_SCENARIOS}[args.scenario]
+    sc = ALL_SCENARIOS[args.scenario]
     model = datasets_module().models_dir() / sc.model
     with np.load(args.data) as z:
         data = {k: z[k] for k in z.files}
@@ -796,7 +800,7 @@ def print_tables(summary: dict[str, dict[str, dict[str, Any]]], repeats: int) ->
 
     console = Console(width=max(shutil.get_terminal_size((200, 40)).columns, 160))
     for scenario, methods in summary.items():
-        sc = {**SCENARIOS, **MEMORY_SCENARIOS}[scenario]
+        sc = ALL_SCENARIOS[scenario]
         table = Table(
             title=f"{scenario}: {sc.model}, {sc.n_adapt} adapt / {sc.n_eval} eval, "
             f"shift {sc.shift}, median of {repeats}"
@@ -871,7 +875,7 @@ def markdown(summary: dict[str, dict[str, dict[str, Any]]], meta: dict[str, Any]
         "",
     ]
     for scenario, methods in summary.items():
-        sc = {**SCENARIOS, **MEMORY_SCENARIOS}[scenario]
+        sc = ALL_SCENARIOS[scenario]
         lines += [
             f"#### {scenario} ({sc.model}, {sc.n_adapt} adapt / {sc.n_eval} eval, "
             f"shift `{sc.shift}`)",
