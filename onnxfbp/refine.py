@@ -27,6 +27,7 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -126,25 +127,49 @@ class RefineResult:
     plan: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     feature_maps: dict[str, Any] = field(default_factory=dict)
+    model_path: str | None = None
+    created: str = ""
+    data: dict[str, Any] = field(default_factory=dict)  # sample counts and sources
+    gate: dict[str, Any] = field(default_factory=dict)  # metric, gain, min_gain, passed
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema": "onnxfbp.report/1",
-            "written": self.written,
-            "heldout": {"before": asdict(self.heldout_before), "after": asdict(self.heldout_after)},
-            "eval": None
-            if self.eval_before is None
-            else {
-                "before": asdict(self.eval_before),
-                "after": asdict(self.eval_after) if self.eval_after else None,
-            },
-            "layers": [asdict(layer) for layer in self.layers],
-            "timings": self.timings,
-            "environment": self.environment,
-            "plan": self.plan,
-            "config": self.config,
-            "feature_maps": self.feature_maps,
-        }
+        """The JSON report (strict JSON: non-finite numbers become null)."""
+        return _finite(
+            {
+                "schema": "onnxfbp.report/1",
+                "created": self.created,
+                "model": self.model_path,
+                "written": self.written,
+                "data": self.data,
+                "gate": self.gate,
+                "heldout": {
+                    "before": asdict(self.heldout_before),
+                    "after": asdict(self.heldout_after),
+                },
+                "eval": None
+                if self.eval_before is None
+                else {
+                    "before": asdict(self.eval_before),
+                    "after": asdict(self.eval_after) if self.eval_after else None,
+                },
+                "layers": [asdict(layer) for layer in self.layers],
+                "timings": self.timings,
+                "environment": self.environment,
+                "plan": self.plan,
+                "config": self.config,
+                "feature_maps": self.feature_maps,
+            }
+        )
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 @dataclass
@@ -442,6 +467,16 @@ class Refiner:
             plan=self.plan_summary(),
             config=asdict(self.config),
             feature_maps=feature_maps,
+            model_path=str(self.model_path),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            data={
+                "adapt": {"source": data.source, "n": len(data)},
+                "train": len(train_idx),
+                "heldout": len(val_idx),
+                "eval": None
+                if eval_data is None
+                else {"source": eval_data.source, "n": len(eval_data)},
+            },
         )
 
     # ------------------------------------------------------------------ sweeps
@@ -613,7 +648,8 @@ class Refiner:
         self.progress(
             f"sweep {report.sweep + 1} {report.op} {report.name}: "
             f"{'kept' if report.accepted else 'reverted'}, held-out acc "
-            f"{(report.heldout_accuracy or 0):.4f}, lam {report.lam}, {report.seconds:.2f}s"
+            f"{'n/a' if report.heldout_accuracy is None else f'{report.heldout_accuracy:.4f}'}, "
+            f"lam {report.lam}, {report.seconds:.2f}s"
         )
 
     def feature_maps(
@@ -731,12 +767,24 @@ def refine(
     if result.eval_before is not None and result.eval_after is not None:
         gate_before, gate_after = result.eval_before, result.eval_after
     gain = gate_after.accuracy - gate_before.accuracy
+    metric = "eval_accuracy" if gate_after is result.eval_after else "heldout_accuracy"
+    failure = None
     if config.min_gain is not None and gain < config.min_gain:
-        raise GateError(
-            f"held-out accuracy gain {gain:+.4f} is below --min-gain {config.min_gain}; nothing written"
-        )
-    if gain < 0 and not config.allow_worse:
-        raise GateError(f"refined model is worse on held-out data ({gain:+.4f}); nothing written")
+        failure = f"held-out accuracy gain {gain:+.4f} is below --min-gain {config.min_gain}"
+    elif gain < 0 and not config.allow_worse:
+        failure = f"refined model is worse on held-out data ({gain:+.4f})"
+    result.gate = {
+        "metric": metric,
+        "before": gate_before.accuracy,
+        "after": gate_after.accuracy,
+        "gain": gain,
+        "min_gain": config.min_gain,
+        "passed": failure is None,
+    }
+    if failure is not None:
+        error = GateError(f"{failure}; nothing written")
+        error.result = result  # type: ignore[attr-defined]  # lets the CLI still write the report
+        raise error
     if output is not None:
         t = time.perf_counter()
         write_refined(result.model, Path(output), force, input_path=Path(model))
