@@ -13,6 +13,7 @@ File formats (``--data PATH``):
 
 from __future__ import annotations
 
+import os
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -258,7 +259,7 @@ def _shard_size(shard: Path) -> int:
     return int(y.shape[0])
 
 
-def load_data(path: str | Path, input_name: str | None = None) -> LabelledData:
+def load_data(path: str | os.PathLike[str], input_name: str | None = None) -> LabelledData:
     """Open a ``.npz`` file, an ``.npy`` pair directory or a shard directory.
 
     Only cheap checks happen here (the file format, keys, lengths); shapes, dtypes,

@@ -133,8 +133,8 @@ def signals_deferred() -> Iterator[None]:
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         if pending:
             signal.raise_signal(pending[0])
 
