@@ -77,6 +77,30 @@ def _check_inputs_exist(*paths: str | None) -> None:
             raise kind(f"{what} {path} does not exist; check the path")
 
 
+def _same_path(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
+
+
+def _check_not_data(output: Path, *data: str | None) -> None:
+    """Refuse an output (or the ``OUT.data`` file it may write) that is a data file."""
+    from .errors import OutputError  # noqa: PLC0415
+
+    for path in data:
+        if path is None:
+            continue
+        for candidate in (output, output.with_name(output.name + ".data")):
+            if _same_path(candidate, Path(path)):
+                raise OutputError(
+                    f"writing {candidate} would overwrite the data file {path}; "
+                    "choose another output path"
+                )
+
+
 def _check_report_path(report: str | None, *inputs: str | Path | None) -> None:
     """Refuse, before any work, a report path that would clobber an input or the
     output, or that cannot be written."""
@@ -86,13 +110,7 @@ def _check_report_path(report: str | None, *inputs: str | Path | None) -> None:
         return
     path = Path(report)
     for other in inputs:
-        if other is None:
-            continue
-        other = Path(other)
-        same = path.resolve() == other.resolve()
-        if not same and path.exists() and other.exists():
-            same = path.samefile(other)
-        if same:
+        if other is not None and _same_path(path, Path(other)):
             raise OutputError(
                 f"--report {report} is also the model, data or output path; "
                 "give the report its own file name, such as report.json"
@@ -124,6 +142,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     # refine() then validates the model and the data against each other, also first.
     _check_inputs_exist(args.model, args.data, args.eval_data)
     check_output_path(Path(args.model), Path(args.output), args.force)
+    _check_not_data(Path(args.output), args.data, args.eval_data)
     _check_report_path(args.report, args.model, args.output, args.data, args.eval_data)
     result = refine(
         args.model, args.output, args.data, config=_config(args), eval_data=args.eval_data,
@@ -303,13 +322,27 @@ def _stamp(path: str | None) -> tuple[int, int, int] | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The console script. Exit codes: 0 ok, 1 internal error (a bug; ``--debug``
-    shows the traceback), 2 user error, 3 held-out gate not met, 130 interrupted."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    shows the traceback), 2 user error, 3 held-out gate not met, 130 interrupted.
+
+    Called in-process (tests, notebooks), it restores the SIGTERM handler and the
+    warning filters it changed."""
+    try:
+        previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: SIGTERM keeps its handler
+        previous_sigterm = None
+    try:
+        args = build_parser().parse_args(argv)
+        with warnings.catch_warnings():
+            if not getattr(args, "debug", False):  # overflow noise: non-finite solves are skipped
+                warnings.simplefilter("ignore", RuntimeWarning)
+            return _run(args)
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _run(args: argparse.Namespace) -> int:
     debug = bool(getattr(args, "debug", False))
-    if not debug:  # overflow / invalid-value noise: the pipeline skips non-finite results
-        warnings.simplefilter("ignore", RuntimeWarning)
     output = getattr(args, "output", None) if args.command in ("refine", "demo") else None
     before = _stamp(output)
     try:

@@ -484,6 +484,44 @@ def test_bad_report_path_is_refused_before_any_work(work: Path, report: str,
     assert fragment in message
 
 
+@pytest.mark.parametrize("case", ["data", "eval-data", "output", "report"])
+def test_nothing_is_computed_before_inputs_are_checked(
+        work: Path, case: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """In-process, with onnxruntime's batch runs forbidden: each of these errors is
+    found before the first forward pass (a NaN in the very last sample included)."""
+    from onnxfbp import cli
+    from onnxfbp.forward import ForwardRunner
+
+    runs: list[int] = []
+
+    def forbidden(self: object, x: np.ndarray, *args: object, **kwargs: object) -> None:
+        runs.append(len(x))
+        raise RuntimeError("a forward pass ran before the inputs were checked")
+
+    monkeypatch.setattr(ForwardRunner, "run", forbidden)
+    argv = {
+        "data": ["--data", str(work / _bad_data("nan", work))],
+        "eval-data": ["--data", str(work / "adapt.npz"), "--eval-data",
+                      str(work / _bad_data("label-out-of-range", work))],
+        "output": ["--data", str(work / "adapt.npz")],
+        "report": ["--data", str(work / "adapt.npz"), "--report", "/proc/report.json"],
+    }[case]
+    output = "/proc/out.onnx" if case == "output" else str(work / "out.onnx")
+    if case in ("output", "report") and not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux /proc")
+    code = cli.main(["refine", str(work / "model.onnx"), output, *argv, "--quiet"])
+    err = capsys.readouterr().err
+    assert code == EXIT_USER_ERROR, err
+    assert runs == [] and err.startswith("onnxfbp: error: ")
+
+
+def test_output_that_is_a_data_file_is_refused(work: Path) -> None:
+    message = refused(work, "refine", "model.onnx", "adapt.npz", "--data", "adapt.npz",
+                      "--force")
+    assert "would overwrite the data file adapt.npz" in message
+
+
 def test_debug_shows_the_traceback(work: Path) -> None:
     proc = onnxfbp("refine", "model.onnx", "out.onnx", "--data", _bad_data("nan", work),
                    "--debug", cwd=work)
