@@ -233,7 +233,7 @@ class Refiner:
             self.xp = array_module(device) if device == "cuda" else np
         self.device = device
         self.skipped: dict[str, str] = {}
-        self.layers = []
+        self.layers: list[Layer] = []
         for layer in reversed(self.plan.refinable):
             if self._nodes_after(layer.output) is None:
                 self.skipped[layer.name] = "its target would pass a Conv inverse (enable: --deep)"
@@ -526,7 +526,9 @@ class Refiner:
         started = time.perf_counter()
         previous = self._chosen_lam.get(layer.name)
         d = st.w0.shape[1]
-        if previous is None:
+        if previous is None and d > 1024:  # a large Gram: each Cholesky costs seconds
+            grid = tuple(sorted(self.config.ridge_grid)[-2:])
+        elif previous is None:
             grid = self.config.ridge_grid
         elif d > 1024:  # one Cholesky of a large Gram costs seconds: keep the choice
             grid = (previous,)
@@ -551,7 +553,7 @@ class Refiner:
             reason="",
             lam=None if choice.lam == float("inf") else choice.lam,
             relative_change=float(
-                np.linalg.norm(new_w - st.w0) / max(np.linalg.norm(st.w0), 1e-12)
+                np.linalg.norm(new_w - st.w0) / max(float(np.linalg.norm(st.w0)), 1e-12)
             ),
             residual_before=choice.residual_before / per_row,
             residual_after=choice.residual / per_row,
@@ -629,6 +631,7 @@ class Refiner:
                 best is None or correct > best[2] or (correct == best[2] and loss < best[1])
             ):
                 best = (alpha, loss, correct)
+                break  # the largest step that improves is taken; smaller ones are fallbacks
         self.values = dict(saved)
         if best is not None:
             alpha, loss, correct = best
