@@ -269,7 +269,9 @@ def _check_contract(spec: Spec, draw: Any) -> None:
 @given(data=st.data())
 def test_inverse_never_moves_away_from_target(op: str, data: st.DataObject) -> None:
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
-    _check_contract(_spec(data.draw, op, rng), data.draw)
+    # exp overflow at |x| ~ 400 (Sigmoid) is expected; finiteness is asserted instead
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        _check_contract(_spec(data.draw, op, rng), data.draw)
 
 
 TABLE = [s for s in SPECS if s.id != "maxpool-overlap"]  # test_maxpool_overlapping_windows
@@ -281,7 +283,8 @@ TABLE = [s for s in SPECS if s.id != "maxpool-overlap"]  # test_maxpool_overlapp
 def test_spec_table_contract_for_random_values(spec: Spec, data: st.DataObject) -> None:
     """The fixed specs of tests/test_rules.py (auto_pad, groups, opsets...) with
     random values, scales and mu."""
-    _check_contract(spec, data.draw)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        _check_contract(spec, data.draw)
 
 
 @pytest.mark.xfail(strict=True, reason=(
