@@ -135,6 +135,7 @@ def _check_report_path(report: str | None, *inputs: str | Path | None) -> None:
 
 
 def cmd_refine(args: argparse.Namespace) -> int:
+    from .errors import GateError  # noqa: PLC0415
     from .patch import check_output_path  # noqa: PLC0415
     from .refine import refine  # noqa: PLC0415
 
@@ -144,10 +145,16 @@ def cmd_refine(args: argparse.Namespace) -> int:
     check_output_path(Path(args.model), Path(args.output), args.force)
     _check_not_data(Path(args.output), args.data, args.eval_data)
     _check_report_path(args.report, args.model, args.output, args.data, args.eval_data)
-    result = refine(
-        args.model, args.output, args.data, config=_config(args), eval_data=args.eval_data,
-        force=args.force, progress=_progress(args.quiet),
-    )
+    try:
+        result = refine(
+            args.model, args.output, args.data, config=_config(args), eval_data=args.eval_data,
+            force=args.force, progress=_progress(args.quiet),
+        )
+    except GateError as exc:  # no model is written, but the report says why (written: null)
+        failed = getattr(exc, "result", None)
+        if args.report and failed is not None:
+            _write_json(Path(args.report), failed.to_dict())
+        raise
     if args.report:
         _write_json(Path(args.report), result.to_dict())
     _print_result(result)

@@ -13,6 +13,7 @@ computed before the error was found.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import select
 import shutil
@@ -543,6 +544,17 @@ def test_min_gain_gate_exits_3_and_writes_nothing(work: Path) -> None:
     message = refused(work, "refine", "model.onnx", "out.onnx", "--data", "adapt.npz",
                       "--min-gain", "0.5", "--quiet", *FAST, code=EXIT_GATE)
     assert "below --min-gain 0.5" in message and "nothing written" in message
+
+
+def test_failed_gate_still_writes_the_report_but_no_model(work: Path) -> None:
+    proc = onnxfbp("refine", "model.onnx", "out.onnx", "--data", "adapt.npz", "--min-gain",
+                   "0.5", "--report", "report.json", "--quiet", *FAST, cwd=work)
+    assert proc.returncode == EXIT_GATE, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("onnxfbp: error: held-out")
+    report = json.loads((work / "report.json").read_text())
+    assert report["written"] is None
+    assert not (work / "out.onnx").exists()
+    assert not list(work.glob(".onnxfbp-*")) and not list(work.glob(".report.json*"))
 
 
 def test_min_gain_met_writes_the_model(work: Path) -> None:
