@@ -631,7 +631,6 @@ class Refiner:
                 best is None or correct > best[2] or (correct == best[2] and loss < best[1])
             ):
                 best = (alpha, loss, correct)
-                break  # the largest step that improves is taken; smaller ones are fallbacks
         self.values = dict(saved)
         if best is not None:
             alpha, loss, correct = best
