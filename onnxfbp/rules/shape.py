@@ -1,9 +1,19 @@
 """Index maps: Reshape, Flatten, Squeeze, Unsqueeze, Transpose, Identity, Dropout,
-Concat.
+Concat, Pad, Slice, Gather (constant indices).
 
 They move entries without changing them, so the inverse is exact:
 ``x* = P^-1 t`` (reshape back, inverse permutation, split along the concat
 axis). Each is linear with ``P^T = P^-1``.
+
+Pad, Slice and Gather copy some input entries (Pad also adds constants, Slice
+drops entries, edge/reflect/wrap Pad and Gather may copy one entry several
+times). With ``P`` the 0/1 selection matrix, the least-squares inverse is
+
+    x*_i = mean of t over the output copies of x_i,   x*_i = x0_i if x_i has none
+
+(constant Pad: the target is cropped; Slice: dropped entries keep ``x0``). It is
+computed from the *index map* (the op applied to ``arange``, constants as -1);
+the adjoint of the linear part is the scatter-add ``P^T y``.
 """
 
 from __future__ import annotations
@@ -121,3 +131,121 @@ class ConcatRule(InverseRule):
         bounds = np.cumsum([p.shape[axis] for p in parts])[:-1]
         pieces = xp_of(t).split(t, bounds.tolist(), axis=axis)
         return [pieces[i].astype(parts[i].dtype) for i in node.dynamic]
+
+
+def _decode(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _pad_spec(node: NodeView, ndim: int) -> tuple[list[int], list[int], str, float]:
+    """Per-axis pads before / after (negative: crop), the mode and the constant value."""
+    if node.opset < 11:
+        pads = [int(p) for p in node.attr("pads", [0] * 2 * ndim)]
+        value = float(node.attr("value", 0.0))
+        axes = list(range(ndim))
+    else:
+        pads = [int(p) for p in np.asarray(node.const(1)).ravel()]
+        value = 0.0
+        if 2 in node.static and np.asarray(node.static[2]).size:
+            value = float(np.asarray(node.static[2]).ravel()[0])
+        axes = list(range(ndim))
+        if 3 in node.static and np.asarray(node.static[3]).size:
+            axes = [int(a) % ndim for a in np.asarray(node.static[3]).ravel()]
+    before, after = [0] * ndim, [0] * ndim
+    for j, axis in enumerate(axes):
+        before[axis], after[axis] = pads[j], pads[j + len(axes)]
+    return before, after, _decode(node.attr("mode", b"constant")), value
+
+
+def _slices(node: NodeView, ndim: int) -> tuple[slice, ...]:
+    if node.opset < 10:
+        starts, ends = node.attr("starts"), node.attr("ends")
+        axes = node.attr("axes", list(range(len(starts))))
+        steps = [1] * len(starts)
+    else:
+        starts = np.asarray(node.const(1)).ravel().tolist()
+        ends = np.asarray(node.const(2)).ravel().tolist()
+        axes = list(range(len(starts)))
+        if 3 in node.static and np.asarray(node.static[3]).size:
+            axes = np.asarray(node.static[3]).ravel().tolist()
+        steps = [1] * len(starts)
+        if 4 in node.static and np.asarray(node.static[4]).size:
+            steps = np.asarray(node.static[4]).ravel().tolist()
+    out = [slice(None)] * ndim
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+        out[int(axis) % ndim] = slice(int(start), int(end), int(step))
+    return tuple(out)
+
+
+@register
+class IndexMapRule(InverseRule):
+    """Pad (constant, edge, reflect, wrap), Slice and Gather with constant indices:
+    ``x*`` is the mean target over each entry's copies; uncopied entries keep ``x0``."""
+
+    op_types = ("Pad", "Slice", "Gather")
+    linear = True
+
+    def check(self, node: NodeView) -> str | None:
+        if node.op_type == "Pad":
+            mode = _decode(node.attr("mode", b"constant"))
+            if mode not in ("constant", "edge", "reflect", "wrap"):
+                return f"Pad mode {mode!r} is not supported"
+            if node.opset >= 11 and 1 not in node.static:
+                return "pads must be constant"
+        if node.op_type == "Slice" and node.opset >= 10 and not {1, 2} <= set(node.static):
+            return "starts and ends must be constant"
+        if node.op_type == "Gather" and 1 not in node.static:
+            return "indices must be constant"
+        return super().check(node)
+
+    def _map(self, node: NodeView, a: Array, fill: float) -> Array:
+        """The op applied to ``a`` (data or an index array), constants set to ``fill``."""
+        xp = xp_of(a)
+        if node.op_type == "Slice":
+            return a[_slices(node, a.ndim)]
+        if node.op_type == "Gather":
+            axis = int(node.attr("axis", 0)) % a.ndim
+            idx = np.asarray(node.const(1)).astype(np.int64)
+            idx = np.where(idx < 0, idx + a.shape[axis], idx)
+            return xp.take(a, xp.asarray(idx), axis=axis)
+        before, after, mode, value = _pad_spec(node, a.ndim)
+        crop = tuple(slice(max(-b, 0), n - max(-e, 0)) for b, e, n in zip(before, after, a.shape,
+                                                                            strict=True))
+        a = a[crop]
+        width = [(max(b, 0), max(e, 0)) for b, e in zip(before, after, strict=True)]
+        if mode == "constant":
+            return xp.pad(a, width, mode="constant", constant_values=fill)
+        return xp.pad(a, width, mode=mode)
+
+    def _index(self, node: NodeView, x_shape: tuple[int, ...], xp: object) -> Array:
+        n = int(np.prod(x_shape))
+        return self._map(node, xp.arange(n, dtype=np.int64).reshape(x_shape), -1)  # type: ignore[attr-defined]
+
+    def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
+        value = _pad_spec(node, xs[0].ndim)[3] if node.op_type == "Pad" else 0.0
+        return self._map(node, xs[0], value)
+
+    def apply_linear(self, node: NodeView, x: Array) -> Array:
+        return self._map(node, x, 0.0)
+
+    def _scatter(self, idx: Array, y: Array, size: int) -> tuple[Array, Array]:
+        xp = xp_of(y)
+        flat, vals = idx.ravel(), y.ravel()
+        keep = flat >= 0
+        sums = xp.bincount(flat[keep], weights=vals[keep].astype(xp.float64), minlength=size)
+        counts = xp.bincount(flat[keep], minlength=size)
+        return sums, counts
+
+    def adjoint(self, node: NodeView, y: Array, x_shape: tuple[int, ...]) -> Array:
+        idx = self._index(node, tuple(x_shape), xp_of(y))
+        sums, _ = self._scatter(idx, y, int(np.prod(x_shape)))
+        return sums.reshape(x_shape).astype(y.dtype)
+
+    def inverse(
+        self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
+    ) -> list[Array]:
+        xp, x0 = xp_of(t), xs[0]
+        idx = self._index(node, tuple(x0.shape), xp)
+        sums, counts = self._scatter(idx, t, x0.size)
+        x = xp.where(counts > 0, sums / xp.maximum(counts, 1), x0.ravel())
+        return [x.reshape(x0.shape).astype(x0.dtype)]
