@@ -8,9 +8,12 @@ three ways:
    values are fed at run time and no session is rebuilt per layer;
 2. every tensor the reverse pass needs is a graph output;
 3. a fixed batch dimension (1, 64, ...) is made symbolic, with batch constants
-   in Reshape shapes replaced by 0 ("copy this dim"). The change is verified
-   against the original graph on real samples; if it does not hold, batches are
-   fed in chunks of the fixed size instead (padding the last one).
+   in the Reshape shapes of activations replaced by 0 ("copy this dim"); so is a
+   symbolic batch dimension that cannot really hold 3 samples (batch 1 baked into
+   a Reshape constant by the exporter). The change is verified against the
+   original graph run in chunks of the fixed size, on every output, with random
+   samples; if it does not hold, batches are fed in such chunks instead (padding
+   the last one).
 """
 
 from __future__ import annotations
@@ -64,32 +67,66 @@ def _session(model: onnx.ModelProto, providers: list[str], threads: int | None) 
         raise ModelError(f"onnxruntime cannot load the model: {msg}") from exc
 
 
+def _quiet() -> ort.RunOptions:
+    """Run options for probes: a failing probe is an answer, not an error to log."""
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    return options
+
+
+def _shape_constant(name: str, inits: dict[str, onnx.TensorProto],
+                    const_nodes: dict[str, onnx.NodeProto]) -> np.ndarray | None:
+    """The value of a shape input stored as an initializer or a Constant node."""
+    if name in inits:
+        return numpy_helper.to_array(inits[name]).copy()
+    node = const_nodes.get(name)
+    if node is None:
+        return None
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t).copy()
+        if attr.name == "value_ints":
+            return np.asarray(list(attr.ints), dtype=np.int64)
+    return None
+
+
 def _dynamic_batch_copy(model: onnx.ModelProto, input_name: str, fixed: int) -> onnx.ModelProto:
+    """A copy whose batch dim is symbolic: input/output dims of size ``fixed`` become
+    ``batch`` and the leading ``fixed`` of constant Reshape shapes applied to tensors
+    computed from the input becomes 0 ("copy the input's dim"; with ``allowzero=1`` the
+    attribute is dropped when the shape has no other 0, else -1 is used if free).
+    Reshapes of weights (no path from the input) are left alone."""
     m = copy.deepcopy(model)
     g = m.graph
     for vi in list(g.input) + list(g.output):
         dims = vi.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == fixed:
+        if vi.name in (input_name, *(o.name for o in g.output)) and dims \
+                and dims[0].HasField("dim_value") and dims[0].dim_value == fixed:
             dims[0].Clear()
             dims[0].dim_param = "batch"
     del g.value_info[:]
     inits = {t.name: t for t in g.initializer}
     const_nodes = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+    from_input = {input_name}
+    for node in g.node:  # topological order
+        if any(i in from_input for i in node.input):
+            from_input.update(node.output)
     for node in g.node:
-        if node.op_type != "Reshape" or len(node.input) < 2:
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[0] not in from_input:
             continue
-        name = node.input[1]
-        allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)
-        if name in inits:
-            shape = numpy_helper.to_array(inits[name]).copy()
-        elif name in const_nodes:
-            shape = numpy_helper.to_array(const_nodes[name].attribute[0].t).copy()
+        shape = _shape_constant(node.input[1], inits, const_nodes)
+        if shape is None or shape.ndim != 1 or not len(shape) or shape[0] != fixed:
+            continue
+        allowzero = next((a for a in node.attribute if a.name == "allowzero"), None)
+        if allowzero is not None and allowzero.i and (shape[1:] == 0).any():
+            if -1 in shape:
+                continue
+            shape[0] = -1
         else:
-            continue
-        if shape.ndim != 1 or not len(shape) or shape[0] != fixed:
-            continue
-        shape[0] = -1 if allowzero and -1 not in shape else 0
-        new_name = f"{name}__onnxfbp_dynbatch_{node.name or id(node)}"
+            shape[0] = 0
+            if allowzero is not None:
+                node.attribute.remove(allowzero)
+        new_name = f"{node.input[1]}__onnxfbp_dynbatch_{node.name or id(node)}"
         g.initializer.append(numpy_helper.from_array(shape.astype(np.int64), new_name))
         node.input[1] = new_name
     return m
@@ -141,7 +178,7 @@ class ForwardRunner:
         in_meta = next(i for i in self.session.get_inputs() if i.name == input_name)
         self.input_type = {"tensor(float)": np.float32, "tensor(double)": np.float64,
                            "tensor(float16)": np.float16}.get(in_meta.type, np.float32)
-        if self.fixed_batch is not None:
+        if self.fixed_batch is not None or not self._runs_batched():
             self._make_batch_dynamic(threads)
 
     def _fixed_batch(self, model: onnx.ModelProto) -> int | None:
@@ -151,28 +188,52 @@ class ForwardRunner:
             return int(dims[0].dim_value)
         return None
 
-    def _make_batch_dynamic(self, threads: int | None) -> None:
-        """Try a symbolic batch dim; keep it only if it reproduces the original."""
-        fixed = self.fixed_batch
-        assert fixed is not None
-        self.chunk = fixed
+    def _sample_shape(self) -> list[int] | None:
         vi = next(i for i in self._internal.graph.input if i.name == self.input_name)
-        sample_shape = [d.dim_value for d in vi.type.tensor_type.shape.dim[1:]]
-        if not all(sample_shape):
-            return
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim[1:]]
+        return dims if all(dims) else None
+
+    def _probe(self, n: int) -> np.ndarray | None:
+        shape = self._sample_shape()
+        if shape is None:
+            return None
         rng = np.random.default_rng(0)
-        probe = rng.standard_normal((2 * fixed + 1, *sample_shape)).astype(np.float32)
+        return rng.standard_normal((n, *shape)).astype(self.input_type)
+
+    def _runs_batched(self) -> bool:
+        """Whether a symbolic-batch model really runs a batch of 3 (it may bake batch 1
+        into a Reshape constant). Unknown sample shapes are taken on trust."""
+        probe = self._probe(3)
+        if probe is None:
+            return True
         try:
-            expected = self.run(probe, self.output_names[:1], self.initial_weights)
+            got = self.session.run(self.output_names,
+                                   {self.input_name: probe, **self.initial_weights}, _quiet())
+        except Exception:
+            return False
+        return all(np.ndim(v) >= 1 and np.shape(v)[0] == 3 for v in got)
+
+    def _make_batch_dynamic(self, threads: int | None) -> None:
+        """Try a symbolic batch dim; keep it only if it reproduces the original run
+        in chunks of the fixed batch size (1 when the input dim was symbolic)."""
+        fixed = self.fixed_batch or 1
+        self.chunk = fixed
+        probe = self._probe(2 * fixed + 1)
+        if probe is None:
+            return
+        try:
+            expected = self.run(probe, self.output_names, self.initial_weights)
             dynamic = _dynamic_batch_copy(self._internal, self.input_name, fixed)
             session = _session(dynamic, self.providers, threads)
             feeds = {self.input_name: probe, **self.initial_weights}
-            got = session.run(self.output_names[:1], feeds)[0]
+            got = session.run(self.output_names, feeds, _quiet())
         except Exception:
             return
-        ref = expected[self.output_names[0]]
-        if got.shape == ref.shape and np.allclose(got, ref, rtol=1e-4, atol=1e-4):
-            self.session, self.chunk = session, None
+        for name, value in zip(self.output_names, got, strict=True):
+            ref = expected[name]
+            if value.shape != ref.shape or not np.allclose(value, ref, rtol=1e-4, atol=1e-4):
+                return
+        self.session, self.chunk = session, None
 
     def run(
         self, x: np.ndarray, outputs: list[str], weights: Mapping[str, np.ndarray]
