@@ -4,7 +4,7 @@ Data flow: ``load_model`` (onnx, external data checked to stay in the model's
 folder) -> ``plan_model`` (onnx-graphsurgeon view of the graph) -> ``Plan``:
 
 - the *logits* tensor: the class-score output, or the input of a final
-  Softmax / LogSoftmax;
+  Softmax / LogSoftmax / Sigmoid (monotone: the argmax is the same);
 - the reverse path: every node from which a target can flow back from the
   logits, each mapped to its inverse rule (``rules.RULES``); nodes with no rule
   or a declined rule are *transitional boundaries*: targets stop there and the
@@ -42,7 +42,12 @@ __all__ = [
 
 # Ops through which a weight may be reached from its initializer (value-preserving).
 _WEIGHT_CHAIN_OPS = ("Identity", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
-_OUTPUT_ACTIVATIONS = ("Softmax", "LogSoftmax")
+# Monotone output activations: the label target is set on their input (same argmax).
+_OUTPUT_ACTIVATIONS = {
+    "Softmax": "probabilities",
+    "LogSoftmax": "log-probabilities",
+    "Sigmoid": "sigmoid-probabilities",
+}
 
 
 def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -398,7 +403,7 @@ def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
         prod = producer[cursor]
         if prod.op in _OUTPUT_ACTIVATIONS:
             logits = prod.inputs[0].name
-            kind = "probabilities" if prod.op == "Softmax" else "log-probabilities"
+            kind = _OUTPUT_ACTIVATIONS[prod.op]
             break
         if prod.op in ("Identity", "Reshape", "Flatten", "Squeeze") and len(consumers.get(prod.inputs[0].name, [])) == 1:
             cursor = prod.inputs[0].name
