@@ -346,11 +346,7 @@ class Refiner:
     def evaluate(self, data: LabelledData, idx: np.ndarray | None = None) -> EvalResult:
         idx = np.arange(len(data)) if idx is None else idx
         loss, correct, preds = self.scores(data, idx)
-        labels = (
-            np.concatenate([y for _, y in data.batches(idx, 65536)])
-            if len(idx)
-            else np.zeros(0, np.int64)
-        )
+        labels = data.labels(idx)
         k = int(max(self.plan.n_classes or 0, labels.max(initial=0) + 1, preds.max(initial=0) + 1))
         confusion = np.zeros((k, k), dtype=np.int64)
         np.add.at(confusion, (labels, preds), 1)

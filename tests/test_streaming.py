@@ -167,9 +167,6 @@ def test_memmap_validate_and_batches_stay_small(tmp_path: Path) -> None:
     assert peak < size / 5, f"peak {peak / 1e6:.1f} MB for {size / 1e6:.1f} MB of inputs"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "refine.py Refiner.evaluate collects labels with data.batches(idx, 65536), which reads "
-    "the inputs of up to 65,536 samples at once; data.labels(idx) reads only the labels"))
 def test_evaluate_on_a_memmap_stays_small(tmp_path: Path) -> None:
     from onnxfbp import evaluate
 
