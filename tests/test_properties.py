@@ -287,10 +287,6 @@ def test_spec_table_contract_for_random_values(spec: Spec, data: st.DataObject) 
         _check_contract(spec, data.draw)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "rules/arithmetic.py: Add/Sub of two activations gives a broadcast operand the sum of "
-    "half the residual over its broadcast axes, which overshoots by the broadcast factor; "
-    "the minimum-norm split is [d1; d2] = A^T (A A^T)^-1 r with A = [I, B]"))
 def test_residual_add_with_broadcast_operand() -> None:
     """Found by the property test: x (1,1,2,3) + y (1,1,1,1), both activations."""
     rng = np.random.default_rng(0)
@@ -304,10 +300,6 @@ def test_residual_add_with_broadcast_operand() -> None:
     assert after <= np.linalg.norm(o0 - t)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "rules/pool.py: MaxPool with overlapping windows (stride < kernel) gives an entry "
-    "shared by several windows the average of their targets and caps the other entries at "
-    "min(x0, t), so f(x*) can move away from t; always with tied inputs (zeros after Relu)"))
 def test_maxpool_overlapping_windows() -> None:
     """Found by the property test: kernel 3, stride 2, pad 1 (ResNet's stem pool) on an
     all-zero input; random inputs fail too, less often."""

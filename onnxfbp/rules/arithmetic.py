@@ -26,6 +26,30 @@ def _operand(node: NodeView, xs: Sequence[Array], index: int) -> Array:
     return xs[node.dynamic.index(index)]
 
 
+def _split_residual(r: Array, xs: Sequence[Array], sign: float) -> list[Array]:
+    """Minimum-norm ``(d0, d1)`` with ``d0 + sign * d1 = r`` under broadcasting.
+
+    With ``x0`` full-size and ``x1`` broadcast over groups of ``m`` outputs:
+    ``d1 = sign * sum_group(r) / (m + 1)`` and ``d0 = r - broadcast(sign * d1)``;
+    ``m = 1`` (equal shapes) gives half each. If neither operand is full-size,
+    each takes the mean of its share (no overshoot, not minimum-norm).
+    """
+    xp = xp_of(r)
+    full = tuple(r.shape)
+    order = (0, 1) if tuple(xs[0].shape) == full else (1, 0)
+    big, small = order
+    if tuple(xs[big].shape) != full:
+        half = r / 2
+        d0 = unbroadcast(half, tuple(xs[0].shape), xp.mean)
+        d1 = sign * unbroadcast(half, tuple(xs[1].shape), xp.mean)
+        return [xs[0] + d0.astype(xs[0].dtype), xs[1] + d1.astype(xs[1].dtype)]
+    m = r.size // max(xs[small].size, 1)
+    share = unbroadcast(r, tuple(xs[small].shape), xp.sum) / (m + 1)  # d_small before sign
+    d_big = r - xp.broadcast_to(share, full)
+    deltas = {big: d_big if big == 0 else sign * d_big, small: share if small == 0 else sign * share}
+    return [xs[i] + deltas[i].astype(xs[i].dtype) for i in (0, 1)]
+
+
 @register
 class BinaryAffineRule(InverseRule):
     """Add / Sub / Mul / Div where at least one operand is an activation."""
@@ -51,12 +75,8 @@ class BinaryAffineRule(InverseRule):
     ) -> list[Array]:
         xp = xp_of(t)
         op = node.op_type
-        if len(node.dynamic) == 2:  # Add / Sub of two activations: split residual
-            half = (t - o0) / 2
-            sign = -1.0 if op == "Sub" else 1.0
-            r0 = unbroadcast(half, tuple(xs[0].shape), xp.sum)
-            r1 = unbroadcast(sign * half, tuple(xs[1].shape), xp.sum)
-            return [xs[0] + r0.astype(xs[0].dtype), xs[1] + r1.astype(xs[1].dtype)]
+        if len(node.dynamic) == 2:  # Add / Sub of two activations: minimum-norm split
+            return _split_residual(t - o0, xs, -1.0 if op == "Sub" else 1.0)
         index = node.dynamic[0]
         x0 = xs[0]
         c = xp.asarray(node.static[1 - index], dtype=t.dtype)

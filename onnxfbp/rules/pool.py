@@ -47,6 +47,24 @@ def _scatter_windows(values: Array, x_shape: tuple[int, ...], g: ConvGeometry, o
     return out[:, :, pt : pt + h, pl : pl + w]
 
 
+def _tiled_maxpool_inverse(t: Array, x0: Array, kh: int, kw: int) -> Array:
+    """MaxPool inverse for non-overlapping windows (stride = kernel, no padding):
+    the same rule, computed on a (N, C, oh, ow, kh*kw) view without scatters."""
+    xp = xp_of(t)
+    n, c, h, w = x0.shape
+    oh, ow = t.shape[2], t.shape[3]
+    core = x0[:, :, : oh * kh, : ow * kw].reshape(n, c, oh, kh, ow, kw)
+    flat = core.transpose(0, 1, 2, 4, 3, 5).reshape(n, c, oh, ow, kh * kw)
+    arg = flat.argmax(axis=-1)
+    onehot = arg[..., None] == xp.arange(kh * kw)
+    tt = t[..., None].astype(x0.dtype)
+    new = xp.where(onehot, tt, xp.minimum(flat, tt))
+    new = new.reshape(n, c, oh, ow, kh, kw).transpose(0, 1, 2, 4, 3, 5)
+    out = x0.copy()
+    out[:, :, : oh * kh, : ow * kw] = new.reshape(n, c, oh * kh, ow * kw)
+    return out
+
+
 @register
 class MaxPoolRule(InverseRule):
     """2-D MaxPool: arg-max entries take the target, others ``min(x0, t)``."""
@@ -68,8 +86,10 @@ class MaxPoolRule(InverseRule):
         xp = xp_of(t)
         x0 = xs[0]
         g = _pool_geometry(node, x0.shape)
-        win = windows(x0, g, -np.inf)
         kh, kw = g.kernel
+        if g.strides == g.kernel and g.dilations == (1, 1) and not any(g.pads):
+            return [_tiled_maxpool_inverse(t, x0, kh, kw)]
+        win = windows(x0, g, -np.inf)
         flat = win.reshape(*win.shape[:4], kh * kw)
         arg = flat.argmax(axis=-1)
         onehot = (arg[..., None] == xp.arange(kh * kw)).reshape(win.shape)
@@ -78,7 +98,8 @@ class MaxPoolRule(InverseRule):
         counts = _scatter_windows(onehot.astype(t.dtype), x0.shape, g, "add")
         caps = _scatter_windows(xp.ascontiguousarray(tw), x0.shape, g, "min")
         rest = xp.minimum(x0, caps)
-        out = xp.where(counts > 0, sums / xp.maximum(counts, 1), rest)
+        # An entry shared by overlapping windows may not exceed any of their targets.
+        out = xp.where(counts > 0, xp.minimum(sums / xp.maximum(counts, 1), caps), rest)
         return [out.astype(x0.dtype)]
 
 
