@@ -44,7 +44,8 @@ def _split_residual(r: Array, xs: Sequence[Array], sign: float) -> list[Array]:
         d1 = sign * unbroadcast(half, tuple(xs[1].shape), xp.mean)
         return [xs[0] + d0.astype(xs[0].dtype), xs[1] + d1.astype(xs[1].dtype)]
     m = r.size // max(xs[small].size, 1)
-    share = unbroadcast(r, tuple(xs[small].shape), xp.sum) / (m + 1)  # d_small before sign
+    # d_small before its sign
+    share = unbroadcast(r, tuple(xs[small].shape), xp.sum) / (m + 1)
     d_big = r - xp.broadcast_to(share, full)
     deltas = {big: d_big if big == 0 else sign * d_big, small: share if small == 0 else sign * share}
     return [xs[i] + deltas[i].astype(xs[i].dtype) for i in (0, 1)]

@@ -115,7 +115,9 @@ class AveragePoolRule(InverseRule):
             return "only 2-D pooling is supported"
         return None
 
-    def _divisor(self, node: NodeView, shape: tuple[int, ...], g: ConvGeometry, xp: object) -> Array:
+    def _divisor(
+        self, node: NodeView, shape: tuple[int, ...], g: ConvGeometry, xp: object
+    ) -> Array:
         ones = xp.ones((1, 1, shape[2], shape[3]), dtype=np.float64)  # type: ignore[attr-defined]
         if node.attr("count_include_pad", 0):
             return float(g.kernel[0] * g.kernel[1])
