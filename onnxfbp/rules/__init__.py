@@ -125,11 +125,11 @@ def xp_of(a: Array) -> Any:
     return np
 
 
-def unbroadcast(r: Array, shape: tuple[int, ...], reduce: Callable[..., Array]) -> Array:
+def unbroadcast(r: Array, target: tuple[int, ...], reduce: Callable[..., Array]) -> Array:
     """Reduce ``r`` over the axes that numpy broadcasting added to reach ``r.shape``."""
-    while r.ndim > len(shape):
+    while r.ndim > len(target):
         r = reduce(r, axis=0)
-    for axis, size in enumerate(shape):
+    for axis, size in enumerate(target):
         if size == 1 and r.shape[axis] != 1:
             r = reduce(r, axis=axis, keepdims=True)
     return r

@@ -47,7 +47,10 @@ def _split_residual(r: Array, xs: Sequence[Array], sign: float) -> list[Array]:
     # d_small before its sign
     share = unbroadcast(r, tuple(xs[small].shape), xp.sum) / (m + 1)
     d_big = r - xp.broadcast_to(share, full)
-    deltas = {big: d_big if big == 0 else sign * d_big, small: share if small == 0 else sign * share}
+    deltas = {
+        big: d_big if big == 0 else sign * d_big,
+        small: share if small == 0 else sign * share,
+    }
     return [xs[i] + deltas[i].astype(xs[i].dtype) for i in (0, 1)]
 
 
