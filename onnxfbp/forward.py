@@ -55,7 +55,9 @@ def choose_providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _session(model: onnx.ModelProto, providers: list[str], threads: int | None) -> ort.InferenceSession:
+def _session(
+    model: onnx.ModelProto, providers: list[str], threads: int | None
+) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
@@ -164,7 +166,8 @@ class ForwardRunner:
         existing_inputs = {i.name for i in g.input}
         for t in moved:
             if t.name not in existing_inputs:
-                g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+                g.input.append(
+                    onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         present = {o.name for o in g.output}
         for name in extra_outputs:
             if name and name not in present:

@@ -252,7 +252,9 @@ class TensorSource:
         return new_value.reshape(original.shape).astype(original.dtype)
 
 
-def _chain_forward(op: str, attrs: dict[str, Any], const: np.ndarray | None, v: np.ndarray) -> np.ndarray:
+def _chain_forward(
+    op: str, attrs: dict[str, Any], const: np.ndarray | None, v: np.ndarray
+) -> np.ndarray:
     view = NodeView(op, op, attrs, {1: const} if const is not None else {}, (0,), 2)
     return np.asarray(RULES[op].forward(view, [v]))
 
@@ -322,7 +324,8 @@ class Plan:
         """Node views whose static inputs come from ``values`` (current weights)."""
         out = {}
         for pn in self.nodes:
-            static = {i: values.get(n, self.static_values.get(n)) for i, n in pn.static_names.items()}
+            static = {i: values.get(n, self.static_values.get(n))
+                      for i, n in pn.static_names.items()}
             out[pn.name] = NodeView(
                 pn.op, pn.name, pn.view.attrs, {i: v for i, v in static.items() if v is not None},
                 pn.view.dynamic, pn.view.n_inputs, pn.view.opset,
@@ -339,7 +342,9 @@ def _attrs(node: gs.Node) -> dict[str, Any]:
     return out
 
 
-def _static_values(model: onnx.ModelProto, names: set[str], static_nodes: list[onnx.NodeProto]) -> dict[str, np.ndarray]:
+def _static_values(
+    model: onnx.ModelProto, names: set[str], static_nodes: list[onnx.NodeProto]
+) -> dict[str, np.ndarray]:
     """Evaluate constant subgraphs (Constant nodes, weight chains) once, on CPU."""
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     wanted = sorted(n for n in names if n not in values)
@@ -381,7 +386,8 @@ def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
     for i, node in enumerate(nodes):
         if not node.name:
             node.name = f"#{i}"
-        if all(t.name in static for t in node.inputs) and node.op not in ("RandomNormal", "RandomUniform"):
+        if all(t.name in static for t in node.inputs) \
+                and node.op not in ("RandomNormal", "RandomUniform"):
             static.update(t.name for t in node.outputs)
             static_nodes.append(proto_by_name[node.name])
             static_node_names.add(node.name)
@@ -405,7 +411,8 @@ def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
             logits = prod.inputs[0].name
             kind = _OUTPUT_ACTIVATIONS[prod.op]
             break
-        if prod.op in ("Identity", "Reshape", "Flatten", "Squeeze") and len(consumers.get(prod.inputs[0].name, [])) == 1:
+        if prod.op in ("Identity", "Reshape", "Flatten", "Squeeze") \
+                and len(consumers.get(prod.inputs[0].name, [])) == 1:
             cursor = prod.inputs[0].name
             continue
         break
@@ -442,7 +449,8 @@ def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
             continue
         view = _view(node, dynamic, static, opset, static_values)
         reason = rule.check(view)
-        if reason is None and node.op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze") and len(node.outputs) != 1:
+        if reason is None and node.op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze") \
+                and len(node.outputs) != 1:
             reason = "unexpected outputs"
         if reason is not None:
             status[node.name] = reason
@@ -464,7 +472,8 @@ def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
                 name=node.name, op=node.op,
                 inputs=[t.name for t in node.inputs], outputs=[t.name for t in node.outputs],
                 view=view, data_inputs=RULES[node.op].data_inputs(view),
-                static_names={i: t.name for i, t in enumerate(node.inputs) if t.name in static and t.name},
+                static_names={i: t.name for i, t in enumerate(node.inputs)
+                              if t.name in static and t.name},
             )
         )
 
@@ -476,7 +485,8 @@ def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
     for node in nodes:
         if node.name in on_path:
             status[node.name] = "rule"
-        status.setdefault(node.name, "constant" if all(t.name in static for t in node.outputs) else "not on the reverse path")
+        constant = all(t.name in static for t in node.outputs)
+        status.setdefault(node.name, "constant" if constant else "not on the reverse path")
     return Plan(
         model=model,
         input_name=input_tensor.name,
@@ -494,7 +504,10 @@ def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
     )
 
 
-def _view(node: gs.Node, dynamic: tuple[int, ...], static: set[str], opset: int, values: dict[str, np.ndarray]) -> NodeView:
+def _view(
+    node: gs.Node, dynamic: tuple[int, ...], static: set[str], opset: int,
+    values: dict[str, np.ndarray],
+) -> NodeView:
     consts = {}
     for i, t in enumerate(node.inputs):
         if t.name in static and t.name:
@@ -582,7 +595,8 @@ def _layer(
             if value is None and isinstance(other, gs.Constant):
                 value = np.asarray(other.values)
             channels = _out_channels(node, values)
-            if bsrc is not None and value is not None and _is_channel_vector(value, kind, channels) \
+            if bsrc is not None and value is not None \
+                    and _is_channel_vector(value, kind, channels) \
                     and _users(bsrc.initializer, consumers, producer) == {add.name}:
                 layer.bias, layer.bias_tensor, layer.bias_add_node = bsrc, other.name, add.name
                 layer.output = add.outputs[0].name
@@ -611,7 +625,9 @@ def _is_channel_vector(value: np.ndarray, kind: str, channels: int) -> bool:
     return shape in ([channels, 1, 1], [1, channels, 1, 1])
 
 
-def _users(initializer: str, consumers: dict[str, list[gs.Node]], producer: dict[str, gs.Node]) -> set[str]:
+def _users(
+    initializer: str, consumers: dict[str, list[gs.Node]], producer: dict[str, gs.Node]
+) -> set[str]:
     """Names of the non-chain nodes that read ``initializer`` (through weight chains)."""
     users: set[str] = set()
     stack = [initializer]
