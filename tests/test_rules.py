@@ -41,38 +41,48 @@ def r(*shape: int) -> np.ndarray:
 
 
 SPECS = [
-    Spec("Gemm", [(5, 6)], {1: r(4, 6), 2: r(4)}, {"transB": 1, "alpha": 0.5, "beta": 2.0}, id="gemm-transB"),
+    Spec("Gemm", [(5, 6)], {1: r(4, 6), 2: r(4)}, {"transB": 1, "alpha": 0.5, "beta": 2.0},
+         id="gemm-transB"),
     Spec("Gemm", [(5, 6)], {1: r(6, 3)}, id="gemm-nobias"),
     Spec("MatMul", [(5, 6)], {1: r(6, 3)}, id="matmul"),
     Spec("MatMul", [(2, 5, 6)], {1: r(6, 3)}, id="matmul-3d"),
-    Spec("Conv", [(2, 3, 7, 7)], {1: r(4, 3, 3, 3), 2: r(4)}, {"pads": [1, 1, 1, 1]}, id="conv-pad"),
+    Spec("Conv", [(2, 3, 7, 7)], {1: r(4, 3, 3, 3), 2: r(4)}, {"pads": [1, 1, 1, 1]},
+         id="conv-pad"),
     Spec("Conv", [(2, 3, 8, 8)], {1: r(4, 3, 3, 3)}, {"strides": [2, 2]}, id="conv-stride"),
     Spec("Conv", [(2, 2, 9, 9)], {1: r(4, 2, 3, 3)}, {"dilations": [2, 2], "pads": [0, 1, 2, 1]},
          id="conv-dilation-asym"),
-    Spec("Conv", [(2, 4, 6, 6)], {1: r(6, 2, 3, 3)}, {"group": 2, "pads": [1, 1, 1, 1]}, id="conv-group"),
+    Spec("Conv", [(2, 4, 6, 6)], {1: r(6, 2, 3, 3)}, {"group": 2, "pads": [1, 1, 1, 1]},
+         id="conv-group"),
     Spec("Conv", [(1, 1, 7, 7)], {1: r(2, 1, 5, 5)}, {"auto_pad": "SAME_UPPER", "strides": [2, 2]},
          id="conv-same-upper"),
-    Spec("Conv", [(1, 2, 6, 6)], {1: r(2, 2, 2, 2)}, {"auto_pad": "SAME_LOWER"}, id="conv-same-lower"),
+    Spec("Conv", [(1, 2, 6, 6)], {1: r(2, 2, 2, 2)}, {"auto_pad": "SAME_LOWER"},
+         id="conv-same-lower"),
     Spec("Relu", [(3, 4, 5)], id="relu"),
     Spec("LeakyRelu", [(3, 8)], attrs={"alpha": 0.1}, id="leakyrelu"),
     Spec("PRelu", [(2, 3, 4, 4)], {1: np.abs(r(3, 1, 1)) + 0.05}, id="prelu"),
     Spec("Sigmoid", [(4, 7)], id="sigmoid"),
     Spec("Tanh", [(4, 7)], id="tanh"),
-    Spec("Clip", [(4, 7)], {1: np.array(-0.5, np.float32), 2: np.array(0.7, np.float32)}, id="clip"),
+    Spec("Clip", [(4, 7)], {1: np.array(-0.5, np.float32), 2: np.array(0.7, np.float32)},
+         id="clip"),
     Spec("Softmax", [(4, 10)], attrs={"axis": 1}, id="softmax"),
     Spec("LogSoftmax", [(4, 10)], attrs={"axis": -1}, id="logsoftmax"),
     Spec("Softmax", [(4, 10)], attrs={"axis": 1}, opset=11, id="softmax-opset11"),
-    Spec("MaxPool", [(2, 3, 8, 8)], attrs={"kernel_shape": [2, 2], "strides": [2, 2]}, id="maxpool"),
-    Spec("MaxPool", [(2, 3, 9, 9)], attrs={"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]},
+    Spec("MaxPool", [(2, 3, 8, 8)], attrs={"kernel_shape": [2, 2], "strides": [2, 2]},
+         id="maxpool"),
+    Spec("MaxPool", [(2, 3, 9, 9)],
+         attrs={"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]},
          id="maxpool-overlap"),
-    Spec("MaxPool", [(1, 2, 7, 7)], attrs={"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1},
+    Spec("MaxPool", [(1, 2, 7, 7)],
+         attrs={"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1},
          id="maxpool-ceil"),
-    Spec("AveragePool", [(2, 3, 8, 8)], attrs={"kernel_shape": [2, 2], "strides": [2, 2]}, id="avgpool"),
+    Spec("AveragePool", [(2, 3, 8, 8)], attrs={"kernel_shape": [2, 2], "strides": [2, 2]},
+         id="avgpool"),
     Spec("AveragePool", [(2, 3, 6, 6)], attrs={"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]},
          id="avgpool-pad-exclude"),
     Spec("GlobalAveragePool", [(2, 3, 5, 5)], id="gap"),
     Spec("ReduceMean", [(2, 3, 5, 5)], attrs={"axes": [2, 3], "keepdims": 0}, id="reducemean"),
-    Spec("ReduceMean", [(2, 3, 5, 5)], {1: np.array([2, 3], np.int64)}, opset=18, id="reducemean-18"),
+    Spec("ReduceMean", [(2, 3, 5, 5)], {1: np.array([2, 3], np.int64)}, opset=18,
+         id="reducemean-18"),
     Spec("Reshape", [(2, 3, 4)], {1: np.array([2, -1], np.int64)}, id="reshape"),
     Spec("Flatten", [(2, 3, 4, 5)], attrs={"axis": 1}, id="flatten"),
     Spec("Squeeze", [(2, 1, 4)], {1: np.array([1], np.int64)}, id="squeeze"),
@@ -107,7 +117,8 @@ SPECS = [
     Spec("Gather", [(3, 5, 4)], {1: np.array([[4, 0], [-1, 1]], np.int64)}, {"axis": 1},
          id="gather-repeat"),
     Spec("BatchNormalization", [(2, 3, 4, 4)],
-         {1: r(3), 2: r(3), 3: r(3), 4: np.abs(r(3)) + 0.1}, attrs={"epsilon": 1e-3}, id="batchnorm"),
+         {1: r(3), 2: r(3), 3: r(3), 4: np.abs(r(3)) + 0.1}, attrs={"epsilon": 1e-3},
+         id="batchnorm"),
 ]
 
 
@@ -117,7 +128,8 @@ def _dynamic_indices(spec: Spec) -> tuple[int, ...]:
 
 def _view(spec: Spec) -> NodeView:
     attrs = {k: (v.encode() if isinstance(v, str) else v) for k, v in spec.attrs.items()}
-    return NodeView(spec.op, spec.id, attrs, dict(spec.consts), _dynamic_indices(spec), spec.n_inputs,
+    return NodeView(spec.op, spec.id, attrs, dict(spec.consts), _dynamic_indices(spec),
+                    spec.n_inputs,
                     spec.opset)
 
 
@@ -128,7 +140,8 @@ def _onnx_forward(spec: Spec, xs: list[np.ndarray]) -> np.ndarray:
               for i, x in zip(dyn, xs, strict=True)]
     inits = [numpy_helper.from_array(v, names[i]) for i, v in spec.consts.items()]
     node = helper.make_node(spec.op, names, ["out"], **spec.attrs)
-    graph = helper.make_graph([node], "one", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, None)
+    graph = helper.make_graph([node], "one", inputs, [out], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", spec.opset)])
     model.ir_version = 8
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

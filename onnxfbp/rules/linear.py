@@ -268,7 +268,6 @@ class ConvRule(InverseRule):
     ) -> list[Array]:
         xp = xp_of(t)
         x0 = xs[0]
-        g = self.geometry(node, x0.shape)
         w = conv_weight(node)
         oh, ow = t.shape[2:]
         # mean eigenvalue of A^T A: ||A||_F^2 / dim(x), ignoring border effects.
