@@ -75,6 +75,7 @@ class RefineConfig:
     invert_convs: bool = False  # also refine layers whose target passes a Conv inverse
     schedule: str = "jacobi"  # jacobi (all layers from one pass) | sequential (one by one)
     jacobi_steps: tuple[float, ...] = (1.0, 0.5)  # joint-update scales tried on held-out data
+    min_sweep_gain: float = 0.002  # stop after a sweep that gains less held-out accuracy
     min_heldout_for_depth: int = 200  # fewer held-out samples: refine the output layer only
     batch_size: int = 500
     max_positions: int = 16  # conv output positions per sample in the normal equations
@@ -449,14 +450,16 @@ class Refiner:
         self._forward_time = self._solve_time = 0.0
         self._chosen_lam: dict[str, float] = {}
         for sweep in range(cfg.sweeps):
+            correct_before = state.correct
             if cfg.schedule == "jacobi":
                 improved = self._sweep_jacobi(sweep, data, train_idx, val_idx, rng, state, reports)
             else:
                 improved = self._sweep_sequential(
                     sweep, data, train_idx, val_idx, rng, state, reports
                 )
-            if not improved:
-                break
+            gain = (state.correct - correct_before) / len(val_idx)
+            if not improved or (sweep > 0 and gain < cfg.min_sweep_gain):
+                break  # converged: another sweep costs a full pass for (almost) nothing
         forward_time, solve_time = self._forward_time, self._solve_time
         self.timings["forward_and_targets"] = forward_time
         self.timings["solve"] = solve_time
