@@ -202,6 +202,20 @@ def _spec(draw: Any, op: str, rng: np.random.Generator) -> Spec:
         var = np.abs(_weights(rng, c)) + 0.01
         return Spec(op, [shape], {1: scale, 2: _weights(rng, c), 3: _weights(rng, c), 4: var},
                     attrs={"epsilon": 1e-5})
+    if op in ("Elu", "Selu", "Softplus", "HardSigmoid", "HardSwish", "Gelu", "Mish", "Swish"):
+        shape = _dims(draw, draw(st.integers(1, 4)))
+        attrs = {}
+        if op == "Elu":
+            attrs["alpha"] = draw(st.sampled_from([0.1, 1.0, 2.0]))
+        if op == "HardSigmoid":
+            attrs = {"alpha": draw(st.sampled_from([-0.5, 0.2, 1.0])),
+                     "beta": draw(st.sampled_from([0.0, 0.5]))}
+        if op == "Gelu":
+            attrs["approximate"] = draw(st.sampled_from(["none", "tanh"]))
+        if op == "Swish":
+            attrs["alpha"] = draw(st.sampled_from([0.5, 1.0, 2.0]))
+        opset = {"HardSwish": 14, "Gelu": 20, "Mish": 18, "Swish": 24}.get(op, 13)
+        return Spec(op, [shape], attrs=attrs, opset=opset)
     raise AssertionError(f"no strategy for {op}; add one to _spec")
 
 

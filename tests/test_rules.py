@@ -62,6 +62,15 @@ SPECS = [
     Spec("PRelu", [(2, 3, 4, 4)], {1: np.abs(r(3, 1, 1)) + 0.05}, id="prelu"),
     Spec("Sigmoid", [(4, 7)], id="sigmoid"),
     Spec("Tanh", [(4, 7)], id="tanh"),
+    Spec("Elu", [(4, 7)], attrs={"alpha": 0.5}, id="elu"),
+    Spec("Selu", [(4, 7)], id="selu"),
+    Spec("Softplus", [(4, 7)], id="softplus"),
+    Spec("HardSigmoid", [(4, 7)], attrs={"alpha": 0.3, "beta": 0.4}, id="hardsigmoid"),
+    Spec("HardSwish", [(3, 4, 5)], opset=14, id="hardswish"),
+    Spec("Gelu", [(3, 4, 5)], opset=20, id="gelu"),
+    Spec("Gelu", [(3, 4, 5)], attrs={"approximate": "tanh"}, opset=20, id="gelu-tanh"),
+    Spec("Mish", [(3, 4, 5)], opset=18, id="mish"),
+    Spec("Swish", [(3, 4, 5)], attrs={"alpha": 0.7}, opset=24, id="swish"),
     Spec("Clip", [(4, 7)], {1: np.array(-0.5, np.float32), 2: np.array(0.7, np.float32)},
          id="clip"),
     Spec("Softmax", [(4, 10)], attrs={"axis": 1}, id="softmax"),
@@ -143,7 +152,7 @@ def _onnx_forward(spec: Spec, xs: list[np.ndarray]) -> np.ndarray:
     out = helper.make_tensor_value_info("out", TensorProto.FLOAT, None)
     graph = helper.make_graph([node], "one", inputs, [out], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", spec.opset)])
-    model.ir_version = 8
+    model.ir_version = max(8, helper.find_min_ir_version_for(list(model.opset_import), True))
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(["out"], {names[i]: x for i, x in zip(dyn, xs, strict=True)})[0]
 

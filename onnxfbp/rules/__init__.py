@@ -136,4 +136,4 @@ def unbroadcast(r: Array, target: tuple[int, ...], reduce: Callable[..., Array])
 
 
 # Import the rule modules so they register themselves.
-from . import activation, arithmetic, linear, pool, shape  # noqa: E402, F401
+from . import activation, arithmetic, linear, pool, shape, smooth  # noqa: E402, F401
