@@ -157,7 +157,8 @@ class ForwardRunner:
         internal = copy.deepcopy(model)
         g = internal.graph
         weights = set(weight_inputs)
-        keep, moved = [], []
+        keep: list[onnx.TensorProto] = []
+        moved: list[onnx.TensorProto] = []
         for t in g.initializer:
             (moved if t.name in weights else keep).append(t)
         self.initial_weights = {t.name: numpy_helper.to_array(t) for t in moved}
