@@ -216,6 +216,23 @@ def _spec(draw: Any, op: str, rng: np.random.Generator) -> Spec:
             attrs["alpha"] = draw(st.sampled_from([0.5, 1.0, 2.0]))
         opset = {"HardSwish": 14, "Gelu": 20, "Mish": 18, "Swish": 24}.get(op, 13)
         return Spec(op, [shape], attrs=attrs, opset=opset)
+    if op == "GlobalMaxPool":
+        return Spec(op, [_dims(draw, draw(st.integers(3, 4)))])
+    if op == "ReduceMax":
+        shape = _dims(draw, draw(st.integers(2, 4)))
+        axes = sorted(draw(st.sets(st.integers(0, len(shape) - 1), min_size=1)))
+        keep = draw(st.integers(0, 1))
+        if draw(st.booleans()):
+            return Spec(op, [shape], {1: np.array(axes, np.int64)}, {"keepdims": keep}, opset=18)
+        return Spec(op, [shape], attrs={"axes": axes, "keepdims": keep})
+    if op == "LayerNormalization":
+        shape = _dims(draw, draw(st.integers(2, 4)))
+        axis = draw(st.integers(1, len(shape) - 1))
+        scale = _weights(rng, *shape[axis:]) * draw(st.sampled_from([0.0, 1.0]))
+        consts = {1: scale.astype(np.float32)}
+        if draw(st.booleans()):
+            consts[2] = _weights(rng, *shape[axis:])
+        return Spec(op, [shape], consts, {"axis": axis, "epsilon": 1e-5}, opset=17)
     raise AssertionError(f"no strategy for {op}; add one to _spec")
 
 

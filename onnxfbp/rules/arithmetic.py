@@ -1,4 +1,5 @@
-"""Affine element-wise ops: Add, Sub, Mul, Div, BatchNormalization.
+"""Affine element-wise ops: Add, Sub, Mul, Div, BatchNormalization; and
+LayerNormalization.
 
 With one constant operand ``c`` the inverse is exact:
 
@@ -6,6 +7,12 @@ With one constant operand ``c`` the inverse is exact:
 - Mul: x* = t / c          Div: x* = t * c (x / c)
 - BatchNormalization (inference): o = g (x - m) / sqrt(v + eps) + b,
   x* = (t - b) sqrt(v + eps) / g + m   (channels with g = 0 keep x0)
+
+- LayerNormalization over the trailing axes from ``axis``:
+  o = g (x - m(x)) / s(x) + b with s = sqrt(var + eps); keeping the row mean m0
+  and scale s0 of x0, x* = m0 + s0 (t - b) / g (entries with g = 0 keep x0). For a
+  reachable t this is exact; a row whose output would end up farther from t
+  than its current output keeps x0.
 
 With two activations (residual Add, Sub) the residual r = t - o0 is split
 evenly, the minimum-norm solution: x1* = x1 + r/2, x2* = x2 +- r/2 (summed over
@@ -128,3 +135,47 @@ class BatchNormRule(InverseRule):
         ok = xp.abs(scale) > 1e-12
         x = xp.where(ok, (t - shift) / xp.where(ok, scale, 1), xs[0])
         return [x.astype(xs[0].dtype)]
+
+
+@register
+class LayerNormRule(InverseRule):
+    """LayerNormalization (opset 17): keep each row's mean and scale, invert the affine part."""
+
+    op_types = ("LayerNormalization",)
+
+    def check(self, node: NodeView) -> str | None:
+        if 1 not in node.static or (node.has_input(2) and 2 not in node.static):
+            return "scale and bias must be constant"
+        return super().check(node)
+
+    def _parts(self, node: NodeView, x: Array) -> tuple[Array, Array, Array, Array]:
+        """Normalized x, row mean, row scale, and (g, b) broadcast: (z, m, s, (g, b))."""
+        xp = xp_of(x)
+        axis = int(node.attr("axis", -1)) % x.ndim
+        axes = tuple(range(axis, x.ndim))
+        x64 = x.astype(xp.float64)
+        m = x64.mean(axis=axes, keepdims=True)
+        s = xp.sqrt(((x64 - m) ** 2).mean(axis=axes, keepdims=True)
+                    + float(node.attr("epsilon", 1e-5)))
+        g = xp.asarray(node.const(1), dtype=xp.float64)
+        b = xp.asarray(node.static[2], dtype=xp.float64) if 2 in node.static else xp.zeros(())
+        return (x64 - m) / s, m, s, (g, b)
+
+    def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
+        z, _, _, (g, b) = self._parts(node, xs[0])
+        return (z * g + b).astype(xs[0].dtype)
+
+    def inverse(
+        self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
+    ) -> list[Array]:
+        xp, x0 = xp_of(t), xs[0]
+        z0, m, s, (g, b) = self._parts(node, x0)
+        ok = xp.abs(g) > 1e-12
+        u = xp.where(ok, (t.astype(xp.float64) - b) / xp.where(ok, g, 1.0), z0)
+        x = (m + s * u).astype(x0.dtype)
+        # keep x0 in rows where the proposal does not bring the output closer to t
+        axis = int(node.attr("axis", -1)) % x0.ndim
+        axes = tuple(range(axis, x0.ndim))
+        new_err = ((self.forward(node, [x]) - t) ** 2).sum(axis=axes, keepdims=True)
+        old_err = ((o0 - t) ** 2).sum(axis=axes, keepdims=True)
+        return [xp.where(new_err <= old_err, x, x0)]

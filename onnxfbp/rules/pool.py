@@ -1,4 +1,5 @@
-"""Pooling and reductions: MaxPool, AveragePool, GlobalAveragePool, ReduceMean.
+"""Pooling and reductions: MaxPool, AveragePool, GlobalAveragePool, ReduceMean,
+GlobalMaxPool, ReduceMax.
 
 - MaxPool: each window's arg-max entry takes the window's target (averaged if
   windows overlap); every other entry becomes ``min(x0, t)`` so that it does
@@ -7,6 +8,8 @@
   a window mean by ``r`` adds ``r`` to each of its entries; overlapping windows
   average their contributions.
 - GlobalAveragePool / ReduceMean: ``x* = x0 + broadcast(r)`` (minimum norm).
+- GlobalMaxPool / ReduceMax: the group's (first) arg-max takes ``t``, the other
+  entries ``min(x0, t)``; the output is then exactly ``t``.
 """
 
 from __future__ import annotations
@@ -202,3 +205,51 @@ class MeanReduceRule(InverseRule):
     ) -> list[Array]:
         r = self._expand(node, t - o0, tuple(xs[0].shape))
         return [(xs[0] + r).astype(xs[0].dtype)]
+
+
+def _max_axes(node: NodeView, ndim: int) -> tuple[tuple[int, ...], bool]:
+    """Reduced axes and keepdims of GlobalMaxPool / ReduceMax."""
+    if node.op_type == "GlobalMaxPool":
+        return tuple(range(2, ndim)), True
+    axes = node.attr("axes")
+    if axes is None and 1 in node.static and np.asarray(node.static[1]).size:
+        axes = np.asarray(node.static[1]).ravel().tolist()
+    keep = bool(node.attr("keepdims", 1))
+    if not axes:
+        return tuple(range(ndim)), keep
+    return tuple(sorted(int(a) % ndim for a in axes)), keep
+
+
+@register
+class MaxReduceRule(InverseRule):
+    """GlobalMaxPool and ReduceMax: the arg-max entry of each reduced group takes the
+    target, every other entry becomes ``min(x0, t)``; exact: ``f(x*) = t``."""
+
+    op_types = ("GlobalMaxPool", "ReduceMax")
+
+    def check(self, node: NodeView) -> str | None:
+        if node.op_type == "ReduceMax" and node.attr("noop_with_empty_axes", 0):
+            return "noop_with_empty_axes is not supported"
+        return super().check(node)
+
+    def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
+        axes, keep = _max_axes(node, xs[0].ndim)
+        return xs[0].max(axis=axes, keepdims=keep)
+
+    def inverse(
+        self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
+    ) -> list[Array]:
+        xp, x0 = xp_of(t), xs[0]
+        axes, keep = _max_axes(node, x0.ndim)
+        if not keep:
+            for a in axes:
+                t = xp.expand_dims(t, a)
+        rest = [a for a in range(x0.ndim) if a not in axes]
+        perm = rest + list(axes)
+        moved = x0.transpose(perm)
+        lead = moved.shape[: len(rest)]
+        flat = moved.reshape(*lead, -1)
+        tf = t.transpose(perm).reshape(*lead, 1).astype(x0.dtype)
+        first = flat.argmax(axis=-1)[..., None] == xp.arange(flat.shape[-1])
+        new = xp.where(first, tf, xp.minimum(flat, tf)).reshape(moved.shape)
+        return [new.transpose(np.argsort(perm).tolist()).astype(x0.dtype)]
