@@ -6,7 +6,9 @@ folder) -> ``plan_model`` (onnx-graphsurgeon view of the graph) -> ``Plan``:
 - the *logits* tensor: the class-score output, or the input of a final
   Softmax / LogSoftmax / Sigmoid (monotone: the argmax is the same);
 - the reverse path: every node from which a target can flow back from the
-  logits, each mapped to its inverse rule (``rules.RULES``); nodes with no rule
+  logits, each mapped to its inverse rule (``rules.RULES``); a ``Mul`` of an
+  activation and a function of it (SiLU as ``x * Sigmoid(x)``, Mish, HardSwish
+  before opset 14) is planned as that one activation; nodes with no rule
   or a declined rule are *transitional boundaries*: targets stop there and the
   layers before them are left alone;
 - the refinable layers (Conv, Gemm, MatMul with constant weights), each with
@@ -430,6 +432,8 @@ def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
     on_path: set[str] = set()
     boundaries: list[str] = []
     status: dict[str, str] = {}
+    fused: dict[str, tuple[str, dict[str, Any], str]] = {}  # Mul node -> (op, attrs, input)
+    absorbed: set[str] = set()  # nodes computed inside a fused activation
     stack = [logits]
     seen_tensors: set[str] = set()
     while stack:
@@ -439,6 +443,13 @@ def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
         seen_tensors.add(tname)
         node = producer[tname]
         if node.name in on_path or node.name in status:
+            continue
+        gated = _fused_activation(node, producer, consumers, static_values)
+        if gated is not None:
+            fused[node.name] = gated[:3]
+            absorbed.update(gated[3])
+            on_path.add(node.name)
+            stack.append(gated[2])
             continue
         dynamic = tuple(i for i, t in enumerate(node.inputs) if t.name not in static)
         rule = RULES.get(node.op)
@@ -465,6 +476,14 @@ def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
     for node in nodes:
         if node.name not in on_path:
             continue
+        if node.name in fused:
+            op, attrs, x_name = fused[node.name]
+            plan_nodes.append(PlanNode(
+                name=node.name, op=op, inputs=[x_name], outputs=[t.name for t in node.outputs],
+                view=NodeView(op, node.name, attrs, {}, (0,), 1, opset), data_inputs=(0,),
+                static_names={},
+            ))
+            continue
         dynamic = tuple(i for i, t in enumerate(node.inputs) if t.name not in static)
         view = _view(node, dynamic, static, opset, static_values)
         plan_nodes.append(
@@ -483,7 +502,7 @@ def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
         if node.op in ("Conv", "Gemm", "MatMul") and node.name in on_path
     ]
     for node in nodes:
-        if node.name in on_path:
+        if node.name in on_path or node.name in absorbed:
             status[node.name] = "rule"
         constant = all(t.name in static for t in node.outputs)
         status.setdefault(node.name, "constant" if constant else "not on the reverse path")
@@ -518,6 +537,51 @@ def _view(
             else:
                 consts[i] = np.zeros((0,))  # known static, value evaluated later
     return NodeView(node.op, node.name, _attrs(node), consts, dynamic, len(node.inputs), opset)
+
+
+def _fused_activation(
+    node: gs.Node, producer: dict[str, gs.Node], consumers: dict[str, list[gs.Node]],
+    values: dict[str, np.ndarray],
+) -> tuple[str, dict[str, Any], str, list[str]] | None:
+    """``x * g(x)`` as exporters write activations that had no single op: SiLU / Swish
+    (``x * Sigmoid(x)``, ``x * Sigmoid(beta x)``), Mish (``x * Tanh(Softplus(x))``),
+    HardSwish before opset 14 (``x * HardSigmoid(x)``, alpha 1/6, beta 1/2).
+    Returns (op, attributes, x, the nodes of g) when ``node`` is such a Mul and g's
+    nodes feed nothing else, else None."""
+    if node.op != "Mul" or len(node.inputs) != 2 or (node.domain or "") not in ("", "ai.onnx"):
+        return None
+
+    def only(tensor: str, op: str) -> gs.Node | None:
+        p = producer.get(tensor)
+        if p is None or p.op != op or len(consumers.get(tensor, [])) != 1:
+            return None
+        return p
+
+    for a, b in ((0, 1), (1, 0)):
+        x, gate = node.inputs[a].name, node.inputs[b].name
+        sig = only(gate, "Sigmoid")
+        if sig is not None:
+            inner = sig.inputs[0].name
+            if inner == x:
+                return "Swish", {"alpha": 1.0}, x, [sig.name]
+            scale = only(inner, "Mul")
+            if scale is not None and x in [t.name for t in scale.inputs]:
+                other = next(t for t in scale.inputs if t.name != x)
+                beta = values.get(other.name)
+                if beta is None and isinstance(other, gs.Constant):
+                    beta = np.asarray(other.values)
+                if beta is not None and np.asarray(beta).size == 1 and float(beta) > 0:
+                    return "Swish", {"alpha": float(beta)}, x, [sig.name, scale.name]
+        hard = only(gate, "HardSigmoid")
+        if hard is not None and hard.inputs[0].name == x \
+                and abs(float(hard.attrs.get("alpha", 0.2)) - 1 / 6) < 1e-6 \
+                and abs(float(hard.attrs.get("beta", 0.5)) - 0.5) < 1e-6:
+            return "HardSwish", {}, x, [hard.name]
+        tanh = only(gate, "Tanh")
+        soft = only(tanh.inputs[0].name, "Softplus") if tanh is not None else None
+        if tanh is not None and soft is not None and soft.inputs[0].name == x:
+            return "Mish", {}, x, [tanh.name, soft.name]
+    return None
 
 
 def _pick_score_output(graph: gs.Graph) -> str:
