@@ -66,29 +66,32 @@ def _best(f: Fn, t: Array, x0: Array, candidates: Sequence[Array]) -> Array:
     return best
 
 
-def _newton(f: Fn, df: Fn, t: Array, lo: Array, hi: Array, increasing: bool,
-            steps: int = 40) -> Array:
-    """Solve ``f(x) = t`` on ``[lo, hi]`` where ``f`` is strictly monotone and
-    ``t`` is within ``f``'s range there: Newton steps, bisection when a step leaves
-    the bracket."""
+def _newton(f: Fn, df: Fn, t: Array, x: Array, lo: Array, hi: Array, increasing: bool,
+            steps: int = 60) -> Array:
+    """Solve ``f(x) = t`` (flat arrays) on ``[lo, hi]``, where ``f`` is strictly monotone
+    and ``t`` within its range, from the start ``x``: Newton steps, bisection when a
+    step leaves the bracket; converged entries drop out of the work."""
     xp = xp_of(t)
-    a, b = lo, hi
-    x = 0.5 * (a + b)
+    x, a, b = x.copy(), lo.copy(), hi.copy()
+    active = xp.arange(x.size)
     for _ in range(steps):
-        r = f(x) - t
-        above = r > 0 if increasing else r < 0
-        b = xp.where(above, x, b)
-        a = xp.where(above, a, x)
-        d = df(x)
-        ok = xp.abs(d) > 1e-300
-        step = xp.where(ok, r / xp.where(ok, d, 1.0), 0.0)
-        xn = x - step
-        inside = ok & (xn > a) & (xn < b)
-        x_new = xp.where(inside, xn, 0.5 * (a + b))
-        if float(xp.max(xp.abs(x_new - x), initial=0.0)) < 1e-12:
-            x = x_new
+        if active.size == 0:
             break
-        x = x_new
+        xa, ta, aa, ba = x[active], t[active], a[active], b[active]
+        r = f(xa) - ta
+        done = xp.abs(r) <= 1e-12 * (1.0 + xp.abs(ta))
+        above = r > 0 if increasing else r < 0
+        ba = xp.where(above, xa, ba)
+        aa = xp.where(above, aa, xa)
+        d = df(xa)
+        ok = xp.abs(d) > 1e-300
+        xn = xa - xp.where(ok, r / xp.where(ok, d, 1.0), 0.0)
+        inside = ok & (xn > aa) & (xn < ba)
+        xn = xp.where(inside, xn, 0.5 * (aa + ba))
+        done |= xp.abs(xn - xa) <= 1e-13 * (1.0 + xp.abs(xa))
+        x[active] = xp.where(done, xa, xn)
+        a[active], b[active] = aa, ba
+        active = active[~done]
     return x
 
 
@@ -301,10 +304,18 @@ class DipRule(_Elementwise):
         x_min, f_min = _argmin(*key)
         far = -30.0 / key[2]
         f_far = float(f(np.array(far)))
-        tr = xp.maximum(t, f_min)
-        right = _newton(f, df, tr, xp.full_like(t, x_min), 2.0 * xp.maximum(tr, 0.0) + 2.0,
-                        increasing=True)
-        tl = xp.clip(t, f_min, f_far)
-        left = _newton(f, df, tl, xp.full_like(t, far), xp.full_like(t, x_min),
-                       increasing=False)
-        return [right, left]
+        tf, xf = t.ravel(), x0.ravel()
+        # right of the minimum: every target at or above f_min is reachable
+        right = xp.full_like(tf, x_min)
+        inner = tf > f_min
+        tr = tf[inner]
+        hi = 2.0 * xp.maximum(tr, 0.0) + 2.0
+        right[inner] = _newton(f, df, tr, xp.clip(xf[inner], x_min, hi),
+                               xp.full_like(tr, x_min), hi, increasing=True)
+        # left of it, only where x0 is there and the target is reachable there
+        left = right.copy()
+        there = (xf < x_min) & inner & (tf < f_far)
+        tl = tf[there]
+        left[there] = _newton(f, df, tl, xp.clip(xf[there], far, x_min), xp.full_like(tl, far),
+                              xp.full_like(tl, x_min), increasing=False)
+        return [right.reshape(t.shape), left.reshape(t.shape)]
