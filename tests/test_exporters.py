@@ -5,8 +5,10 @@ then refined on rotated digits.
 
 Each case exercises ops that the shared corpus lacks (BatchNormalization kept
 unfolded, AveragePool, LeakyRelu, Tanh, PRelu, Clip, Pad, grouped convolution,
-Transpose, Squeeze, Sigmoid / LogSoftmax / Softmax outputs, 3-D MatMul, a fixed
-batch baked into Reshape constants, a node with no inverse). For every export:
+Transpose, Squeeze, Sigmoid / LogSoftmax / Softmax outputs, 3-D and 4-D MatMul,
+a fixed batch baked into Reshape constants, SiLU as x * Sigmoid(x), HardSwish,
+Mish, Gelu, Elu, ReduceMax, LayerNormalization, self-attention, nodes with no
+inverse). For every export:
 the ops the case is about are in the graph, the plan has the expected
 boundaries, targets reach the layers behind those ops (some cases pass Conv
 inverses: ``invert_convs``), batches run whole (no fixed-size chunks), refine
@@ -22,6 +24,7 @@ rotated images 4000-5999 (seed 1) adapt, rotated 6000-7999 (seed 2) evaluate.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +39,8 @@ from onnxfbp import RefineConfig, UnsupportedModelError, refine
 from onnxfbp.datasets import shift_images
 from onnxfbp.graph import load_model, plan_model
 
+# torch's OpenMP threads must not spin next to onnxruntime's (10x slower refines)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 torch = pytest.importorskip("torch")
 nn = torch.nn
 F = torch.nn.functional
@@ -141,8 +146,8 @@ class InceptionNet(nn.Module):
 
 
 class SiluNet(nn.Module):
-    """SiLU (x * sigmoid(x): a Mul of two activations, which has no inverse here)
-    between the convolutions: the layers after it are refined, the first Conv is not."""
+    """SiLU written by both exporters as x * Sigmoid(x) (a Mul of two activations,
+    planned as one Swish): the first Conv is reached through it."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -151,9 +156,70 @@ class SiluNet(nn.Module):
         self.fc = nn.Linear(16 * 7 * 7, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c1(x)
-        h = F.relu(self.c2(h * torch.sigmoid(h)))
-        return self.fc(h.flatten(1))
+        x = F.silu(self.c2(F.silu(self.c1(x))))
+        return self.fc(x.flatten(1))
+
+
+class ActNet(nn.Module):
+    """HardSwish, Mish, flattened map concatenated with its max over H and W
+    (ReduceMax), Gelu (tanh approximation), Elu."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.fc1 = nn.Linear(16 * 7 * 7 + 16, 64)
+        self.fc2 = nn.Linear(64, 32)
+        self.fc3 = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.mish(self.c2(F.hardswish(self.c1(x))))
+        h = torch.cat([h.flatten(1), h.amax(dim=(2, 3))], dim=1)
+        h = F.elu(self.fc2(F.gelu(self.fc1(h), approximate="tanh")))
+        return self.fc3(h)
+
+
+class TokenNet(nn.Module):
+    """A one-block vision transformer: 7x7 patches (Conv), tokens (Reshape, Transpose),
+    position Add, self-attention (MatMul of two activations: no inverse) in a
+    residual, LayerNormalization, Gelu MLP in a residual, mean over tokens, head.
+    Targets go around the attention through the residual Add to the patch Conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(1, 32, 7, stride=7)
+        self.pos = nn.Parameter(torch.zeros(1, 16, 32))
+        self.qkv = nn.Linear(32, 96)
+        self.proj = nn.Linear(32, 32)
+        self.ln1 = nn.LayerNorm(32)
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 32)
+        self.ln2 = nn.LayerNorm(32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        q, k, v = self.qkv(t).chunk(3, dim=-1)
+        attn = torch.softmax(q @ k.transpose(1, 2) / 32**0.5, dim=-1)
+        t = t + self.proj(attn @ v)
+        t = t + self.fc2(F.gelu(self.fc1(self.ln1(t))))
+        return self.head(self.ln2(t).mean(dim=1))
+
+
+class GatedNet(nn.Module):
+    """A gate from another branch, c1(x) * sigmoid(g(x)): a Mul of two different
+    activations has no inverse; the layers after it are refined, c1 and g are not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+        self.g = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.fc = nn.Linear(16 * 7 * 7, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c1(x) * torch.sigmoid(self.g(x))
+        return self.fc(F.relu(self.c2(h)).flatten(1))
 
 
 class SquareHeadNet(nn.Module):
@@ -210,8 +276,21 @@ CASES = {
         InceptionNet, "nchw",
         {"legacy": {"Concat", "Add", "Reshape"}, "dynamo": {"Concat", "Add", "Reshape"}},
         attempted=5, config={**DEEP, "max_layers": 5}, fixed_batch=True),
-    "silu-boundary": Case(
+    "silu-fused": Case(
         SiluNet, "nchw", {"legacy": {"Mul", "Sigmoid"}, "dynamo": {"Mul", "Sigmoid"}},
+        attempted=3, config={**DEEP, "max_layers": 3}),
+    "hardswish-mish-reducemax-gelu-elu": Case(
+        ActNet, "nchw",
+        {"legacy": {"HardSwish", "Softplus", "Tanh", "Mul", "ReduceMax", "Gelu", "Elu"},
+         "dynamo": {"HardSwish", "Mish", "ReduceMax", "Gelu", "Elu"}},
+        attempted=5, config={**DEEP, "max_layers": 5}),
+    "transformer-layernorm-attention-boundary": Case(
+        TokenNet, "nchw",
+        {"legacy": {"LayerNormalization", "Gelu", "Transpose", "ReduceMean", "MatMul"},
+         "dynamo": {"LayerNormalization", "Gelu", "Transpose", "ReduceMean", "MatMul"}},
+        attempted=5, config={"sweeps": 1}, boundary_ops={"MatMul"}),
+    "gated-boundary": Case(
+        GatedNet, "nchw", {"legacy": {"Mul", "Sigmoid"}, "dynamo": {"Mul", "Sigmoid"}},
         attempted=2, config={"sweeps": 1}, boundary_ops={"Mul"}),
 }
 
