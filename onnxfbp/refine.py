@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+from scipy.linalg import cho_factor, cho_solve
 
 from . import __version__
 from .backend import array_module, cupy_or_none, to_numpy
@@ -45,8 +46,8 @@ from .graph import Layer, Plan, load_model, plan_model
 from .layers import LayerBlock
 from .patch import check_output_path, write_refined
 from .rules import RULES, Array
-from .solve import NormalEquations, choose_ridge
-from .targets import cross_entropy, label_target
+from .solve import NormalEquations, RidgeChoice, choose_ridge
+from .targets import cross_entropy, label_target, log_softmax
 
 __all__ = [
     "EvalResult",
@@ -75,6 +76,9 @@ class RefineConfig:
     invert_convs: bool = False  # also refine layers whose target passes a Conv inverse
     schedule: str = "jacobi"  # jacobi (all layers from one pass) | sequential (one by one)
     jacobi_steps: tuple[float, ...] = (1.0, 0.5)  # joint-update scales tried on held-out data
+    head_iterations: int = (
+        100  # logistic-regression iterations when only the output layer is refined
+    )
     min_sweep_gain: float = 0.002  # stop after a sweep that gains less held-out accuracy
     min_heldout_for_depth: int = 200  # fewer held-out samples: refine the output layer only
     batch_size: int = 500
@@ -449,7 +453,10 @@ class Refiner:
         reports: list[LayerReport] = []
         self._forward_time = self._solve_time = 0.0
         self._chosen_lam: dict[str, float] = {}
-        for sweep in range(cfg.sweeps):
+        polished = len(self.layers) == 1 and self._polish_head(
+            data, train_idx, val_idx, state, reports
+        )
+        for sweep in range(0 if polished else cfg.sweeps):
             correct_before = state.correct
             if cfg.schedule == "jacobi":
                 improved = self._sweep_jacobi(sweep, data, train_idx, val_idx, rng, state, reports)
@@ -460,6 +467,9 @@ class Refiner:
             gain = (state.correct - correct_before) / len(val_idx)
             if not improved or (sweep > 0 and gain < cfg.min_sweep_gain):
                 break  # converged: another sweep costs a full pass for (almost) nothing
+        if not polished and len(self.layers) > 1 and state.correct > 0:
+            # With the features settled, take the output layer to its optimum too.
+            self._polish_head(data, train_idx, val_idx, state, reports)
         forward_time, solve_time = self._forward_time, self._solve_time
         self.timings["forward_and_targets"] = forward_time
         self.timings["solve"] = solve_time
@@ -636,30 +646,122 @@ class Refiner:
                 solved.append((layer, st, new_w, report))
             reports.append(report)
         saved = dict(self.values)
-        best: tuple[float, float, int] | None = None
-        for alpha in self.config.jacobi_steps:
+        # Candidates: the joint update at each step size, and the output layer alone
+        # (deep updates sometimes hurt where the head alone helps).
+        candidates: list[tuple[str, float, list[Any]]] = [
+            (f"joint update kept at step {alpha}", alpha, solved)
+            for alpha in self.config.jacobi_steps
+        ]
+        if len(solved) > 1 and solved[0][0] is self.layers[0]:
+            candidates.append(("output layer alone kept", 1.0, solved[:1]))
+        best: tuple[int, float, int] | None = None
+        for k, (_, alpha, members) in enumerate(candidates):
             self.values = dict(saved)
-            for layer, st, new_w, _ in solved:
+            for layer, st, new_w, _ in members:
                 self._set_weights(layer, st.block, st.w0 + alpha * (new_w - st.w0))
             loss, correct, _ = self.scores(data, val_idx)
             if state.better(loss, correct, commit=False) and (
                 best is None or correct > best[2] or (correct == best[2] and loss < best[1])
             ):
-                best = (alpha, loss, correct)
+                best = (k, loss, correct)
         self.values = dict(saved)
         if best is not None:
-            alpha, loss, correct = best
-            for layer, st, new_w, report in solved:
+            k, loss, correct = best
+            reason, alpha, members = candidates[k]
+            for layer, st, new_w, report in members:
                 self._set_weights(layer, st.block, st.w0 + alpha * (new_w - st.w0))
-                report.accepted, report.reason = True, f"joint update kept at step {alpha}"
+                report.accepted, report.reason = True, reason
                 report.heldout_accuracy = correct / len(val_idx)
             state.better(loss, correct)
         for _, _, _, report in solved:
             if not report.accepted:
-                report.reason = "joint update did not improve held-out score; reverted"
+                report.reason = "not part of the kept update; reverted"
             report.seconds = (time.perf_counter() - started) / max(len(self.layers), 1)
             self._announce(report)
         return best is not None
+
+    def _polish_head(
+        self,
+        data: LabelledData,
+        train_idx: np.ndarray,
+        val_idx: np.ndarray,
+        state: _Score,
+        reports: list[LayerReport],
+    ) -> bool:
+        """Refine the dense output layer to the L2-regularized cross-entropy optimum.
+
+        Its input features do not change while only it changes, so they are
+        computed once (n x (d + 1) floats in memory) and the bound-optimization
+        iteration for multinomial logistic regression (Bohning: the softmax
+        Hessian is at most I/2) runs on them with one Cholesky factor per ``lam``:
+
+            W <- argmin ||X W - (X W + 2 (Y - softmax(X W)))||^2 + lam ||W - W0||^2
+
+        ``lam`` is chosen by held-out cross-entropy; the result is kept only if the
+        held-out score improves. Returns False (nothing done) if the layer is not a
+        dense layer feeding the logits through shape-only nodes.
+        """
+        head = self.layers[0]
+        shape_only = {"Reshape", "Flatten", "Identity", "Squeeze", "Dropout"}
+        if head.kind != "dense" or any(
+            self.plan.nodes[i].op not in shape_only for i in self._downstream[head.name]
+        ):
+            return False
+        started = time.perf_counter()
+        values = self.tensor_values()
+        self._views = self.plan.node_views(values)
+        block = self._block(head, self._views, values)
+        w0 = block.weights()[0]
+        feats: dict[int, list[np.ndarray]] = {0: [], 1: []}
+        for split, idx in ((0, train_idx), (1, val_idx)):
+            for x, _ in data.batches(idx, self.config.batch_size):
+                h = self.forward(x, [head.input])[head.input]
+                h = h.reshape(len(x), -1).astype(np.float64)
+                if block.has_bias_row:
+                    h = np.concatenate([h, np.ones((len(h), 1))], axis=1)
+                feats[split].append(h)
+        self._forward_time += time.perf_counter() - started
+        xtr, xva = np.concatenate(feats[0]), np.concatenate(feats[1])
+        if xtr.shape[1] != w0.shape[0]:  # leading axes beyond the batch: not a per-sample head
+            return False
+        ytr, yva = data.labels(train_idx), data.labels(val_idx)
+        fixed = 0.0 if block.fixed_bias is None else np.asarray(block.fixed_bias)
+        onehot = np.eye(w0.shape[1])[ytr]
+        gram = xtr.T @ xtr
+        scale = float(np.mean(np.diag(gram))) or 1.0
+        best: tuple[float, int, np.ndarray, float] | None = None
+        for lam_rel in self.config.ridge_grid:
+            lam = lam_rel * scale
+            factor = cho_factor(gram + lam * np.eye(len(gram)), lower=True, check_finite=False)
+            w = w0.copy()
+            for _ in range(self.config.head_iterations):
+                z = xtr @ w + fixed
+                step = z + 2.0 * (onehot - np.exp(log_softmax(z)))
+                w = cho_solve(factor, xtr.T @ step + lam * w0, check_finite=False)
+            if not np.isfinite(w).all():
+                continue
+            loss, correct = cross_entropy(xva @ w + fixed, yva)
+            if best is None or loss < best[0]:
+                best = (loss, correct, w, lam_rel)
+        self._solve_time += time.perf_counter() - started
+        if best is None:
+            return False
+        loss, correct, w, lam_rel = best
+        st = _Stats(block, w0[None], NormalEquations(1, 1, 1), NormalEquations(1, 1, 1))
+        report = self._report(
+            0, head, st, RidgeChoice(w[None], lam_rel, float("nan"), float("nan")), w[None]
+        )
+        report.heldout_accuracy = correct / len(yva)
+        report.reason = "output layer solved to the logistic-regression optimum; "
+        if state.better(loss, correct):
+            self._set_weights(head, block, w[None])
+            report.accepted, report.reason = True, report.reason + "kept"
+        else:
+            report.reason += "held-out score did not improve; reverted"
+        report.seconds = time.perf_counter() - started
+        reports.append(report)
+        self._announce(report)
+        return True
 
     def _announce(self, report: LayerReport) -> None:
         self.progress(
