@@ -712,13 +712,24 @@ class Refiner:
         self._views = self.plan.node_views(values)
         block = self._block(head, self._views, values)
         w0 = block.weights()[0]
+        # At most head_max_rows samples per split: memory stays bounded for any data size.
+        cap = self.config.head_max_rows
+        pick = np.random.default_rng(self.config.seed + 1)
+        train_idx = (
+            np.sort(pick.choice(train_idx, cap, replace=False))
+            if len(train_idx) > cap
+            else train_idx
+        )
+        val_idx = (
+            np.sort(pick.choice(val_idx, cap, replace=False)) if len(val_idx) > cap else val_idx
+        )
         feats: dict[int, list[np.ndarray]] = {0: [], 1: []}
         for split, idx in ((0, train_idx), (1, val_idx)):
             for x, _ in data.batches(idx, self.config.batch_size):
                 h = self.forward(x, [head.input])[head.input]
-                h = h.reshape(len(x), -1).astype(np.float64)
+                h = h.reshape(len(x), -1).astype(np.float32)
                 if block.has_bias_row:
-                    h = np.concatenate([h, np.ones((len(h), 1))], axis=1)
+                    h = np.concatenate([h, np.ones((len(h), 1), np.float32)], axis=1)
                 feats[split].append(h)
         self._forward_time += time.perf_counter() - started
         xtr, xva = np.concatenate(feats[0]), np.concatenate(feats[1])
@@ -727,7 +738,7 @@ class Refiner:
         ytr, yva = data.labels(train_idx), data.labels(val_idx)
         fixed = 0.0 if block.fixed_bias is None else np.asarray(block.fixed_bias)
         onehot = np.eye(w0.shape[1])[ytr]
-        gram = xtr.T @ xtr
+        gram = (xtr.T @ xtr).astype(np.float64)
         scale = float(np.mean(np.diag(gram))) or 1.0
         best: tuple[float, int, np.ndarray, float] | None = None
         for lam_rel in self.config.ridge_grid:
