@@ -76,9 +76,8 @@ class RefineConfig:
     invert_convs: bool = False  # also refine layers whose target passes a Conv inverse
     schedule: str = "jacobi"  # jacobi (all layers from one pass) | sequential (one by one)
     jacobi_steps: tuple[float, ...] = (1.0, 0.5)  # joint-update scales tried on held-out data
-    head_iterations: int = (
-        100  # logistic-regression iterations when only the output layer is refined
-    )
+    head_iterations: int = 100  # logistic-regression iterations of the output-layer solve
+    head_max_rows: int = 20000  # samples per split used by the output-layer solve
     min_sweep_gain: float = 0.002  # stop after a sweep that gains less held-out accuracy
     min_heldout_for_depth: int = 200  # fewer held-out samples: refine the output layer only
     batch_size: int = 500
