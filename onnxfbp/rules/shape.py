@@ -13,7 +13,8 @@ times). With ``P`` the 0/1 selection matrix, the least-squares inverse is
 
 (constant Pad: the target is cropped; Slice: dropped entries keep ``x0``). It is
 computed from the *index map* (the op applied to ``arange``, constants as -1);
-the adjoint of the linear part is the scatter-add ``P^T y``.
+the adjoint of the linear part is the scatter-add ``P^T y``. Slice and constant
+Pad copy each entry at most once and use slices instead of an index map.
 """
 
 from __future__ import annotations
@@ -217,6 +218,25 @@ class IndexMapRule(InverseRule):
             return xp.pad(a, width, mode="constant", constant_values=fill)
         return xp.pad(a, width, mode=mode)
 
+    def _one_to_one(
+        self, node: NodeView, x_shape: tuple[int, ...]
+    ) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
+        """For Slice and constant Pad, where each entry is copied at most once: the
+        slices of ``x`` that are copied and of the output they land in (no index map)."""
+        ndim = len(x_shape)
+        if node.op_type == "Slice":
+            return _slices(node, ndim), (slice(None),) * ndim
+        if node.op_type != "Pad":
+            return None
+        before, after, mode, _ = _pad_spec(node, ndim)
+        if mode != "constant":
+            return None
+        crop = tuple(slice(max(-b, 0), n - max(-e, 0))
+                     for b, e, n in zip(before, after, x_shape, strict=True))
+        kept = [len(range(n)[c]) for c, n in zip(crop, x_shape, strict=True)]
+        inner = tuple(slice(max(b, 0), max(b, 0) + k) for b, k in zip(before, kept, strict=True))
+        return crop, inner
+
     def _index(self, node: NodeView, x_shape: tuple[int, ...], xp: object) -> Array:
         n = int(np.prod(x_shape))
         return self._map(node, xp.arange(n, dtype=np.int64).reshape(x_shape), -1)  # type: ignore[attr-defined]
@@ -237,6 +257,11 @@ class IndexMapRule(InverseRule):
         return sums, counts
 
     def adjoint(self, node: NodeView, y: Array, x_shape: tuple[int, ...]) -> Array:
+        direct = self._one_to_one(node, tuple(x_shape))
+        if direct is not None:
+            out = xp_of(y).zeros(x_shape, dtype=y.dtype)
+            out[direct[0]] = y[direct[1]]
+            return out
         idx = self._index(node, tuple(x_shape), xp_of(y))
         sums, _ = self._scatter(idx, y, int(np.prod(x_shape)))
         return sums.reshape(x_shape).astype(y.dtype)
@@ -245,6 +270,11 @@ class IndexMapRule(InverseRule):
         self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
     ) -> list[Array]:
         xp, x0 = xp_of(t), xs[0]
+        direct = self._one_to_one(node, tuple(x0.shape))
+        if direct is not None:
+            x = x0.copy()
+            x[direct[0]] = t[direct[1]]
+            return [x]
         idx = self._index(node, tuple(x0.shape), xp)
         sums, counts = self._scatter(idx, t, x0.size)
         x = xp.where(counts > 0, sums / xp.maximum(counts, 1), x0.ravel())
