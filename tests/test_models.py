@@ -121,23 +121,27 @@ def refine_model(name: str, data: dict[str, np.ndarray], out: Path) -> Outcome:
 
 
 @pytest.fixture(scope="module")
-def corpus_data(shared_models: Path, mnist_rot: dict[str, np.ndarray],
-                cifar: tuple[np.ndarray, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+def mnist_corpus(mnist_rot: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     d = mnist_rot  # adapt: images 0-4999 rotated (seed 1); eval: 5000-9999 (seed 2)
-    mnist = {"x_adapt": d["x_adapt"][:N], "y_adapt": d["y_adapt"][:N],
-             "x_eval": d["x_eval"][:N], "y_eval": d["y_eval"][:N], "x_clean": d["x_clean"][:N]}
-    return {"mnist": mnist, "cifar": _splits("cifar", *cifar)}
+    return {"x_adapt": d["x_adapt"][:N], "y_adapt": d["y_adapt"][:N],
+            "x_eval": d["x_eval"][:N], "y_eval": d["y_eval"][:N], "x_clean": d["x_clean"][:N]}
+
+
+@pytest.fixture(scope="module")
+def cifar_corpus(cifar: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+    return _splits("cifar", *cifar)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
-def test_corpus_model_refines(name: str, corpus_data: dict[str, dict[str, np.ndarray]],
+def test_corpus_model_refines(name: str, shared_models: Path, request: pytest.FixtureRequest,
                               tmp_path: Path) -> None:
     model = models_dir() / name
     if not model.is_file():
         pytest.skip(f"{name} is not in {models_dir()}")
+    data = request.getfixturevalue(f"{MODELS[name].dataset}_corpus")
     out = tmp_path / "refined.onnx"
-    r = refine_model(name, corpus_data[MODELS[name].dataset], out)
+    r = refine_model(name, data, out)
     summary = (f"{name}: shift {r.shift_before:.4f} -> {r.shift_after:.4f}, "
                f"clean {r.clean_before:.4f} -> {r.clean_after:.4f}")
     assert r.shift_after >= r.shift_before + 0.01, summary
