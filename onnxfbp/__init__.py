@@ -26,8 +26,8 @@ from .refine import (  # noqa: E402
     EvalResult,
     LayerReport,
     RefineConfig,
-    RefineResult,
     Refiner,
+    RefineResult,
     evaluate,
     refine,
 )

@@ -76,7 +76,9 @@ def shift_images(images01: NDArray[np.floating], shift: str, seed: int = 0) -> N
         angles = rng.uniform(-45.0, 45.0, size=len(x))
         out = np.empty_like(x)
         for i, (img, angle) in enumerate(zip(x, angles, strict=True)):
-            out[i] = ndimage.rotate(img, angle, axes=(0, 1), reshape=False, order=1, mode="constant")
+            out[i] = ndimage.rotate(
+                img, angle, axes=(0, 1), reshape=False, order=1, mode="constant"
+            )
         return np.clip(out, 0.0, 1.0)
     if shift == "noise":
         return np.clip(x + rng.normal(0.0, 0.5, size=x.shape).astype(np.float32), 0.0, 1.0)

@@ -121,7 +121,9 @@ class LayerBlock:
         return xr, tr
 
     @staticmethod
-    def _patch_subset(x: Array, geometry: object, keep: np.ndarray, out_hw: tuple[int, int]) -> Array:
+    def _patch_subset(
+        x: Array, geometry: object, keep: np.ndarray, out_hw: tuple[int, int]
+    ) -> Array:
         from .rules.linear import windows  # noqa: PLC0415
 
         g = geometry

@@ -78,7 +78,9 @@ def ridge_solve(gram: Array, cross: Array, w0: Array, lam: float) -> Array:
         if xp is np:
             from scipy.linalg import cho_factor, cho_solve  # noqa: PLC0415
 
-            out[g] = cho_solve(cho_factor(a, lower=True, check_finite=False), rhs, check_finite=False)
+            out[g] = cho_solve(
+                cho_factor(a, lower=True, check_finite=False), rhs, check_finite=False
+            )
         else:
             low = xp.linalg.cholesky(a)
             y = _tri_solve(xp, low, rhs, lower=True)

@@ -21,17 +21,21 @@ def onnxfbp(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
     script = shutil.which("onnxfbp", path=str(Path(sys.executable).parent))
     cmd = [script] if script else [sys.executable, "-m", "onnxfbp.cli"]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=600, check=False)
+    return subprocess.run(
+        [*cmd, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600, check=False
+    )
 
 
 def test_demo_refines_bundled_model(tmp_path: Path) -> None:
     proc = onnxfbp("demo", "--output", str(tmp_path / "demo.onnx"), "--quiet", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     lines = {line.split(":")[0].strip(): line for line in proc.stdout.splitlines() if ":" in line}
-    before, after = (float(v) for v in lines["eval accuracy"].split(":")[1].split("(")[0].split("->"))
-    clean_before, clean_after = (float(v) for v in
-                                 lines["clean accuracy"].split(":")[1].split("(")[0].split("->"))
+    before, after = (
+        float(v) for v in lines["eval accuracy"].split(":")[1].split("(")[0].split("->")
+    )
+    clean_before, clean_after = (
+        float(v) for v in lines["clean accuracy"].split(":")[1].split("(")[0].split("->")
+    )
     assert after - before >= 0.08  # rotated digits: about 0.76 -> 0.90
     assert clean_after >= clean_before - 0.02
     assert changed_initializers(MODELS / "demo_mnist_cnn.onnx", tmp_path / "demo.onnx")
@@ -39,9 +43,20 @@ def test_demo_refines_bundled_model(tmp_path: Path) -> None:
 
 def test_refine_eval_and_report(tmp_path: Path) -> None:
     out, report = tmp_path / "out.onnx", tmp_path / "report.json"
-    proc = onnxfbp("refine", str(MODELS / "demo_mnist_cnn.onnx"), str(out),
-                   "--data", str(MODELS / "demo_adapt.npz"), "--eval-data", str(MODELS / "demo_eval.npz"),
-                   "--report", str(report), "--sweeps", "1", "--quiet")
+    proc = onnxfbp(
+        "refine",
+        str(MODELS / "demo_mnist_cnn.onnx"),
+        str(out),
+        "--data",
+        str(MODELS / "demo_adapt.npz"),
+        "--eval-data",
+        str(MODELS / "demo_eval.npz"),
+        "--report",
+        str(report),
+        "--sweeps",
+        "1",
+        "--quiet",
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""  # --quiet
     data = json.loads(report.read_text())
@@ -60,9 +75,19 @@ def test_refine_eval_and_report(tmp_path: Path) -> None:
 def test_refine_reads_graph_input_name_or_x(tmp_path: Path) -> None:
     with np.load(MODELS / "demo_adapt.npz") as z:
         np.savez(tmp_path / "x.npz", x=z["input"][:300], y=z["y"][:300])
-    proc = onnxfbp("refine", str(MODELS / "demo_mnist_cnn.onnx"), str(tmp_path / "o.onnx"),
-                   "--data", str(tmp_path / "x.npz"), "--max-layers", "1", "--sweeps", "1",
-                   "--allow-worse", "--quiet")
+    proc = onnxfbp(
+        "refine",
+        str(MODELS / "demo_mnist_cnn.onnx"),
+        str(tmp_path / "o.onnx"),
+        "--data",
+        str(tmp_path / "x.npz"),
+        "--max-layers",
+        "1",
+        "--sweeps",
+        "1",
+        "--allow-worse",
+        "--quiet",
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "o.onnx").is_file()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 from graphcheck import changed_initializers
 
 from onnxfbp import RefineConfig, evaluate, refine
@@ -17,14 +16,20 @@ def _legacy_prep(images01: np.ndarray) -> np.ndarray:
     return ((images01 - 0.5) / 0.5)[:, None].astype(np.float32)
 
 
-def test_legacy_cnn_gains_on_rotated_mnist(shared_models: Path, mnist_rot: dict[str, np.ndarray],
-                                           tmp_path: Path) -> None:
+def test_legacy_cnn_gains_on_rotated_mnist(
+    shared_models: Path, mnist_rot: dict[str, np.ndarray], tmp_path: Path
+) -> None:
     model = shared_models / "mnist_pytorch25_legacy_cnn.onnx"
     before_bytes = model.read_bytes()
     out = tmp_path / "refined.onnx"
     d = mnist_rot
-    result = refine(model, out, _legacy_prep(d["x_adapt"]), d["y_adapt"],
-                    eval_data=(_legacy_prep(d["x_eval"]), d["y_eval"]))
+    result = refine(
+        model,
+        out,
+        _legacy_prep(d["x_adapt"]),
+        d["y_adapt"],
+        eval_data=(_legacy_prep(d["x_eval"]), d["y_eval"]),
+    )
     assert result.eval_before is not None and result.eval_after is not None
     assert 0.84 < result.eval_before.accuracy < 0.90  # the documented starting point (~0.87)
     assert result.eval_after.accuracy - result.eval_before.accuracy >= 0.05
@@ -32,8 +37,16 @@ def test_legacy_cnn_gains_on_rotated_mnist(shared_models: Path, mnist_rot: dict[
     clean_after = evaluate(out, _legacy_prep(d["x_clean"]), d["y_clean"]).accuracy
     assert clean_after >= clean_before - 0.02
     changed = changed_initializers(model, out)
-    assert changed and set(changed) <= {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias",
-                                        "conv2.weight", "conv2.bias", "conv1.weight", "conv1.bias"}
+    assert changed and set(changed) <= {
+        "fc1.weight",
+        "fc1.bias",
+        "fc2.weight",
+        "fc2.bias",
+        "conv2.weight",
+        "conv2.bias",
+        "conv1.weight",
+        "conv1.bias",
+    }
     assert model.read_bytes() == before_bytes  # the input is never modified
 
 
@@ -62,9 +75,11 @@ def test_streamed_normal_equations_equal_batch_and_are_solved() -> None:
 def test_ridge_choice_prefers_heldout_fit() -> None:
     rng = np.random.default_rng(1)
     w_true = rng.standard_normal((1, 20, 2))
+
     def batch(n: int) -> tuple[np.ndarray, np.ndarray]:
         x = rng.standard_normal((1, n, 20))
         return x, x @ w_true + 0.5 * rng.standard_normal((1, n, 2))
+
     train, val = NormalEquations(1, 20, 2), NormalEquations(1, 20, 2)
     train.add(*batch(25))
     val.add(*batch(500))
@@ -80,8 +95,9 @@ def test_singular_gram_still_gives_finite_weights() -> None:
     assert np.isfinite(choice.weights).all()
 
 
-def test_fixed_batch_model_runs_any_sample_count(shared_models: Path, tmp_path: Path,
-                                                 mnist: tuple[np.ndarray, np.ndarray]) -> None:
+def test_fixed_batch_model_runs_any_sample_count(
+    shared_models: Path, tmp_path: Path, mnist: tuple[np.ndarray, np.ndarray]
+) -> None:
     model = shared_models / "mnist_whitematter_custom_bn.onnx"  # fixed batch 1, BatchNorm
     x, y = mnist
     result = evaluate(model, x[:777, None], y[:777])
