@@ -46,8 +46,8 @@ time (vfork + exec records the parent's high-water mark), so the parent stays le
 imports numpy or loads data (a child prepares the data files). A child also reports its own
 ``VmHWM``; the two are stored side by side in ``--json``.
 
-Usage
-    PYTHONPATH=. /work/venv-bench/bin/python tools/bench.py [--scenarios a,b] [--methods a,b]
+Usage (in a virtual environment with ``pip install -e ".[bench]"``)
+    python tools/bench.py [--scenarios a,b] [--methods a,b]
         [--repeats N] [--json OUT.json] [--markdown] [--memory]
 """
 
