@@ -583,6 +583,18 @@ class Refiner:
             residual_after=choice.residual / per_row,
         )
 
+    def _solve_layer(
+        self, sweep: int, layer: Layer, st: _Stats
+    ) -> tuple[np.ndarray | None, LayerReport]:
+        """Solve one layer; the new weights (None if not finite) and its report."""
+        choice = self._solve(layer, st)
+        new_w = to_numpy(choice.weights)
+        report = self._report(sweep, layer, st, choice, new_w)
+        if choice.lam == float("inf") or not np.isfinite(new_w).all():
+            report.reason = "no finite solution; layer left unchanged"
+            return None, report
+        return new_w, report
+
     def _sweep_sequential(
         self,
         sweep: int,
@@ -598,12 +610,8 @@ class Refiner:
         for layer in self.layers:
             started = time.perf_counter()
             st = self._accumulate(data, train_idx, val_idx, [layer], rng)[layer.name]
-            choice = self._solve(layer, st)
-            new_w = to_numpy(choice.weights)
-            report = self._report(sweep, layer, st, choice, new_w)
-            if choice.lam == float("inf") or not np.isfinite(new_w).all():
-                report.reason = "no finite solution; layer left unchanged"
-            else:
+            new_w, report = self._solve_layer(sweep, layer, st)
+            if new_w is not None:
                 saved = dict(self.values)
                 self._set_weights(layer, st.block, new_w)
                 loss, correct, _ = self.scores(data, val_idx)
@@ -636,12 +644,8 @@ class Refiner:
         solved = []
         for layer in self.layers:
             st = stats[layer.name]
-            choice = self._solve(layer, st)
-            new_w = to_numpy(choice.weights)
-            report = self._report(sweep, layer, st, choice, new_w)
-            if choice.lam == float("inf") or not np.isfinite(new_w).all():
-                report.reason = "no finite solution; layer left unchanged"
-            else:
+            new_w, report = self._solve_layer(sweep, layer, st)
+            if new_w is not None:
                 solved.append((layer, st, new_w, report))
             reports.append(report)
         saved = dict(self.values)
