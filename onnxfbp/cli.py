@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -117,21 +116,9 @@ def _check_report_path(report: str | None, *inputs: str | Path | None) -> None:
             )
     if path.name in ("", ".", "..") or path.is_dir():
         raise OutputError(f"--report {report} is a folder; give a file name such as report.json")
-    parent = path.parent
-    if not parent.is_dir():
-        raise OutputError(
-            f"cannot write report {report}: folder {parent} does not exist; create it first"
-        )
-    from .patch import signals_deferred  # noqa: PLC0415
+    from .patch import check_writable_folder  # noqa: PLC0415
 
-    try:
-        with signals_deferred():
-            os.rmdir(tempfile.mkdtemp(prefix=".onnxfbp-", dir=parent))
-    except OSError as exc:
-        raise OutputError(
-            f"cannot write report {report}: folder {parent} is not writable "
-            f"({exc.strerror or exc}); choose another folder"
-        ) from exc
+    check_writable_folder(path.parent, f"report {report}", "choose another folder")
 
 
 def cmd_refine(args: argparse.Namespace) -> int:

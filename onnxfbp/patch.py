@@ -71,15 +71,21 @@ def check_output_path(input_path: Path, output: Path, force: bool) -> None:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
         raise OutputError(f"cannot write {output}: {probe} is a file, not a folder")
+    check_writable_folder(parent, str(output), "choose another output folder")
+
+
+def check_writable_folder(parent: Path, what: str, advice: str) -> None:
+    """Refuse a missing or unwritable folder by really creating (and removing) a
+    temporary folder in it: permission bits alone lie for root and for /proc."""
     if not parent.is_dir():
-        raise OutputError(f"cannot write {output}: folder {parent} does not exist; create it first")
+        raise OutputError(f"cannot write {what}: folder {parent} does not exist; create it first")
     try:
         with signals_deferred():
             os.rmdir(tempfile.mkdtemp(prefix=".onnxfbp-", dir=parent))
     except OSError as exc:
         raise OutputError(
-            f"cannot write {output}: folder {parent} is not writable "
-            f"({exc.strerror or exc}); choose another output folder"
+            f"cannot write {what}: folder {parent} is not writable "
+            f"({exc.strerror or exc}); {advice}"
         ) from exc
 
 
