@@ -13,6 +13,13 @@ relative: each linear rule scales it to its own operator's mean eigenvalue.
 Every rule also has a NumPy reference :meth:`InverseRule.forward`, checked
 against onnxruntime by the contract tests; linear rules expose the linear part
 and its adjoint for the adjoint identity ``<A v, w> = <v, A^T w>``.
+
+:meth:`InverseRule.vjp` is the same reverse step linearized at ``x0``: a small
+output residual ``r = t - o0`` becomes the input residual ``J^T r`` (the
+adjoint for linear rules, ``f'(x0) r`` for element-wise ones, the small-step
+response of :meth:`InverseRule.inverse` otherwise). Carried from the logits
+residual ``onehot(y) - softmax(z)`` it gives every layer the target
+``z_l - dL/dz_l``, the target of refine's mini-batch schedule.
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ class InverseRule:
 
     op_types: ClassVar[tuple[str, ...]] = ()
     linear: ClassVar[bool] = False  # has apply_linear / adjoint
+    elementwise: ClassVar[bool] = False  # o[i] = f(x[i]): vjp from f'(x0)
     parametric: ClassVar[bool] = False  # owns refinable weights
 
     def check(self, node: NodeView) -> str | None:
@@ -89,6 +97,34 @@ class InverseRule:
     ) -> list[Array]:
         """Target for each of ``data_inputs(node)``, in that order."""
         raise NotImplementedError
+
+    def vjp(self, node: NodeView, r: Array, xs: Sequence[Array], o0: Array) -> list[Array]:
+        """Linearized reverse step: the residual ``r`` at the output carried to each
+        of ``data_inputs(node)`` as ``J^T r`` (``J`` the Jacobian at ``x0``).
+
+        Linear rules: the adjoint. Element-wise rules: ``f'(x0) r`` with ``f'`` a
+        central difference of :meth:`forward` in float64. Other rules: the response
+        of :meth:`inverse` to the small step ``t = o0 + eps r`` divided by ``eps``
+        (exact for index maps; for max-pooling the arg-max routing).
+        """
+        xp = xp_of(r)
+        if self.linear:
+            return [self.adjoint(node, r, tuple(xs[0].shape)).astype(xs[0].dtype, copy=False)]
+        if self.elementwise:
+            x = xs[0].astype(xp.float64)
+            h = 1e-4 * (1.0 + xp.abs(x))
+            slope = (self.forward(node, [x + h]) - self.forward(node, [x - h])) / (2 * h)
+            return [(r * slope).astype(xs[0].dtype, copy=False)]
+        scale = float(xp.abs(r).max()) if r.size else 0.0
+        if scale == 0.0:
+            return [xp.zeros_like(x) for x in xs]
+        eps = 1e-3 * (float(xp.abs(o0).max()) + 1e-3) / scale
+        t = (o0.astype(xp.float64) + eps * r).astype(o0.dtype)
+        new = self.inverse(node, t, xs, o0, 1.0)
+        return [
+            ((n.astype(xp.float64) - x) / eps).astype(x.dtype)
+            for n, x in zip(new, xs, strict=True)
+        ]
 
     # Linear rules only: the linear part of f (no bias) and its adjoint.
     def apply_linear(self, node: NodeView, x: Array) -> Array:

@@ -30,6 +30,10 @@ class ReluRule(InverseRule):
     """``o = max(x, 0)``; ``x* = t`` where ``t > 0``, else ``min(x0, 0)``."""
 
     op_types = ("Relu",)
+    elementwise = True
+
+    def vjp(self, node: NodeView, r: Array, xs: Sequence[Array], o0: Array) -> list[Array]:
+        return [(r * (xs[0] > 0)).astype(xs[0].dtype, copy=False)]
 
     def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
         return xp_of(xs[0]).maximum(xs[0], 0)
@@ -46,6 +50,7 @@ class LeakyReluRule(InverseRule):
     """``o = x`` if ``x >= 0`` else ``alpha x``; ``x* = t`` or ``t / alpha``."""
 
     op_types = ("LeakyRelu",)
+    elementwise = True
 
     def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
         x, alpha = xs[0], node.attr("alpha", 0.01)
@@ -65,6 +70,7 @@ class PReluRule(InverseRule):
     """``o = x`` if ``x >= 0`` else ``slope x`` (slope a constant, broadcast)."""
 
     op_types = ("PRelu",)
+    elementwise = True
 
     def check(self, node: NodeView) -> str | None:
         return None if 1 in node.static else "slope must be constant"
@@ -89,6 +95,7 @@ class SigmoidRule(InverseRule):
     """``o = 1 / (1 + e^-x)``; ``x* = logit(clamp(t, eps, 1 - eps))``."""
 
     op_types = ("Sigmoid",)
+    elementwise = True
 
     def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
         xp = xp_of(xs[0])
@@ -107,6 +114,7 @@ class TanhRule(InverseRule):
     """``o = tanh x``; ``x* = artanh(clamp(t, -1 + eps, 1 - eps))``."""
 
     op_types = ("Tanh",)
+    elementwise = True
 
     def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
         return xp_of(xs[0]).tanh(xs[0])
@@ -133,6 +141,7 @@ class ClipRule(InverseRule):
     """``o = min(max(x, lo), hi)``; exact inside, one-sided where saturated."""
 
     op_types = ("Clip",)
+    elementwise = True
 
     def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
         lo, hi = _clip_bounds(node)
@@ -175,6 +184,20 @@ class SoftmaxRule(InverseRule):
         logp = z - xp.log(xp.exp(z).sum(axis=axis, keepdims=True))
         out = logp if node.op_type == "LogSoftmax" else xp.exp(logp)
         return out.reshape(xs[0].shape)
+
+    def vjp(self, node: NodeView, r: Array, xs: Sequence[Array], o0: Array) -> list[Array]:
+        """Softmax ``p (r - sum(p r))``; LogSoftmax ``r - p sum(r)`` (rows along axis)."""
+        xp = xp_of(r)
+        x, axis = self._rows(node, xs[0])
+        rr, _ = self._rows(node, r)
+        z = x.astype(xp.float64)
+        p = xp.exp(z - z.max(axis=axis, keepdims=True))
+        p /= p.sum(axis=axis, keepdims=True)
+        if node.op_type == "Softmax":
+            d = p * (rr - (p * rr).sum(axis=axis, keepdims=True))
+        else:
+            d = rr - p * rr.sum(axis=axis, keepdims=True)
+        return [d.reshape(xs[0].shape).astype(xs[0].dtype, copy=False)]
 
     def inverse(
         self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float

@@ -81,6 +81,22 @@ class BinaryAffineRule(InverseRule):
         a, b = _operand(node, xs, 0), _operand(node, xs, 1)
         return {"Add": a + b, "Sub": a - b, "Mul": a * b, "Div": a / b}[node.op_type]
 
+    def vjp(self, node: NodeView, r: Array, xs: Sequence[Array], o0: Array) -> list[Array]:
+        """``J^T r``: both operands of a residual Add get ``r`` (Sub: ``-r`` for the
+        second); a constant operand ``c`` scales it (Mul: ``c r``, Div: ``r / c``);
+        summed over the axes an operand was broadcast along."""
+        xp = xp_of(r)
+        op = node.op_type
+        out = []
+        for index, x0 in zip(node.dynamic, xs, strict=True):
+            if op in ("Add", "Sub"):
+                d = -r if (op == "Sub" and index == 1) else r
+            else:
+                c = xp.asarray(node.static[1 - index], dtype=r.dtype)
+                d = r * c if op == "Mul" else r / c
+            out.append(unbroadcast(d, tuple(x0.shape), xp.sum).astype(x0.dtype, copy=False))
+        return out
+
     def inverse(
         self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
     ) -> list[Array]:
@@ -127,6 +143,10 @@ class BatchNormRule(InverseRule):
         scale, shift = self._affine(node, xs[0])
         return (xs[0] * scale + shift).astype(xs[0].dtype)
 
+    def vjp(self, node: NodeView, r: Array, xs: Sequence[Array], o0: Array) -> list[Array]:
+        scale, _ = self._affine(node, r)
+        return [(r * scale).astype(xs[0].dtype, copy=False)]
+
     def inverse(
         self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
     ) -> list[Array]:
@@ -164,6 +184,15 @@ class LayerNormRule(InverseRule):
     def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
         z, _, _, (g, b) = self._parts(node, xs[0])
         return (z * g + b).astype(xs[0].dtype)
+
+    def vjp(self, node: NodeView, r: Array, xs: Sequence[Array], o0: Array) -> list[Array]:
+        """``(u - mean(u) - z mean(u z)) / s`` with ``u = g r`` over the normalized axes."""
+        z, _, s, (g, _) = self._parts(node, xs[0])
+        axis = int(node.attr("axis", -1)) % z.ndim
+        axes = tuple(range(axis, z.ndim))
+        u = r * g
+        d = (u - u.mean(axis=axes, keepdims=True) - z * (u * z).mean(axis=axes, keepdims=True))
+        return [(d / s).astype(xs[0].dtype, copy=False)]
 
     def inverse(
         self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float

@@ -253,15 +253,28 @@ class ConvRule(InverseRule):
         return out.transpose(1, 0, 4, 2, 3).reshape(x.shape[0], cout, oh, ow)
 
     def adjoint(self, node: NodeView, y: Array, x_shape: tuple[int, ...]) -> Array:
+        """``A^T y``: one GEMM per group, ``W_g^T`` (C_in/g*kh*kw, C_out/g) times
+        ``y_g`` laid out (C_out/g, N*oh*ow), gives every kernel tap's contribution
+        at every output position; the taps are then summed back onto the input
+        grid one (kh, kw) offset at a time, channels first (contiguous adds)."""
         xp = xp_of(y)
         g = self.geometry(node, x_shape)
         w = xp.asarray(conv_weight(node), dtype=y.dtype)
-        cout = w.shape[0]
+        cout, cg, kh, kw = w.shape
         n, _, oh, ow = y.shape
-        wg = w.reshape(g.group, cout // g.group, -1)
-        yg = y.reshape(n, g.group, cout // g.group, oh, ow).transpose(1, 0, 3, 4, 2)
-        cols = xp.matmul(yg.reshape(g.group, n * oh * ow, -1), wg)
-        return col2im(cols, tuple(x_shape), g, oh, ow)
+        yt = xp.ascontiguousarray(y.transpose(1, 0, 2, 3)).reshape(g.group, cout // g.group, -1)
+        wg = w.reshape(g.group, cout // g.group, cg * kh * kw).transpose(0, 2, 1)
+        taps = xp.matmul(wg, yt).reshape(g.group * cg, kh, kw, n, oh, ow)
+        _, c, h, wd = x_shape
+        (sh, sw), (dh, dw) = g.strides, g.dilations
+        pt, pl, pb, pr = g.pads
+        out = xp.zeros((c, n, h + pt + pb, wd + pl + pr), dtype=y.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                rows = slice(i * dh, i * dh + sh * (oh - 1) + 1, sh)
+                cols = slice(j * dw, j * dw + sw * (ow - 1) + 1, sw)
+                out[:, :, rows, cols] += taps[:, i, j]
+        return xp.ascontiguousarray(out.transpose(1, 0, 2, 3)[:, :, pt : pt + h, pl : pl + wd])
 
     def inverse(
         self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float

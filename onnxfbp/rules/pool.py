@@ -83,6 +83,32 @@ class MaxPoolRule(InverseRule):
         g = _pool_geometry(node, xs[0].shape)
         return windows(xs[0], g, -np.inf).max(axis=(4, 5))
 
+    def vjp(self, node: NodeView, r: Array, xs: Sequence[Array], o0: Array) -> list[Array]:
+        """Each window's residual goes to its maximal entry and overlapping windows
+        add up. Non-overlapping windows: tied maxima split it evenly (a
+        subgradient); otherwise the first arg-max takes it."""
+        x0 = xs[0]
+        xp = xp_of(r)
+        g = _pool_geometry(node, x0.shape)
+        kh, kw = g.kernel
+        n, c, h, w = x0.shape
+        oh, ow = r.shape[2], r.shape[3]
+        tiled = g.strides == g.kernel and g.dilations == (1, 1) and not any(g.pads)
+        if not tiled or oh * kh > h or ow * kw > w:
+            win = windows(x0, g, -np.inf)
+            flat = win.reshape(*win.shape[:4], kh * kw)
+            onehot = (flat.argmax(axis=-1)[..., None] == xp.arange(kh * kw)).reshape(win.shape)
+            routed = xp.where(onehot, r[..., None, None], 0).astype(r.dtype)
+            return [_scatter_windows(routed, x0.shape, g, "add").astype(x0.dtype, copy=False)]
+        taps = [(i, j) for i in range(kh) for j in range(kw)]
+        hits = {ij: x0[:, :, ij[0] : oh * kh : kh, ij[1] : ow * kw : kw] == o0 for ij in taps}
+        ties = sum(hit.astype(r.dtype) for hit in hits.values())
+        share = r / xp.maximum(ties, 1)
+        out = xp.zeros_like(x0)
+        for (i, j), hit in hits.items():
+            out[:, :, i : oh * kh : kh, j : ow * kw : kw] = hit * share
+        return [out]
+
     def inverse(
         self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
     ) -> list[Array]:

@@ -161,6 +161,8 @@ def _fns(kind: str, approx: str = "none", alpha: float = 1.0) -> tuple[Fn, Fn]:
 class _Elementwise(InverseRule):
     """Shared forward/inverse: subclasses give ``f`` and the per-piece candidates."""
 
+    elementwise = True
+
     def fn(self, node: NodeView) -> Fn:
         raise NotImplementedError
 
