@@ -28,7 +28,14 @@ import numpy as np
 
 from .rules import Array, xp_of
 
-__all__ = ["NormalEquations", "RidgeChoice", "choose_ridge", "ridge_solve"]
+__all__ = [
+    "NormalEquations",
+    "Preconditioner",
+    "PreconditionerSums",
+    "RidgeChoice",
+    "choose_ridge",
+    "ridge_solve",
+]
 
 
 @dataclass
@@ -86,6 +93,91 @@ def ridge_solve(gram: Array, cross: Array, w0: Array, lam: float) -> Array:
             y = _tri_solve(xp, low, rhs, lower=True)
             out[g] = _tri_solve(xp, low.T, y, lower=False)
     return out
+
+
+@dataclass
+class Preconditioner:
+    """The damped per-row Gram ``C + lam I`` of a layer, factored once.
+
+    ``C = X^T X / m`` over ``m`` rows ``X`` (G blocks of d columns), ``lam`` is
+    ``damping`` times the mean diagonal of ``C``. Applied to the cross product
+    ``B = X_b^T R_b / n`` of a mini-batch's rows and target residuals it gives the
+    regularized least-squares step
+
+        dW = argmin ||X_b dW - R_b||^2 / n + lam ||dW||^2 ~ (C + lam I)^-1 B
+
+    with the Gram estimated from the larger sample. Solved in the smaller of the
+    two dimensions: a Cholesky factor of the d x d matrix when ``d <= m``, else
+    (Woodbury) of the m x m matrix ``X X^T + m lam I``, keeping the rows:
+
+        (X^T X / m + lam I)^-1 B = (B - X^T (X X^T + m lam I)^-1 X B) / lam
+    """
+
+    factors: list[Array]
+    lam: float  # absolute
+    rows: Array | None = None  # (G, m, d) float32 in the Woodbury form, else None
+
+    @classmethod
+    def from_sums(cls, sums: PreconditionerSums, damping: float) -> Preconditioner:
+        xp = sums.xp
+        m = max(sums.count, 1)
+        if not sums.dual:
+            cov = sums.gram / m
+            lam = damping * (float(xp.mean(xp.diagonal(cov, axis1=1, axis2=2))) or 1.0)
+            eye = xp.eye(cov.shape[-1], dtype=cov.dtype)
+            return cls([xp.linalg.cholesky(c + lam * eye) for c in cov], lam)
+        rows = xp.concatenate(sums.chunks, axis=1)
+        kernel = xp.matmul(rows, rows.transpose(0, 2, 1)).astype(xp.float64)
+        lam = damping * (float(xp.trace(kernel, axis1=1, axis2=2).mean()) / m / rows.shape[2])
+        lam = lam or damping
+        eye = xp.eye(kernel.shape[-1], dtype=kernel.dtype)
+        return cls([xp.linalg.cholesky(k + m * lam * eye) for k in kernel], lam, rows)
+
+    def _solve(self, g: int, b: Array) -> Array:
+        xp = xp_of(b)
+        low = self.factors[g]
+        if xp is np:
+            from scipy.linalg import cho_solve  # noqa: PLC0415
+
+            return cho_solve((low, True), b, check_finite=False)
+        return _tri_solve(xp, low.T, _tri_solve(xp, low, b, lower=True), False)
+
+    def apply(self, cross: Array) -> Array:
+        """``(C + lam I)^-1 B`` for each group block of ``cross`` (G, d, k)."""
+        xp = xp_of(cross)
+        out = xp.empty_like(cross)
+        for g in range(len(self.factors)):
+            if self.rows is None:
+                out[g] = self._solve(g, cross[g])
+            else:
+                rows = self.rows[g]
+                inner = self._solve(g, (rows @ cross[g].astype(xp.float32)).astype(xp.float64))
+                out[g] = (cross[g] - (rows.T @ inner.astype(xp.float32))) / self.lam
+        return out
+
+
+@dataclass
+class PreconditionerSums:
+    """Rows streamed into a :class:`Preconditioner`: their Gram (float64), or the
+    rows themselves (float32) when fewer rows than columns are expected (``dual``),
+    so memory is O(min(d^2, m d)) per block."""
+
+    dual: bool
+    xp: Any = np
+    gram: Array = None
+    chunks: list[Array] = field(default_factory=list)
+    count: int = 0
+
+    def add(self, x: Array) -> None:
+        """Accumulate rows ``x`` (G, n, d)."""
+        xp = self.xp
+        x = xp.asarray(x, dtype=xp.float32)
+        if self.dual:
+            self.chunks.append(x)
+        else:
+            gram = xp.matmul(x.transpose(0, 2, 1), x).astype(xp.float64)
+            self.gram = gram if self.gram is None else self.gram + gram
+        self.count += int(x.shape[1])
 
 
 def _tri_solve(xp: Any, a: Array, b: Array, lower: bool) -> Array:
