@@ -44,7 +44,7 @@ def _config(args: argparse.Namespace) -> Any:
     from .refine import RefineConfig  # noqa: PLC0415
 
     config = RefineConfig(device=args.device, seed=args.seed)
-    for key in ("max_layers", "sweeps", "holdout", "min_gain", "batch_size"):
+    for key in ("max_layers", "sweeps", "holdout", "min_gain", "batch_size", "schedule", "epochs"):
         value = getattr(args, key, None)
         if value is not None:
             setattr(config, key, value)
@@ -181,7 +181,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect import inspect_model, render_table  # noqa: PLC0415
 
-    info = inspect_model(args.model, deep=args.deep)
+    info = inspect_model(args.model, deep=args.deep, schedule=args.schedule)
     try:
         if args.json:
             print(json.dumps(info, indent=2), flush=True)
@@ -256,10 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-worse", action="store_true",
                    help="write even if held-out accuracy drops")
     p.add_argument("--max-layers", type=int, help="refine at most this many layers from the output")
-    p.add_argument("--sweeps", type=int, help="back-to-front passes at most")
+    p.add_argument("--schedule", choices=("minibatch", "jacobi", "sequential"),
+                   help="minibatch (default): preconditioned least-squares steps on "
+                        "mini-batches; jacobi / sequential: full-pass sweeps")
+    p.add_argument("--epochs", type=float,
+                   help="minibatch: passes over the training split at most (default 2)")
+    p.add_argument("--sweeps", type=int, help="jacobi / sequential: sweeps at most")
     p.add_argument("--holdout", type=float, help="fraction held out for choices (default 0.2)")
     p.add_argument("--batch-size", type=int, help="samples per forward batch")
-    p.add_argument("--deep", action="store_true", help="also refine layers behind convolutions")
+    p.add_argument("--deep", action="store_true",
+                   help="jacobi / sequential: also refine layers behind convolutions")
     p.add_argument("--output-name", help="class-score output of the graph (default: found)")
     p.add_argument("--seed", type=int, default=0)
     common(p)
@@ -276,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--json", action="store_true")
     p.add_argument("--deep", action="store_true", help="as refine --deep")
+    p.add_argument("--schedule", choices=("minibatch", "jacobi", "sequential"),
+                   default="minibatch", help="as refine --schedule")
     common(p)
     p.set_defaults(func=cmd_inspect)
 

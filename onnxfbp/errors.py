@@ -50,6 +50,10 @@ class OutputError(OnnxfbpError):
     """The output path cannot be written as asked."""
 
 
+class ConfigError(OnnxfbpError):
+    """A setting is out of range (e.g. a negative number of epochs)."""
+
+
 class GateError(OnnxfbpError):
     """The refined model did not clear the held-out accuracy gate; nothing written."""
 

@@ -5,8 +5,8 @@ its weights, and which layers a refine run would change.
 
 - ``model``, ``producer``, ``opset``, ``input`` {name, shape}, ``output`` {name,
   kind, logits, classes}, ``batch`` (``dynamic`` or ``fixed N``);
-- ``refined_layers``: the node names a refine run with the same ``--deep``
-  would change, in the order it visits them (from the output back);
+- ``refined_layers``: the node names a refine run with the same ``--schedule``
+  and ``--deep`` would change, in the order it visits them (from the output back);
 - ``layers``: every Conv/Gemm/MatMul on the reverse path, with ``kind``,
   ``weight`` {initializer, shape, via}, ``bias`` {initializer, shape, add_node}
   or null, ``refined`` and ``why_not``;
@@ -57,11 +57,13 @@ def _chain_nodes(tensor: str, producer: dict[str, Any], inits: set[str]) -> list
     return out
 
 
-def inspect_model(path: str | os.PathLike[str], deep: bool = False) -> dict[str, Any]:
+def inspect_model(
+    path: str | os.PathLike[str], deep: bool = False, schedule: str = "minibatch"
+) -> dict[str, Any]:
     """A JSON-able description of the model as onnxfbp sees it (see the module doc)."""
     from .refine import RefineConfig, Refiner  # noqa: PLC0415
 
-    refiner = Refiner(path, RefineConfig(device="cpu", invert_convs=deep))
+    refiner = Refiner(path, RefineConfig(device="cpu", invert_convs=deep, schedule=schedule))
     model, plan = refiner.model, refiner.plan
     refined = [layer.name for layer in refiner.layers]
     inits = {t.name: [int(d) for d in t.dims] for t in model.graph.initializer}
@@ -123,6 +125,7 @@ def inspect_model(path: str | os.PathLike[str], deep: bool = False) -> dict[str,
                    "classes": plan.n_classes},
         "batch": "dynamic" if refiner.runner.chunk is None else f"fixed {refiner.runner.chunk}",
         "deep": deep,
+        "schedule": schedule,
         "boundaries": plan.boundaries,
         "refined_layers": refined,
         "layers": layers,

@@ -86,9 +86,15 @@ class LayerBlock:
         return w, bias
 
     def rows(
-        self, x: Array, t: Array, rng: np.random.Generator | None, max_positions: int
+        self,
+        x: Array,
+        t: Array,
+        rng: np.random.Generator | None,
+        max_positions: int,
+        residual: bool = False,
     ) -> tuple[Array, Array]:
-        """Rows (G, n, d[+1]) and targets (G, n, k) for one batch."""
+        """Rows (G, n, d[+1]) and targets (G, n, k) for one batch; with ``residual``,
+        ``t`` is a target residual (no fixed bias to take off)."""
         xp = xp_of(x)
         if self.layer.kind == "dense":
             d_in = x.shape[-1]
@@ -112,7 +118,7 @@ class LayerBlock:
             else:
                 xr = im2col(x, geometry)
         tr = xp.asarray(tr, dtype=xp.float32)
-        if self.fixed_bias is not None:
+        if self.fixed_bias is not None and not residual:
             fb = xp.asarray(self.fixed_bias, dtype=xp.float32).reshape(tr.shape[0], 1, -1)
             tr = tr - fb
         if self.has_bias_row:

@@ -45,6 +45,17 @@ def mnist_rot(mnist: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
+def mnist_noise(mnist: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+    """Noisy MNIST (Gaussian, sigma 0.5, clipped): first 5,000 to adapt, last 5,000 to
+    evaluate. Recovering it needs the convolutions to adapt (method.md, section 2)."""
+    x, y = mnist
+    return {
+        "x_adapt": shift_images(x[:5000], "noise", seed=1), "y_adapt": y[:5000],
+        "x_eval": shift_images(x[5000:], "noise", seed=2), "y_eval": y[5000:],
+    }
+
+
+@pytest.fixture(scope="session")
 def cifar() -> tuple[np.ndarray, np.ndarray]:
     """CIFAR-10 test images in [0, 1] (float32 HWC), shuffled with a fixed seed."""
     if not (data_dir() / "cifar10").is_dir():

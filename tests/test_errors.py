@@ -517,6 +517,20 @@ def test_nothing_is_computed_before_inputs_are_checked(
     assert runs == [] and err.startswith("onnxfbp: error: ")
 
 
+@pytest.mark.parametrize("args,fragment", [
+    (("--epochs", "0"), "epochs 0.0 (a positive number)"),
+    (("--epochs", "nan"), "epochs nan"),
+    (("--holdout", "1.5"), "holdout 1.5"),
+    (("--max-layers", "0"), "max_layers 0 (at least 1)"),
+    (("--batch-size", "-4"), "batch_size -4"),
+])
+def test_out_of_range_settings_are_refused_before_any_work(
+    work: Path, args: tuple[str, ...], fragment: str
+) -> None:
+    msg = refused(work, "refine", "model.onnx", "out.onnx", "--data", "adapt.npz", *args)
+    assert msg.startswith("setting out of range: ") and fragment in msg, msg
+
+
 def test_output_that_is_a_data_file_is_refused(work: Path) -> None:
     message = refused(work, "refine", "model.onnx", "adapt.npz", "--data", "adapt.npz",
                       "--force")
