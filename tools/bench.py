@@ -11,8 +11,11 @@ method) and medians are reported.
 
 Methods
     none            the input model, evaluated with onnxruntime
-    onnxfbp         ``refine(model, out, x, y)`` with defaults; out evaluated with onnxruntime
+    onnxfbp         ``refine(model, out, x, y)`` with defaults (seed = the repeat index);
+                    out evaluated with onnxruntime
     onnxfbp-last    the same with ``RefineConfig(max_layers=1)``
+    onnxfbp-jacobi  the same with ``RefineConfig(schedule="jacobi")``: full-pass sweeps
+                    (the default before the minibatch schedule)
     adam-K          THE PEER: onnx2torch.convert, end-to-end Adam (lr 1e-3, batch 64,
                     seeded shuffle), cross-entropy on the logits (NLL on log-probabilities if
                     the graph ends in Softmax / LogSoftmax), K in {1, 2, 5} epochs; dropout
@@ -36,10 +39,11 @@ Scenarios (shift seeds: 1 for the adaptation half, 2 for the evaluation half)
 adaptation samples (the 5,000 raw images rotated with seeds 1..10) and compares peak RSS,
 both of the whole process and net of what was resident before the call (the caller's data).
 
-Seeds: data shifts are fixed; the peer's shuffle and logreg's held-out split use the repeat
-index. Children run with OMP_WAIT_POLICY=PASSIVE and OPENBLAS_THREAD_TIMEOUT=4 (OpenBLAS
-otherwise spins and slows 10x when anything else runs on a 2-core box); ``other load`` is
-the share of the cores other processes used while a child ran.
+Seeds: data shifts are fixed; the peer's shuffle, onnxfbp's split and mini-batch order and
+logreg's held-out split use the repeat index. Children run with OMP_WAIT_POLICY=PASSIVE and
+OPENBLAS_THREAD_TIMEOUT=4 (OpenBLAS otherwise spins and slows 10x when anything else runs
+on a 2-core box); ``other load`` is the share of the cores other processes used while a
+child ran.
 
 Peak RSS caveat: on Linux a child's ``ru_maxrss`` is never below the parent's RSS at spawn
 time (vfork + exec records the parent's high-water mark), so the parent stays lean: it never
@@ -139,6 +143,7 @@ METHODS = (
     "none",
     "onnxfbp",
     "onnxfbp-last",
+    "onnxfbp-jacobi",
     "adam-1",
     "adam-2",
     "adam-5",
@@ -331,9 +336,11 @@ def run_none(model: Path, data: dict[str, Any], args: argparse.Namespace) -> dic
 
 
 def run_onnxfbp(
-    model: Path, data: dict[str, Any], args: argparse.Namespace, last_only: bool
+    model: Path, data: dict[str, Any], args: argparse.Namespace, variant: str
 ) -> dict[str, Any]:
-    """``refine(model, out, x, y)`` with defaults (or ``max_layers=1``); out scored with ORT.
+    """``refine(model, out, x, y)`` with defaults and ``seed`` = the repeat (variant
+    ``last``: ``max_layers=1``; ``jacobi``: the full-pass sweeps of earlier versions);
+    out scored with ORT.
 
     A ``GateError`` (refined model worse on refine's own held-out split, nothing written)
     means the user keeps the input model: the row gets the input model's accuracy.
@@ -344,7 +351,12 @@ def run_onnxfbp(
         return {"status": "unavailable", "note": f"{type(exc).__name__}: {exc}"}
     with tempfile.TemporaryDirectory(prefix="bench-onnxfbp-") as tmp:
         out = Path(tmp) / "refined.onnx"
-        kwargs: dict[str, Any] = {"config": RefineConfig(max_layers=1)} if last_only else {}
+        settings: dict[str, Any] = {"seed": args.seed}
+        if variant == "last":
+            settings["max_layers"] = 1
+        elif variant == "jacobi":
+            settings["schedule"] = "jacobi"
+        kwargs: dict[str, Any] = {"config": RefineConfig(**settings)}
         before = rss_mb()
         t0 = time.perf_counter()
         try:
@@ -585,8 +597,8 @@ def worker(args: argparse.Namespace) -> int:
     try:
         if method == "none":
             res = run_none(model, data, args)
-        elif method in ("onnxfbp", "onnxfbp-last"):
-            res = run_onnxfbp(model, data, args, last_only=method == "onnxfbp-last")
+        elif method in ("onnxfbp", "onnxfbp-last", "onnxfbp-jacobi"):
+            res = run_onnxfbp(model, data, args, method.partition("-")[2])
         elif method in PEER_EPOCHS:
             res = run_peer(model, data, args, PEER_EPOCHS[method])
         elif method == "head-backprop":
