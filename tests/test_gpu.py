@@ -16,7 +16,8 @@ import pytest
 
 from onnxfbp import RefineConfig, Refiner, load_data
 from onnxfbp.backend import cupy_or_none
-from onnxfbp.solve import NormalEquations, ridge_solve
+from onnxfbp.rules import RULES, NodeView
+from onnxfbp.solve import NormalEquations, Preconditioner, PreconditionerSums, ridge_solve
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 HAS_GPU = cupy_or_none() is not None and "CUDAExecutionProvider" in ort.get_available_providers()
@@ -79,3 +80,33 @@ def test_refine_on_gpu_matches_cpu() -> None:
     assert abs(acc_cpu - acc_gpu) <= 0.005
     for name, value in w_cpu.items():
         np.testing.assert_allclose(w_gpu[name], value, rtol=1e-3, atol=1e-4)
+
+
+@needs_gpu
+def test_cupy_preconditioner_and_vjps_match_numpy() -> None:
+    """The minibatch schedule's pieces on CuPy: both preconditioner forms, and the
+    Conv / MaxPool / Relu linearized reverse steps."""
+    cp = cupy_or_none()
+    assert cp is not None
+    rng = np.random.default_rng(1)
+    rows = rng.standard_normal((1, 60, 40)).astype(np.float32)
+    cross = rng.standard_normal((1, 40, 4))
+    for dual in (False, True):
+        cpu, gpu = PreconditionerSums(dual), PreconditionerSums(dual, cp)
+        cpu.add(rows)
+        gpu.add(cp.asarray(rows))
+        want = Preconditioner.from_sums(cpu, 0.7).apply(cross)
+        got = Preconditioner.from_sums(gpu, 0.7).apply(cp.asarray(cross))
+        np.testing.assert_allclose(cp.asnumpy(got), want, rtol=1e-4, atol=1e-6)
+    x = rng.standard_normal((3, 4, 8, 8)).astype(np.float32)
+    conv = NodeView("Conv", "c", {"pads": [1, 1, 1, 1], "kernel_shape": [3, 3]},
+                    {1: rng.standard_normal((5, 4, 3, 3)).astype(np.float32)})
+    pool = NodeView("MaxPool", "p", {"kernel_shape": [2, 2], "strides": [2, 2]})
+    relu = NodeView("Relu", "r")
+    for op, view in (("Conv", conv), ("MaxPool", pool), ("Relu", relu)):
+        rule = RULES[op]
+        o0 = rule.forward(view, [x])
+        r = rng.standard_normal(o0.shape).astype(np.float32)
+        want = rule.vjp(view, r, [x], o0)[0]
+        got = rule.vjp(view, cp.asarray(r), [cp.asarray(x)], cp.asarray(o0))[0]
+        np.testing.assert_allclose(cp.asnumpy(got), want, rtol=1e-4, atol=1e-5)

@@ -37,7 +37,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
     parser.add_argument("--samples", type=int, default=10000)
     parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--sweeps", type=int, default=1)
+    parser.add_argument("--schedule", default="minibatch", choices=("minibatch", "jacobi"))
+    parser.add_argument("--epochs", type=float, default=1.0, help="minibatch: epochs")
+    parser.add_argument("--sweeps", type=int, default=1, help="jacobi: sweeps")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
@@ -58,7 +60,12 @@ def main() -> None:
         inference = statistics.median(times)
 
         config = RefineConfig(
-            device=args.device, sweeps=args.sweeps, batch_size=args.batch_size, allow_worse=True
+            device=args.device,
+            schedule=args.schedule,
+            epochs=args.epochs,
+            sweeps=args.sweeps,
+            batch_size=args.batch_size,
+            allow_worse=True,
         )
         start = time.perf_counter()
         refiner = Refiner(path, config)
@@ -72,6 +79,8 @@ def main() -> None:
                 "providers": providers,
                 "array_module": refiner.xp.__name__,
                 "samples": args.samples,
+                "schedule": args.schedule,
+                "epochs": args.epochs,
                 "sweeps": args.sweeps,
                 "layers": [layer.name for layer in refiner.layers],
                 "inference_s": round(inference, 3),
