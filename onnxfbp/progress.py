@@ -179,7 +179,10 @@ class ProgressDisplay:
                 self._accuracy = fields["heldout_accuracy"]
         if self._progress is None:
             stream = self._stream or sys.stderr
-            print(f"  {message}", file=stream, flush=True)
+            # One write: a signal between text and newline would leave the
+            # "interrupted" message on the same line.
+            stream.write(f"  {message}\n")
+            stream.flush()
             return
         assert self.console is not None and self._main is not None
         self.console.print(self._styled(message, fields))

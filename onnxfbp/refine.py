@@ -101,7 +101,8 @@ class RefineConfig:
     head_iterations: int = 100  # logistic-regression iterations of the output-layer solve
     head_max_rows: int = 20000  # samples per split used by the output-layer solve
     min_sweep_gain: float = 0.002  # stop after a sweep that gains less held-out accuracy
-    min_heldout_for_depth: int = 200  # fewer held-out samples: refine the output layer only
+    min_heldout_for_depth: int = 200  # fewer held-out samples: the output layer only, by CV
+    folds: int = 5  # cross-validation folds for that case
     batch_size: int = 500
     max_positions: int = 16  # conv output positions per sample in the normal equations
     seed: int = 0
@@ -243,6 +244,47 @@ class _Score:
         if ok and commit:
             self.loss, self.correct = loss, correct
         return ok
+
+
+def _logistic_path(
+    x: np.ndarray,
+    y: np.ndarray,
+    w0: np.ndarray,
+    fixed: Any,
+    grid: tuple[float, ...],
+    iterations: int,
+) -> Any:
+    """Yield ``(lam_rel, W)`` for each ``lam_rel`` of ``grid``, strongest first:
+
+        W = argmin sum CE(softmax(x W + fixed), y) + c lam ||W - W0||^2,
+        lam = lam_rel mean diag(x^T x)
+
+    by the bound-optimization iteration for multinomial logistic regression
+    (Bohning: the softmax Hessian is at most I/2), one Cholesky factor per ``lam``:
+
+        W <- argmin ||x W - (x W + 2 (Y - softmax(x W)))||^2 + lam ||W - W0||^2
+
+    Each ``lam`` starts from the previous optimum and stops once the weights
+    settle; a ``lam`` whose iteration is not finite is skipped."""
+    gram = (x.T @ x).astype(np.float64)
+    scale = float(np.mean(np.diag(gram))) or 1.0
+    onehot = np.eye(w0.shape[1])[y]
+    w = w0.copy()
+    for lam_rel in sorted(grid, reverse=True):
+        lam = lam_rel * scale
+        factor = cho_factor(gram + lam * np.eye(len(gram)), lower=True, check_finite=False)
+        for _ in range(iterations):
+            z = x @ w + fixed
+            step = z + 2.0 * (onehot - np.exp(log_softmax(z)))
+            w_next = cho_solve(factor, x.T @ step + lam * w0, check_finite=False)
+            settled = np.abs(w_next - w).max() <= 1e-4 * (1.0 + np.abs(w).max())
+            w = w_next
+            if settled or not np.isfinite(w).all():
+                break
+        if not np.isfinite(w).all():
+            w = w0.copy()
+            continue
+        yield lam_rel, w
 
 
 def _as_data(
@@ -412,12 +454,16 @@ class Refiner:
     def evaluate(self, data: LabelledData, idx: np.ndarray | None = None) -> EvalResult:
         idx = np.arange(len(data)) if idx is None else idx
         loss, correct, preds = self.scores(data, idx)
-        labels = data.labels(idx)
+        return self._result(loss, correct, preds, data.labels(idx))
+
+    def _result(
+        self, loss: float, correct: int, preds: np.ndarray, labels: np.ndarray
+    ) -> EvalResult:
         k = int(max(self.plan.n_classes or 0, labels.max(initial=0) + 1, preds.max(initial=0) + 1))
         confusion = np.zeros((k, k), dtype=np.int64)
         np.add.at(confusion, (labels, preds), 1)
         per_class = (np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)).round(6).tolist()
-        n = len(idx)
+        n = len(labels)
         return EvalResult(correct / max(n, 1), n, loss / max(n, 1), per_class, confusion.tolist())
 
     def _reverse(
@@ -515,13 +561,36 @@ class Refiner:
             self.progress(f"{len(val_idx)} held-out samples: refining the output layer only")
 
         t = time.perf_counter()
-        before = self.evaluate(data, val_idx)
         eval_before = self.evaluate(eval_data) if eval_data is not None else None
-        self.timings["evaluate_before"] = time.perf_counter() - t
-        state = _Score(before.loss * len(val_idx), round(before.accuracy * len(val_idx)))  # type: ignore[operator]
         reports: list[LayerReport] = []
         self._forward_time = self._solve_time = 0.0
         self._chosen_lam: dict[str, float] = {}
+        # Too few held-out samples to steer by: the output layer alone, its
+        # regularization chosen by k-fold cross-validation on every sample and
+        # judged by its out-of-fold predictions.
+        cross_validated = (
+            self._head_cross_validated(data, rng, reports)
+            if len(self.layers) == 1 and len(val_idx) < cfg.min_heldout_for_depth and n >= 10
+            else None
+        )
+        if cross_validated is not None:
+            before, after = cross_validated
+            self.timings["evaluate_before"] = time.perf_counter() - t - (
+                self._forward_time + self._solve_time
+            )
+            self.timings["forward_and_targets"] = self._forward_time
+            self.timings["solve"] = self._solve_time
+            t = time.perf_counter()
+            eval_after = self.evaluate(eval_data) if eval_data is not None else None
+            self.timings["evaluate_after"] = time.perf_counter() - t
+            self.timings["total"] = time.perf_counter() - t0
+            return self._result_of(
+                data, np.arange(n), before, after, eval_data, eval_before, eval_after, reports,
+                validation=f"{min(cfg.folds, n)}-fold cross-validation on all {n} samples",
+            )
+        before = self.evaluate(data, val_idx)
+        self.timings["evaluate_before"] = time.perf_counter() - t
+        state = _Score(before.loss * len(val_idx), round(before.accuracy * len(val_idx)))  # type: ignore[operator]
         polished = len(self.layers) == 1 and self._polish_head(
             data, train_idx, val_idx, state, reports
         )
@@ -555,6 +624,24 @@ class Refiner:
         eval_after = self.evaluate(eval_data) if eval_data is not None else None
         self.timings["evaluate_after"] = time.perf_counter() - t
         self.timings["total"] = time.perf_counter() - t0
+        return self._result_of(
+            data, val_idx, before, after, eval_data, eval_before, eval_after, reports,
+            validation="held-out split", train=len(train_idx),
+        )
+
+    def _result_of(
+        self,
+        data: LabelledData,
+        val_idx: np.ndarray,
+        before: EvalResult,
+        after: EvalResult,
+        eval_data: LabelledData | None,
+        eval_before: EvalResult | None,
+        eval_after: EvalResult | None,
+        reports: list[LayerReport],
+        validation: str,
+        train: int | None = None,
+    ) -> RefineResult:
         feature_maps = self.feature_maps(data, val_idx[:4])
         return RefineResult(
             model=self.patched_model(),
@@ -573,8 +660,9 @@ class Refiner:
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             data={
                 "adapt": {"source": data.source, "n": len(data)},
-                "train": len(train_idx),
+                "train": len(data) if train is None else train,
                 "heldout": len(val_idx),
+                "validation": validation,
                 "eval": None
                 if eval_data is None
                 else {"source": eval_data.source, "n": len(eval_data)},
@@ -943,6 +1031,82 @@ class Refiner:
             self._announce(report)
         return improved
 
+    def _head_cross_validated(
+        self, data: LabelledData, rng: np.random.Generator, reports: list[LayerReport]
+    ) -> tuple[EvalResult, EvalResult] | None:
+        """The output layer's logistic-regression optimum (see :func:`_logistic_path`)
+        with ``lam`` chosen by ``folds``-fold cross-validation on all samples, then
+        refitted on all of them. Returns the input model's result on the samples and
+        the out-of-fold result of the chosen ``lam`` (each sample predicted by a fit
+        that did not see it); the new weights are kept only if the latter is better.
+        None if the output layer is not a dense layer on per-sample features."""
+        cfg = self.config
+        head = self.layers[0]
+        shape_only = {"Reshape", "Flatten", "Identity", "Squeeze", "Dropout"}
+        if head.kind != "dense" or any(
+            self.plan.nodes[i].op not in shape_only for i in self._downstream[head.name]
+        ):
+            return None
+        started = time.perf_counter()
+        values = self.tensor_values()
+        self._views = self.plan.node_views(values)
+        block = self._block(head, self._views, values)
+        w0 = block.weights()[0]
+        idx = np.arange(len(data))
+        forward = self.frozen_forward([head.input])
+        parts = []
+        for x, _ in data.batches(idx, cfg.batch_size):
+            h = forward(x)[head.input].reshape(len(x), -1).astype(np.float32)
+            if block.has_bias_row:
+                h = np.concatenate([h, np.ones((len(h), 1), np.float32)], axis=1)
+            parts.append(h)
+        feats, labels = np.concatenate(parts), data.labels(idx)
+        self._forward_time += time.perf_counter() - started
+        started_solve = time.perf_counter()
+        if feats.shape[1] != w0.shape[0]:
+            return None
+        fixed = 0.0 if block.fixed_bias is None else np.asarray(block.fixed_bias)
+        k = min(cfg.folds, len(idx))
+        fold = rng.permutation(len(idx)) % k
+        oof = {lam: np.zeros((len(idx), w0.shape[1])) for lam in cfg.ridge_grid}
+        for f in range(k):
+            fit, held = fold != f, fold == f
+            path = _logistic_path(
+                feats[fit], labels[fit], w0, fixed, cfg.ridge_grid, cfg.head_iterations
+            )
+            for lam_rel, w in path:
+                oof[lam_rel][held] = feats[held] @ w + fixed
+        scored = {lam: cross_entropy(z, labels) for lam, z in oof.items() if np.isfinite(z).all()}
+        z0 = feats @ w0 + fixed
+        before = self._result(*cross_entropy(z0, labels), z0.argmax(axis=1), labels)
+        self._solve_time += time.perf_counter() - started_solve
+        if not scored:
+            return before, before
+        lam_best = min(scored, key=lambda lam: scored[lam][0])
+        loss, correct = scored[lam_best]
+        after = self._result(loss, correct, oof[lam_best].argmax(axis=1), labels)
+        final = [w for lam, w in _logistic_path(
+            feats, labels, w0, fixed, (lam_best,), cfg.head_iterations)]
+        st = _Stats(block, w0[None], NormalEquations(1, 1, 1), NormalEquations(1, 1, 1))
+        w_new = final[0] if final else w0
+        report = self._report(
+            0, head, st, RidgeChoice(w_new[None], lam_best, float("nan"), float("nan")),
+            w_new[None],
+        )
+        report.heldout_accuracy = after.accuracy
+        report.reason = f"output layer, lam by {k}-fold cross-validation; "
+        state = _Score(before.loss * len(idx), round(before.accuracy * len(idx)))  # type: ignore[operator]
+        if final and state.better(loss, correct):
+            self._set_weights(head, block, w_new[None])
+            report.accepted, report.reason = True, report.reason + "kept"
+        else:
+            report.reason += "out-of-fold score not better; reverted"
+            after = before
+        report.seconds = time.perf_counter() - started
+        reports.append(report)
+        self._announce(report)
+        return before, after
+
     def _polish_head(
         self,
         data: LabelledData,
@@ -1001,27 +1165,10 @@ class Refiner:
             return False
         ytr, yva = data.labels(train_idx), data.labels(val_idx)
         fixed = 0.0 if block.fixed_bias is None else np.asarray(block.fixed_bias)
-        onehot = np.eye(w0.shape[1])[ytr]
-        gram = (xtr.T @ xtr).astype(np.float64)
-        scale = float(np.mean(np.diag(gram))) or 1.0
         best: tuple[float, int, np.ndarray, float] | None = None
-        w = w0.copy()
-        # Strongest regularization first; each lam starts from the previous optimum
-        # and stops once the weights settle.
-        for lam_rel in sorted(self.config.ridge_grid, reverse=True):
-            lam = lam_rel * scale
-            factor = cho_factor(gram + lam * np.eye(len(gram)), lower=True, check_finite=False)
-            for _ in range(self.config.head_iterations):
-                z = xtr @ w + fixed
-                step = z + 2.0 * (onehot - np.exp(log_softmax(z)))
-                w_next = cho_solve(factor, xtr.T @ step + lam * w0, check_finite=False)
-                settled = np.abs(w_next - w).max() <= 1e-4 * (1.0 + np.abs(w).max())
-                w = w_next
-                if settled or not np.isfinite(w).all():
-                    break
-            if not np.isfinite(w).all():
-                w = w0.copy()
-                continue
+        for lam_rel, w in _logistic_path(
+            xtr, ytr, w0, fixed, self.config.ridge_grid, self.config.head_iterations
+        ):
             loss, correct = cross_entropy(xva @ w + fixed, yva)
             if best is None or loss < best[0]:
                 best = (loss, correct, w, lam_rel)

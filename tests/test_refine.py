@@ -102,6 +102,26 @@ def test_minibatch_step_that_blows_up_is_halved_and_never_written_worse(
     assert any("step halved" in m for m in messages)
 
 
+def test_few_labels_pick_the_output_layer_by_cross_validation(
+    shared_models: Path, mnist_rot: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    """100 labelled samples: every one is used (5-fold CV for lam, then a refit), and
+    the reported accuracy is out-of-fold; measured 0.864 -> 0.882 on 5,000 eval images."""
+    model = shared_models / "mnist_pytorch25_legacy_cnn.onnx"
+    d = mnist_rot
+    x, y = _legacy_prep(d["x_adapt"][:100]), d["y_adapt"][:100]
+    out = tmp_path / "few.onnx"
+    result = refine(model, out, x, y, eval_data=(_legacy_prep(d["x_eval"]), d["y_eval"]))
+    assert result.data["validation"].startswith("5-fold cross-validation")
+    assert result.heldout_before.n == result.heldout_after.n == 100
+    assert sum(map(sum, result.heldout_after.confusion or [])) == 100
+    assert result.eval_before is not None and result.eval_after is not None
+    assert result.eval_after.accuracy >= result.eval_before.accuracy + 0.01
+    assert set(changed_initializers(model, out)) <= {"fc2.weight", "fc2.bias"}
+    (visit,) = result.layers
+    assert visit.accepted and "cross-validation" in visit.reason
+
+
 def _initializers(path: Path) -> list[np.ndarray]:
     import onnx
     from onnx import numpy_helper
