@@ -1031,16 +1031,13 @@ class Refiner:
             self._announce(report)
         return improved
 
-    def _head_cross_validated(
-        self, data: LabelledData, rng: np.random.Generator, reports: list[LayerReport]
-    ) -> tuple[EvalResult, EvalResult] | None:
-        """The output layer's logistic-regression optimum (see :func:`_logistic_path`)
-        with ``lam`` chosen by ``folds``-fold cross-validation on all samples, then
-        refitted on all of them. Returns the input model's result on the samples and
-        the out-of-fold result of the chosen ``lam`` (each sample predicted by a fit
-        that did not see it); the new weights are kept only if the latter is better.
-        None if the output layer is not a dense layer on per-sample features."""
-        cfg = self.config
+    def _head_features(
+        self, data: LabelledData, splits: list[np.ndarray]
+    ) -> tuple[LayerBlock, np.ndarray, Any, list[np.ndarray]] | None:
+        """The output layer's block, current weights ``W0`` (d [+1], k), fixed bias,
+        and its input features (a column of ones for the bias) for each index set
+        of ``splits``. None unless it is a dense layer on per-sample features that
+        feeds the logits through shape-only nodes."""
         head = self.layers[0]
         shape_only = {"Reshape", "Flatten", "Identity", "Squeeze", "Dropout"}
         if head.kind != "dense" or any(
@@ -1052,23 +1049,43 @@ class Refiner:
         self._views = self.plan.node_views(values)
         block = self._block(head, self._views, values)
         w0 = block.weights()[0]
-        idx = np.arange(len(data))
         forward = self.frozen_forward([head.input])
-        parts = []
-        for x, _ in data.batches(idx, cfg.batch_size):
-            h = forward(x)[head.input].reshape(len(x), -1).astype(np.float32)
-            if block.has_bias_row:
-                h = np.concatenate([h, np.ones((len(h), 1), np.float32)], axis=1)
-            parts.append(h)
-        feats, labels = np.concatenate(parts), data.labels(idx)
+        feats = []
+        for idx in splits:
+            parts = []
+            for x, _ in data.batches(idx, self.config.batch_size):
+                h = forward(x)[head.input].reshape(len(x), -1).astype(np.float32)
+                if block.has_bias_row:
+                    h = np.concatenate([h, np.ones((len(h), 1), np.float32)], axis=1)
+                parts.append(h)
+            feats.append(np.concatenate(parts) if parts else np.zeros((0, w0.shape[0]), np.float32))
         self._forward_time += time.perf_counter() - started
-        started_solve = time.perf_counter()
-        if feats.shape[1] != w0.shape[0]:
+        if any(f.shape[1] != w0.shape[0] for f in feats):  # leading axes beyond the batch
             return None
         fixed = 0.0 if block.fixed_bias is None else np.asarray(block.fixed_bias)
+        return block, w0, fixed, feats
+
+    def _head_cross_validated(
+        self, data: LabelledData, rng: np.random.Generator, reports: list[LayerReport]
+    ) -> tuple[EvalResult, EvalResult] | None:
+        """The output layer's logistic-regression optimum (see :func:`_logistic_path`)
+        with ``lam`` chosen by ``folds``-fold cross-validation on all samples, then
+        refitted on all of them. Returns the input model's result on the samples and
+        the out-of-fold result of the chosen ``lam`` (each sample predicted by a fit
+        that did not see it); the new weights are kept only if the latter is better.
+        None if the output layer is not a dense layer on per-sample features."""
+        cfg = self.config
+        head = self.layers[0]
+        idx = np.arange(len(data))
+        found = self._head_features(data, [idx])
+        if found is None:
+            return None
+        block, w0, fixed, (feats,) = found
+        labels = data.labels(idx)
+        started = time.perf_counter()
         k = min(cfg.folds, len(idx))
         fold = rng.permutation(len(idx)) % k
-        oof = {lam: np.zeros((len(idx), w0.shape[1])) for lam in cfg.ridge_grid}
+        oof = {lam: np.full((len(idx), w0.shape[1]), np.nan) for lam in cfg.ridge_grid}
         for f in range(k):
             fit, held = fold != f, fold == f
             path = _logistic_path(
@@ -1079,7 +1096,7 @@ class Refiner:
         scored = {lam: cross_entropy(z, labels) for lam, z in oof.items() if np.isfinite(z).all()}
         z0 = feats @ w0 + fixed
         before = self._result(*cross_entropy(z0, labels), z0.argmax(axis=1), labels)
-        self._solve_time += time.perf_counter() - started_solve
+        self._solve_time += time.perf_counter() - started
         if not scored:
             return before, before
         lam_best = min(scored, key=lambda lam: scored[lam][0])
@@ -1128,17 +1145,7 @@ class Refiner:
         held-out score improves. Returns False (nothing done) if the layer is not a
         dense layer feeding the logits through shape-only nodes.
         """
-        head = self.layers[0]
-        shape_only = {"Reshape", "Flatten", "Identity", "Squeeze", "Dropout"}
-        if head.kind != "dense" or any(
-            self.plan.nodes[i].op not in shape_only for i in self._downstream[head.name]
-        ):
-            return False
         started = time.perf_counter()
-        values = self.tensor_values()
-        self._views = self.plan.node_views(values)
-        block = self._block(head, self._views, values)
-        w0 = block.weights()[0]
         # At most head_max_rows samples per split: memory stays bounded for any data size.
         cap = self.config.head_max_rows
         pick = np.random.default_rng([self.config.seed, _SEED_SALT, 1])
@@ -1150,21 +1157,13 @@ class Refiner:
         val_idx = (
             np.sort(pick.choice(val_idx, cap, replace=False)) if len(val_idx) > cap else val_idx
         )
-        feats: dict[int, list[np.ndarray]] = {0: [], 1: []}
-        forward = self.frozen_forward([head.input])
-        for split, idx in ((0, train_idx), (1, val_idx)):
-            for x, _ in data.batches(idx, self.config.batch_size):
-                h = forward(x)[head.input]
-                h = h.reshape(len(x), -1).astype(np.float32)
-                if block.has_bias_row:
-                    h = np.concatenate([h, np.ones((len(h), 1), np.float32)], axis=1)
-                feats[split].append(h)
-        self._forward_time += time.perf_counter() - started
-        xtr, xva = np.concatenate(feats[0]), np.concatenate(feats[1])
-        if xtr.shape[1] != w0.shape[0]:  # leading axes beyond the batch: not a per-sample head
+        found = self._head_features(data, [train_idx, val_idx])
+        if found is None:
             return False
+        head = self.layers[0]
+        block, w0, fixed, (xtr, xva) = found
         ytr, yva = data.labels(train_idx), data.labels(val_idx)
-        fixed = 0.0 if block.fixed_bias is None else np.asarray(block.fixed_bias)
+        solving = time.perf_counter()
         best: tuple[float, int, np.ndarray, float] | None = None
         for lam_rel, w in _logistic_path(
             xtr, ytr, w0, fixed, self.config.ridge_grid, self.config.head_iterations
@@ -1172,7 +1171,7 @@ class Refiner:
             loss, correct = cross_entropy(xva @ w + fixed, yva)
             if best is None or loss < best[0]:
                 best = (loss, correct, w, lam_rel)
-        self._solve_time += time.perf_counter() - started
+        self._solve_time += time.perf_counter() - solving
         if best is None:
             return False
         loss, correct, w, lam_rel = best
