@@ -562,6 +562,7 @@ class Refiner:
 
         t = time.perf_counter()
         eval_before = self.evaluate(eval_data) if eval_data is not None else None
+        self.timings["evaluate_before"] = time.perf_counter() - t
         reports: list[LayerReport] = []
         self._forward_time = self._solve_time = 0.0
         self._chosen_lam: dict[str, float] = {}
@@ -573,23 +574,65 @@ class Refiner:
             if len(self.layers) == 1 and len(val_idx) < cfg.min_heldout_for_depth and n >= 10
             else None
         )
+        after: EvalResult | None = None
         if cross_validated is not None:
             before, after = cross_validated
-            self.timings["evaluate_before"] = time.perf_counter() - t - (
-                self._forward_time + self._solve_time
-            )
-            self.timings["forward_and_targets"] = self._forward_time
-            self.timings["solve"] = self._solve_time
+            scored_idx, n_train = np.arange(n), n
+            validation = f"{min(cfg.folds, n)}-fold cross-validation on all {n} samples"
+        else:
             t = time.perf_counter()
-            eval_after = self.evaluate(eval_data) if eval_data is not None else None
-            self.timings["evaluate_after"] = time.perf_counter() - t
-            self.timings["total"] = time.perf_counter() - t0
-            return self._result_of(
-                data, np.arange(n), before, after, eval_data, eval_before, eval_after, reports,
-                validation=f"{min(cfg.folds, n)}-fold cross-validation on all {n} samples",
-            )
-        before = self.evaluate(data, val_idx)
-        self.timings["evaluate_before"] = time.perf_counter() - t
+            before = self.evaluate(data, val_idx)
+            self.timings["evaluate_before"] += time.perf_counter() - t
+            self._train_on_split(data, train_idx, val_idx, rng, before, reports)
+            scored_idx, n_train, validation = val_idx, len(train_idx), "held-out split"
+        self.timings["forward_and_targets"] = self._forward_time
+        self.timings["solve"] = self._solve_time
+        t = time.perf_counter()
+        if after is None:
+            after = self.evaluate(data, val_idx)
+        eval_after = self.evaluate(eval_data) if eval_data is not None else None
+        self.timings["evaluate_after"] = time.perf_counter() - t
+        self.timings["total"] = time.perf_counter() - t0
+        feature_maps = self.feature_maps(data, scored_idx[:4])
+        return RefineResult(
+            model=self.patched_model(),
+            written=None,
+            layers=reports,
+            heldout_before=before,
+            heldout_after=after,
+            eval_before=eval_before,
+            eval_after=eval_after,
+            timings=dict(self.timings),
+            environment=self.environment(),
+            plan=self.plan_summary(),
+            config=asdict(self.config),
+            feature_maps=feature_maps,
+            model_path=str(self.model_path),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            data={
+                "adapt": {"source": data.source, "n": len(data)},
+                "train": n_train,
+                "heldout": len(scored_idx),
+                "validation": validation,
+                "eval": None
+                if eval_data is None
+                else {"source": eval_data.source, "n": len(eval_data)},
+            },
+        )
+
+    def _train_on_split(
+        self,
+        data: LabelledData,
+        train_idx: np.ndarray,
+        val_idx: np.ndarray,
+        rng: np.random.Generator,
+        before: EvalResult,
+        reports: list[LayerReport],
+    ) -> None:
+        """The configured schedule on ``train_idx``, every update judged on ``val_idx``
+        (whose score with the input weights is ``before``), then the output layer's
+        logistic-regression optimum."""
+        cfg = self.config
         state = _Score(before.loss * len(val_idx), round(before.accuracy * len(val_idx)))  # type: ignore[operator]
         polished = len(self.layers) == 1 and self._polish_head(
             data, train_idx, val_idx, state, reports
@@ -616,58 +659,7 @@ class Refiner:
         if not polished and len(self.layers) > 1 and state.correct > 0:
             # With the features settled, take the output layer to its optimum too.
             self._polish_head(data, train_idx, val_idx, state, reports)
-        forward_time, solve_time = self._forward_time, self._solve_time
-        self.timings["forward_and_targets"] = forward_time
-        self.timings["solve"] = solve_time
-        t = time.perf_counter()
-        after = self.evaluate(data, val_idx)
-        eval_after = self.evaluate(eval_data) if eval_data is not None else None
-        self.timings["evaluate_after"] = time.perf_counter() - t
-        self.timings["total"] = time.perf_counter() - t0
-        return self._result_of(
-            data, val_idx, before, after, eval_data, eval_before, eval_after, reports,
-            validation="held-out split", train=len(train_idx),
-        )
 
-    def _result_of(
-        self,
-        data: LabelledData,
-        val_idx: np.ndarray,
-        before: EvalResult,
-        after: EvalResult,
-        eval_data: LabelledData | None,
-        eval_before: EvalResult | None,
-        eval_after: EvalResult | None,
-        reports: list[LayerReport],
-        validation: str,
-        train: int | None = None,
-    ) -> RefineResult:
-        feature_maps = self.feature_maps(data, val_idx[:4])
-        return RefineResult(
-            model=self.patched_model(),
-            written=None,
-            layers=reports,
-            heldout_before=before,
-            heldout_after=after,
-            eval_before=eval_before,
-            eval_after=eval_after,
-            timings=dict(self.timings),
-            environment=self.environment(),
-            plan=self.plan_summary(),
-            config=asdict(self.config),
-            feature_maps=feature_maps,
-            model_path=str(self.model_path),
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            data={
-                "adapt": {"source": data.source, "n": len(data)},
-                "train": len(data) if train is None else train,
-                "heldout": len(val_idx),
-                "validation": validation,
-                "eval": None
-                if eval_data is None
-                else {"source": eval_data.source, "n": len(eval_data)},
-            },
-        )
 
     # ------------------------------------------------------------------ sweeps
 
@@ -1132,14 +1124,8 @@ class Refiner:
         state: _Score,
         reports: list[LayerReport],
     ) -> bool:
-        """Refine the dense output layer to the L2-regularized cross-entropy optimum.
-
-        Its input features do not change while only it changes, so they are
-        computed once (n x (d + 1) floats in memory) and the bound-optimization
-        iteration for multinomial logistic regression (Bohning: the softmax
-        Hessian is at most I/2) runs on them with one Cholesky factor per ``lam``:
-
-            W <- argmin ||X W - (X W + 2 (Y - softmax(X W)))||^2 + lam ||W - W0||^2
+        """Refine the dense output layer to the L2-regularized cross-entropy optimum
+        (:func:`_logistic_path` on its input features, computed once: only it changes).
 
         ``lam`` is chosen by held-out cross-entropy; the result is kept only if the
         held-out score improves. Returns False (nothing done) if the layer is not a
