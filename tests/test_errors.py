@@ -263,12 +263,13 @@ def test_shared_external_data_model_without_its_data_file(shared_models: Path,
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
                     reason="root reads files whatever their mode")
-def test_unreadable_model(work: Path) -> None:
-    (work / "model.onnx").chmod(0)
+@pytest.mark.parametrize("name", ["model.onnx", "adapt.npz"])
+def test_unreadable_input_file(work: Path, name: str) -> None:
+    (work / name).chmod(0)
     try:
         message = refused(work, "refine", "model.onnx", "out.onnx", "--data", "adapt.npz")
     finally:
-        (work / "model.onnx").chmod(0o644)
+        (work / name).chmod(0o644)
     assert "cannot read" in message
 
 
@@ -388,15 +389,6 @@ def test_bad_data_is_refused_by_eval(work: Path) -> None:
     assert ">= 0" in message
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
-                    reason="root reads files whatever their mode")
-def test_unreadable_data(work: Path) -> None:
-    (work / "adapt.npz").chmod(0)
-    try:
-        message = refused(work, "refine", "model.onnx", "out.onnx", "--data", "adapt.npz")
-    finally:
-        (work / "adapt.npz").chmod(0o644)
-    assert "cannot read" in message
 
 
 # ------------------------------------------------------------------------ output

@@ -52,6 +52,16 @@ def _weights(rng: np.random.Generator, *shape: int) -> np.ndarray:
     return rng.standard_normal(shape).astype(np.float32)
 
 
+def _reduce_spec(draw: Any, op: str) -> Spec:
+    """A reduction over random axes, given as an attribute or (opset 18) an input."""
+    shape = _dims(draw, draw(st.integers(2, 4)))
+    axes = sorted(draw(st.sets(st.integers(0, len(shape) - 1), min_size=1)))
+    keep = draw(st.integers(0, 1))
+    if draw(st.booleans()):
+        return Spec(op, [shape], {1: np.array(axes, np.int64)}, {"keepdims": keep}, opset=18)
+    return Spec(op, [shape], attrs={"axes": axes, "keepdims": keep})
+
+
 def _spec(draw: Any, op: str, rng: np.random.Generator) -> Spec:
     """A random, valid node of type ``op`` (shapes, attributes, constants)."""
     if op == "Gemm":
@@ -115,13 +125,8 @@ def _spec(draw: Any, op: str, rng: np.random.Generator) -> Spec:
         return Spec(op, [(*_dims(draw, 2, 1, 3), h, w)], attrs=attrs)
     if op == "GlobalAveragePool":
         return Spec(op, [_dims(draw, 4)])
-    if op == "ReduceMean":
-        shape = _dims(draw, draw(st.integers(2, 4)))
-        axes = sorted(draw(st.sets(st.integers(0, len(shape) - 1), min_size=1)))
-        keep = draw(st.integers(0, 1))
-        if draw(st.booleans()):
-            return Spec(op, [shape], {1: np.array(axes, np.int64)}, {"keepdims": keep}, opset=18)
-        return Spec(op, [shape], attrs={"axes": axes, "keepdims": keep})
+    if op in ("ReduceMean", "ReduceMax"):
+        return _reduce_spec(draw, op)
     if op == "Reshape":
         shape = _dims(draw, draw(st.integers(2, 4)))
         choices = [[shape[0], -1], [-1], [*shape[:-2], shape[-2] * shape[-1]], [0, -1]]
@@ -218,13 +223,6 @@ def _spec(draw: Any, op: str, rng: np.random.Generator) -> Spec:
         return Spec(op, [shape], attrs=attrs, opset=opset)
     if op == "GlobalMaxPool":
         return Spec(op, [_dims(draw, draw(st.integers(3, 4)))])
-    if op == "ReduceMax":
-        shape = _dims(draw, draw(st.integers(2, 4)))
-        axes = sorted(draw(st.sets(st.integers(0, len(shape) - 1), min_size=1)))
-        keep = draw(st.integers(0, 1))
-        if draw(st.booleans()):
-            return Spec(op, [shape], {1: np.array(axes, np.int64)}, {"keepdims": keep}, opset=18)
-        return Spec(op, [shape], attrs={"axes": axes, "keepdims": keep})
     if op == "LayerNormalization":
         shape = _dims(draw, draw(st.integers(2, 4)))
         axis = draw(st.integers(1, len(shape) - 1))

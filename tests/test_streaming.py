@@ -145,15 +145,20 @@ def test_take_reads_only_the_requested_rows(formats: dict[str, Path]) -> None:
     assert sum(x.reads) == 2000 and max(x.reads) <= data_module._CHECK_CHUNK < 2000 * 4
 
 
+def _big_npy_folder(folder: Path) -> int:
+    """12,000 demo samples (37.6 MB of float32 inputs) as x.npy / y.npy in ``folder``;
+    returns the inputs' size in bytes."""
+    with np.load(ADAPT) as z:
+        x, y = np.tile(z["input"], (6, 1, 1, 1)), np.tile(z["y"], 6)
+    np.save(folder / "x.npy", x)
+    np.save(folder / "y.npy", y)
+    return int(x.nbytes)
+
+
 def test_memmap_validate_and_batches_stay_small(tmp_path: Path) -> None:
     """12,000 samples (37.6 MB of float32 inputs): checking them and streaming them
     in batches of 500 allocates a few MB at most."""
-    with np.load(ADAPT) as z:
-        x, y = np.tile(z["input"], (6, 1, 1, 1)), np.tile(z["y"], 6)
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "y.npy", y)
-    size = x.nbytes
-    del x, y
+    size = _big_npy_folder(tmp_path)
     data = load_data(tmp_path, "input")
     tracemalloc.start()
     try:
@@ -170,12 +175,7 @@ def test_memmap_validate_and_batches_stay_small(tmp_path: Path) -> None:
 def test_evaluate_on_a_memmap_stays_small(tmp_path: Path) -> None:
     from onnxfbp import evaluate
 
-    with np.load(ADAPT) as z:
-        x, y = np.tile(z["input"], (6, 1, 1, 1)), np.tile(z["y"], 6)
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "y.npy", y)
-    size = x.nbytes
-    del x, y
+    size = _big_npy_folder(tmp_path)
     tracemalloc.start()
     try:
         evaluate(DEMO, tmp_path, device="cpu")
