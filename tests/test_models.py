@@ -16,8 +16,9 @@ The configuration is pinned (sequential schedule, target step 5, two sweeps
 over the last two layers; the sigmoid MLP gets all its layers) so that the
 assertions test the graph handling, not the tuning of the defaults.
 
-``python tests/test_models.py`` prints the table of the closing note (all models,
-shift and clean accuracy before -> after, refine seconds).
+``python tests/test_models.py [--defaults]`` prints the table of the closing note
+(all models, shift and clean accuracy before -> after, refine seconds), with the
+pinned configuration or with the defaults.
 """
 
 from __future__ import annotations
@@ -100,14 +101,16 @@ class Outcome:
     batch_mode: str  # dynamic, or fixed chunks when the batch could not be made symbolic
 
 
-def refine_model(name: str, data: dict[str, np.ndarray], out: Path) -> Outcome:
-    """Refine one corpus model on ``data`` into ``out``; accuracies and refine time."""
+def refine_model(name: str, data: dict[str, np.ndarray], out: Path,
+                 defaults: bool = False) -> Outcome:
+    """Refine one corpus model on ``data`` into ``out`` (pinned config, or with
+    ``defaults`` RefineConfig's defaults); accuracies and refine time."""
     spec = MODELS[name]
     model = models_dir() / name
     prep = spec.prep
+    config = RefineConfig(device="cpu") if defaults else RefineConfig(**{**CONFIG, **spec.config})
     t = time.perf_counter()
-    result = refine(model, out, prep(data["x_adapt"]), data["y_adapt"],
-                    config=RefineConfig(**{**CONFIG, **spec.config}),
+    result = refine(model, out, prep(data["x_adapt"]), data["y_adapt"], config=config,
                     eval_data=(prep(data["x_eval"]), data["y_eval"]))
     seconds = time.perf_counter() - t
     assert result.eval_before is not None and result.eval_after is not None
@@ -164,8 +167,11 @@ def test_corpus_model_refines(name: str, shared_models: Path, request: pytest.Fi
 
 
 def main() -> None:
-    """Print the corpus table: shift and clean accuracy before -> after, refine time."""
+    """Print the corpus table: shift and clean accuracy before -> after, refine time
+    (``--defaults``: with RefineConfig's defaults instead of the pinned config)."""
     import tempfile  # noqa: PLC0415
+
+    defaults = "--defaults" in sys.argv[1:]
 
     mx, my = mnist_test()
     cx, cy = cifar10_test()
@@ -175,7 +181,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(MODELS):
             spec = MODELS[name]
-            r = refine_model(name, data[spec.dataset], Path(tmp) / f"{i}.onnx")
+            r = refine_model(name, data[spec.dataset], Path(tmp) / f"{i}.onnx", defaults)
             shift = "rot +-45" if spec.dataset == "mnist" else "cifar"
             print(f"| {name} | {shift} | {r.shift_before:.4f} -> {r.shift_after:.4f} | "
                   f"{r.clean_before:.4f} -> {r.clean_after:.4f} | {r.seconds:.1f} | "
