@@ -60,6 +60,8 @@ def _session(
 ) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # NumPy works between runs: idle workers must not spin and take its cores
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     try:
