@@ -84,9 +84,9 @@ class MaxPoolRule(InverseRule):
         return windows(xs[0], g, -np.inf).max(axis=(4, 5))
 
     def vjp(self, node: NodeView, r: Array, xs: Sequence[Array], o0: Array) -> list[Array]:
-        """Each window's residual goes to its maximal entry and overlapping windows
-        add up. Non-overlapping windows: tied maxima split it evenly (a
-        subgradient); otherwise the first arg-max takes it."""
+        """Each window's residual goes to its first maximal entry (row-major, as
+        onnxruntime's MaxPool indices and backprop frameworks choose among ties);
+        overlapping windows add up."""
         x0 = xs[0]
         xp = xp_of(r)
         g = _pool_geometry(node, x0.shape)
@@ -100,13 +100,15 @@ class MaxPoolRule(InverseRule):
             onehot = (flat.argmax(axis=-1)[..., None] == xp.arange(kh * kw)).reshape(win.shape)
             routed = xp.where(onehot, r[..., None, None], 0).astype(r.dtype)
             return [_scatter_windows(routed, x0.shape, g, "add").astype(x0.dtype, copy=False)]
-        taps = [(i, j) for i in range(kh) for j in range(kw)]
-        hits = {ij: x0[:, :, ij[0] : oh * kh : kh, ij[1] : ow * kw : kw] == o0 for ij in taps}
-        ties = sum(hit.astype(r.dtype) for hit in hits.values())
-        share = r / xp.maximum(ties, 1)
+        tiles = x0[:, :, : oh * kh, : ow * kw].reshape(n, c, oh, kh, ow, kw)
+        flat = tiles.transpose(0, 1, 2, 4, 3, 5).reshape(n, c, oh, ow, kh * kw)
+        onehot = flat.argmax(axis=-1)[..., None] == xp.arange(kh * kw)
+        routed = (onehot * r[..., None]).astype(x0.dtype, copy=False)
         out = xp.zeros_like(x0)
-        for (i, j), hit in hits.items():
-            out[:, :, i : oh * kh : kh, j : ow * kw : kw] = hit * share
+        out[:, :, : oh * kh, : ow * kw] = (
+            routed.reshape(n, c, oh, ow, kh, kw).transpose(0, 1, 2, 4, 3, 5)
+            .reshape(n, c, oh * kh, ow * kw)
+        )
         return [out]
 
     def inverse(
