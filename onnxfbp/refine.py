@@ -37,6 +37,7 @@ import onnxruntime as ort
 from scipy.linalg import cho_factor, cho_solve
 
 from . import __version__
+from .adjoint import AdjointGraph
 from .backend import array_module, cupy_or_none, to_numpy
 from .data import LabelledData, from_arrays, load_data
 from .device import run_to_device
@@ -96,6 +97,7 @@ class RefineConfig:
     precond_samples: int = 1000  # samples whose rows estimate each layer's Gram (minibatch)
     sweep_max_inputs: int = 1024  # minibatch: then sweep dense layers with at most this d_in+1
     checks_per_epoch: int = 4  # held-out checks per epoch (minibatch)
+    compiled_reverse: bool = True  # minibatch on CPU: reverse pass as an onnxruntime graph
     patience: int = 2  # checks without a held-out gain before the minibatch schedule stops
     jacobi_steps: tuple[float, ...] = (1.0, 0.5)  # joint-update scales tried on held-out data
     head_iterations: int = 100  # logistic-regression iterations of the output-layer solve
@@ -323,6 +325,8 @@ class Refiner:
             self.xp = array_module(device) if device == "cuda" else np
         self.device = device
         self.skipped: dict[str, str] = {}
+        # minibatch: how the residuals were carried back (onnxruntime graph, or NumPy/CuPy)
+        self.reverse_pass: str | None = None
         self.layers: list[Layer] = []
         for layer in reversed(self.plan.refinable):
             if self._nodes_after(layer.output) is None:
@@ -951,6 +955,7 @@ class Refiner:
         kept_values, kept_weights = dict(self.values), dict(weights)
         best_loss = state.loss
         improved, stale, queue = False, 0, np.zeros(0, np.int64)
+        adjoint: AdjointGraph | None = None
         for step in range(1, total + 1):
             if not len(queue):
                 queue = rng.permutation(train_idx)
@@ -962,7 +967,18 @@ class Refiner:
             shape = acts[self.plan.logits].shape
             z = acts[self.plan.logits].reshape(len(y), -1)
             t_logits = label_target(z, xp.asarray(y), 1.0).reshape(shape)
-            residuals, _ = self._reverse(acts, t_logits, path, linearized=True)
+            if step == 1 and xp is not np:
+                self.reverse_pass = f"{xp.__name__} arrays"
+            elif step == 1:
+                adjoint = self._adjoint_graph(acts, path)
+                if adjoint is not None:
+                    needed = sorted({self.plan.logits, *adjoint.activations,
+                                     *(layer.input for layer in layers)})
+            if adjoint is not None:
+                r_logits = (t_logits - acts[self.plan.logits]).astype(acts[self.plan.logits].dtype)
+                residuals = adjoint.run(acts, r_logits, self._views)
+            else:
+                residuals, _ = self._reverse(acts, t_logits, path, linearized=True)
             self._forward_time += time.perf_counter() - ft
             st = time.perf_counter()
             for layer in layers:
@@ -1022,6 +1038,24 @@ class Refiner:
             reports.append(report)
             self._announce(report)
         return improved
+
+    def _adjoint_graph(self, acts: dict[str, Array], path: list[int]) -> AdjointGraph | None:
+        """The reverse pass compiled for onnxruntime (see :mod:`onnxfbp.adjoint`), or
+        ``None`` (NumPy reverse pass) where a node has no ONNX adjoint or
+        ``config.compiled_reverse`` is off."""
+        if not self.config.compiled_reverse:
+            self.reverse_pass = "numpy (compiled_reverse off)"
+            return None
+        built = AdjointGraph.build(
+            self.plan, path, [layer.output for layer in self.layers], acts, self._views,
+            self.providers, self.config.threads,
+        )
+        if isinstance(built, str):
+            self.reverse_pass = f"numpy ({built})"
+            self.progress(f"reverse pass in NumPy: {built}")
+            return None
+        self.reverse_pass = "onnxruntime"
+        return built
 
     def _head_features(
         self, data: LabelledData, splits: list[np.ndarray]
@@ -1246,6 +1280,7 @@ class Refiner:
             "batch_mode": "dynamic"
             if self.runner.chunk is None
             else f"fixed chunks of {self.runner.chunk}",
+            "reverse_pass": self.reverse_pass,
         }
 
     def plan_summary(self) -> dict[str, Any]:

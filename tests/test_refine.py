@@ -79,17 +79,19 @@ def test_noise_is_recovered_through_the_convolutions(
     visits = {v.name for v in result.layers if v.accepted}
     assert {"/conv1/Conv", "/conv2/Conv", "/fc1/Gemm", "/fc2/Gemm"} <= visits
     assert head.heldout_after.accuracy < result.heldout_after.accuracy
+    assert result.environment["reverse_pass"] == "onnxruntime"
 
 
 def test_minibatch_step_that_blows_up_is_halved_and_never_written_worse(
     shared_models: Path, mnist_rot: dict[str, np.ndarray], tmp_path: Path
 ) -> None:
     """A step 1000x too large: the held-out check sends the weights back and halves
-    it; whatever is written is finite and not worse on the held-out split."""
+    it; whatever is written is finite and not worse on the held-out split. (The
+    NumPy reverse pass, which the compiled one replaces on CPU, runs here.)"""
     model = shared_models / "mnist_pytorch25_legacy_cnn.onnx"
     d = mnist_rot
     messages: list[str] = []
-    config = RefineConfig(learning_rate=300.0, epochs=0.5, sweeps=1)
+    config = RefineConfig(learning_rate=300.0, epochs=0.5, sweeps=1, compiled_reverse=False)
     try:
         result = refine(model, tmp_path / "r.onnx", _legacy_prep(d["x_adapt"][:2000]),
                         d["y_adapt"][:2000], config=config, progress=messages.append)
@@ -99,6 +101,7 @@ def test_minibatch_step_that_blows_up_is_halved_and_never_written_worse(
     else:
         assert result.heldout_after.accuracy >= result.heldout_before.accuracy
         assert all(np.isfinite(v).all() for v in _initializers(tmp_path / "r.onnx"))
+        assert result.environment["reverse_pass"] == "numpy (compiled_reverse off)"
     assert any("step halved" in m for m in messages)
 
 

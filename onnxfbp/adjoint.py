@@ -1,0 +1,462 @@
+"""The linearized reverse pass as an onnxruntime graph.
+
+The mini-batch schedule carries the logits residual ``r = onehot(y) - softmax(z)``
+back through every node on the path with ``J^T r`` (:meth:`InverseRule.vjp`).
+In NumPy that is one Python-level step per node with temporaries per tap and
+per window; here the same steps are emitted once as ONNX nodes (opset 17) and
+run by onnxruntime on every mini-batch:
+
+============================  =================================================
+node                          ``J^T r`` emitted as
+============================  =================================================
+Conv (2-D)                    ``ConvTranspose(r, W)``, same strides, pads,
+                              dilations and groups; ``output_padding`` restores
+                              the input size
+Gemm / MatMul                 ``alpha r B`` (transB) or ``alpha r B^T``
+MaxPool (2-D)                 ``MaxPool`` indices of ``x0``, then
+                              ``ScatterElements(add)`` of ``r`` onto them
+                              (overlapping windows add up)
+GlobalAveragePool, ReduceMean ``r / count`` expanded to the input shape
+Relu / LeakyRelu              ``r [x0 > 0]`` / ``r`` or ``alpha r``
+Sigmoid / Tanh                ``r o0 (1 - o0)`` / ``r (1 - o0^2)``
+Softmax / LogSoftmax          ``o0 (r - sum(o0 r))`` / ``r - exp(o0) sum(r)``
+BatchNormalization            ``r g / sqrt(v + eps)`` per channel
+Add / Sub / Mul / Div         ``r``, ``-r``, ``c r``, ``r / c``,
+                              ``-r o0 / x1``; summed over broadcast axes
+Reshape family, Transpose     the inverse index map
+Concat                        ``Split`` of ``r``
+============================  =================================================
+
+Weights and other constants are graph inputs, fed their current values on
+every run: nothing is rebuilt when a layer changes. A path with any other op
+is not compiled (:meth:`AdjointGraph.build` returns the reason) and the NumPy
+reverse pass runs instead. Both give the same residuals (``tests/test_adjoint``)
+up to float32 rounding and the choice among tied maxima of a pooling window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from .graph import Plan, PlanNode
+from .rules import NodeView
+from .rules.linear import ConvRule
+from .rules.pool import _pool_geometry
+
+__all__ = ["OPSET", "AdjointBuilder", "AdjointGraph", "EMITTERS"]
+
+OPSET = 17
+R_LOGITS = "onnxfbp_adjoint__r_logits"
+
+
+class AdjointBuilder:
+    """Collects the nodes of the reverse graph; what an emitter may use.
+
+    ``shapes`` are the shapes of the forward tensors in a sample batch (batch
+    first); the graph declares the batch dimension symbolic.
+    """
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], float_type: Any) -> None:
+        self.shapes = dict(shapes)
+        self.float_type = np.dtype(float_type)
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.activations: list[str] = []  # forward tensors fed at run time
+        self.statics: dict[str, tuple[str, int]] = {}  # input name -> (node name, index)
+        self.node: PlanNode | None = None  # the node being emitted
+        self._count = 0
+
+    def fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"onnxfbp_adjoint__{hint}_{self._count}"
+
+    def op(self, op_type: str, inputs: Sequence[str], **attrs: Any) -> str:
+        """One node with one output; returns the output's name."""
+        (out,) = self.op_n(op_type, inputs, 1, **attrs)
+        return out
+
+    def op_n(self, op_type: str, inputs: Sequence[str], n: int, **attrs: Any) -> list[str]:
+        outs = [self.fresh(op_type.lower()) for _ in range(n)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, **attrs))
+        return outs
+
+    def const(self, value: Any, dtype: Any = None) -> str:
+        """A constant; floats take the activations' dtype."""
+        name = self.fresh("const")
+        array = np.asarray(value, dtype=dtype or self.float_type)
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def act(self, name: str) -> str:
+        """A tensor of the forward pass (``x0`` or ``o0`` of a node), fed at run time."""
+        if name not in self.activations:
+            self.activations.append(name)
+        return name
+
+    def static(self, index: int) -> str:
+        """The current node's constant input ``index`` (weights: their current value)."""
+        assert self.node is not None
+        name = self.node.static_names[index]
+        self.statics.setdefault(name, (self.node.name, index))
+        return name
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def shape_of(self, tensor: str) -> str:
+        """``Shape(tensor)`` of a forward tensor, as a graph value."""
+        return self.op("Shape", [self.act(tensor)])
+
+    def unbroadcast(self, r: str, out_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> str:
+        """``r`` (shaped like the output) summed over the axes ``x`` was broadcast along."""
+        lead = len(out_shape) - len(x_shape)
+        axes = list(range(lead)) + [
+            lead + i
+            for i, size in enumerate(x_shape)
+            if size == 1 and out_shape[lead + i] != 1
+        ]
+        if not axes:
+            return r
+        summed = self.op("ReduceSum", [r, self.const(axes, np.int64)], keepdims=1)
+        shape = [-1, *x_shape[1:]] if lead == 0 else list(x_shape)  # batch stays symbolic
+        return self.op("Reshape", [summed, self.const(shape, np.int64)])
+
+
+Emitter = Callable[[AdjointBuilder, NodeView, str, list[str], str], "list[str] | None"]
+EMITTERS: dict[str, Emitter] = {}
+
+
+def _emits(*ops: str) -> Callable[[Emitter], Emitter]:
+    def register(fn: Emitter) -> Emitter:
+        for op in ops:
+            EMITTERS[op] = fn
+        return fn
+
+    return register
+
+
+@_emits("Conv")
+def _conv(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> list[str] | None:
+    x_shape = b.shape(xs[0])
+    g = ConvRule().geometry(node, x_shape)
+    (kh, kw), (sh, sw), (dh, dw) = g.kernel, g.strides, g.dilations
+    oh, ow = b.shape(o)[2:]
+    pt, pl, pb, pr = g.pads
+    extra = [
+        x_shape[2] - ((oh - 1) * sh + (kh - 1) * dh + 1 - pt - pb),
+        x_shape[3] - ((ow - 1) * sw + (kw - 1) * dw + 1 - pl - pr),
+    ]
+    if not all(0 <= e < max(s, d) for e, s, d in zip(extra, (sh, sw), (dh, dw), strict=True)):
+        return None
+    return [
+        b.op(
+            "ConvTranspose", [r, b.static(1)], kernel_shape=[kh, kw], strides=[sh, sw],
+            dilations=[dh, dw], pads=[pt, pl, pb, pr], group=g.group, output_padding=extra,
+        )
+    ]
+
+
+@_emits("Gemm", "MatMul")
+def _dense(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> list[str] | None:
+    w = b.static(1)
+    if node.op_type == "Gemm" and node.attr("transA", 0):
+        return None
+    if not (node.op_type == "Gemm" and node.attr("transB", 0)):
+        w = b.op("Transpose", [w], perm=[1, 0])
+    dx = b.op("MatMul", [r, w])
+    alpha = float(node.attr("alpha", 1.0)) if node.op_type == "Gemm" else 1.0
+    return [dx if alpha == 1.0 else b.op("Mul", [dx, b.const(alpha)])]
+
+
+@_emits("MaxPool")
+def _maxpool(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> list[str] | None:
+    x_shape = b.shape(xs[0])
+    if len(x_shape) != 4 or int(node.attr("storage_order", 0)):
+        return None
+    g = _pool_geometry(node, x_shape)
+    (kh, kw), (h, w) = g.kernel, x_shape[2:]
+    oh, ow = b.shape(o)[2:]
+    _, indices = b.op_n(
+        "MaxPool", [b.act(xs[0])], 2, kernel_shape=list(g.kernel), strides=list(g.strides),
+        dilations=list(g.dilations), pads=list(g.pads), ceil_mode=int(node.attr("ceil_mode", 0)),
+    )
+    if (all(k <= st for k, st in zip(g.kernel, g.strides, strict=True)) and not any(g.pads)
+            and (oh - 1) * g.strides[0] + kh <= h and (ow - 1) * g.strides[1] + kw <= w):
+        # Windows do not overlap nor leave the input: each entry gets at most one residual.
+        return [b.op("MaxUnpool", [r, indices, b.shape_of(xs[0])],
+                     kernel_shape=list(g.kernel), strides=list(g.strides))]
+    flat = b.const([-1], np.int64)
+    zeros = b.op("Mul", [b.op("Reshape", [b.act(xs[0]), flat]), b.const(0.0)])
+    routed = b.op(
+        "ScatterElements",
+        [zeros, b.op("Reshape", [indices, flat]), b.op("Reshape", [r, flat])],
+        axis=0, reduction="add",
+    )
+    return [b.op("Reshape", [routed, b.shape_of(xs[0])])]
+
+
+@_emits("GlobalAveragePool", "ReduceMean")
+def _average(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> list[str] | None:
+    x_shape = b.shape(xs[0])
+    rank = len(x_shape)
+    if node.op_type == "GlobalAveragePool":
+        axes = list(range(2, rank))
+    else:
+        listed = node.attr("axes")
+        if listed is None and 1 in node.static:
+            listed = np.asarray(node.static[1]).ravel().tolist()
+        if not listed and node.attr("noop_with_empty_axes", 0):
+            return [r]
+        axes = sorted(int(a) % rank for a in listed) if listed else list(range(rank))
+    kept = [1 if i in axes else (-1 if i == 0 else size) for i, size in enumerate(x_shape)]
+    count = int(np.prod([x_shape[i] for i in axes]))
+    spread = b.op("Reshape", [r, b.const(kept, np.int64)])  # restores dropped axes
+    return [b.op("Expand", [b.op("Mul", [spread, b.const(1.0 / count)]), b.shape_of(xs[0])])]
+
+
+@_emits("Relu", "LeakyRelu")
+def _relu(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> list[str] | None:
+    if node.op_type == "Relu":  # Mul by a 0/1 mask: Where is slower on large maps
+        mask = b.op("Greater", [b.act(xs[0]), b.const(0.0)])
+        return [b.op("Mul", [r, b.op("Cast", [mask], to=_onnx_type(b.float_type))])]
+    mask = b.op("GreaterOrEqual", [b.act(xs[0]), b.const(0.0)])
+    alpha = float(node.attr("alpha", 0.01))
+    return [b.op("Where", [mask, r, b.op("Mul", [r, b.const(alpha)])])]
+
+
+@_emits("Sigmoid", "Tanh")
+def _squash(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> list[str] | None:
+    y = b.act(o)
+    if node.op_type == "Sigmoid":
+        slope = b.op("Mul", [y, b.op("Sub", [b.const(1.0), y])])
+    else:
+        slope = b.op("Sub", [b.const(1.0), b.op("Mul", [y, y])])
+    return [b.op("Mul", [r, slope])]
+
+
+@_emits("Softmax", "LogSoftmax")
+def _softmax(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> list[str] | None:
+    rank = len(b.shape(xs[0]))
+    axis = int(node.attr("axis", -1 if node.opset >= 13 else 1)) % rank
+    if node.opset < 13 and axis != rank - 1:
+        return None  # coerced to 2-D at axis: rows span several dims
+    axes = b.const([axis], np.int64)
+    y = b.act(o)
+    if node.op_type == "Softmax":
+        dot = b.op("ReduceSum", [b.op("Mul", [r, y]), axes], keepdims=1)
+        return [b.op("Mul", [y, b.op("Sub", [r, dot])])]
+    total = b.op("ReduceSum", [r, axes], keepdims=1)
+    return [b.op("Sub", [r, b.op("Mul", [b.op("Exp", [y]), total])])]
+
+
+@_emits("BatchNormalization")
+def _batchnorm(
+    b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str
+) -> list[str] | None:
+    rank = len(b.shape(xs[0]))
+    eps = b.const(float(node.attr("epsilon", 1e-5)))
+    scale = b.op("Div", [b.static(1), b.op("Sqrt", [b.op("Add", [b.static(4), eps])])])
+    scale = b.op("Reshape", [scale, b.const([-1] + [1] * (rank - 2), np.int64)])
+    return [b.op("Mul", [r, scale])]
+
+
+@_emits("Add", "Sub", "Mul", "Div")
+def _arithmetic(
+    b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str
+) -> list[str] | None:
+    op = node.op_type
+    out_shape = b.shape(o)
+
+    def operand(index: int) -> str:
+        if index in node.static:
+            return b.static(index)
+        return b.act(xs[node.dynamic.index(index)])
+
+    deltas = []
+    for index, name in zip(node.dynamic, xs, strict=True):
+        if op == "Add" or (op == "Sub" and index == 0):
+            d = r
+        elif op == "Sub":
+            d = b.op("Neg", [r])
+        elif op == "Mul":
+            d = b.op("Mul", [r, operand(1 - index)])
+        elif index == 0:
+            d = b.op("Div", [r, operand(1)])
+        else:  # d(a / x)/dx = -(a / x) / x
+            d = b.op("Neg", [b.op("Div", [b.op("Mul", [r, b.act(o)]), operand(1)])])
+        deltas.append(b.unbroadcast(d, out_shape, b.shape(name)))
+    return deltas
+
+
+@_emits("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout")
+def _reshape(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> list[str] | None:
+    return [b.op("Reshape", [r, b.shape_of(xs[0])])]
+
+
+@_emits("Transpose")
+def _transpose(
+    b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str
+) -> list[str] | None:
+    rank = len(b.shape(xs[0]))
+    perm = node.attr("perm")
+    perm = list(range(rank))[::-1] if perm is None else [int(p) for p in perm]
+    return [b.op("Transpose", [r], perm=np.argsort(perm).tolist())]
+
+
+@_emits("Concat")
+def _concat(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> list[str] | None:
+    rank = len(b.shape(o))
+    axis = int(node.attr("axis")) % rank
+    sizes = []
+    for i in range(node.n_inputs):
+        if i in node.static:
+            sizes.append(int(np.shape(node.static[i])[axis]))
+        else:
+            sizes.append(b.shape(xs[node.dynamic.index(i)])[axis])
+    parts = b.op_n("Split", [r, b.const(sizes, np.int64)], len(sizes), axis=axis)
+    return [parts[i] for i in node.dynamic]
+
+
+_ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorProto.DOUBLE,
+               np.dtype(np.float16): TensorProto.FLOAT16, np.dtype(np.int64): TensorProto.INT64,
+               np.dtype(np.int32): TensorProto.INT32}
+
+
+def _onnx_type(dtype: Any) -> int:
+    return _ONNX_TYPES[np.dtype(dtype)]
+
+
+class AdjointGraph:
+    """One onnxruntime session computing the residual ``-dL/dz`` at every
+    requested tensor from the logits residual and the forward activations.
+
+    Build with :meth:`build`; run with :meth:`run`. ``activations`` are the
+    forward tensors the session reads (request them from the forward pass).
+    """
+
+    def __init__(
+        self,
+        builder: AdjointBuilder,
+        outputs: list[str],
+        session: ort.InferenceSession,
+        output_names: list[str],
+        model: onnx.ModelProto,
+    ) -> None:
+        self.model = model  # the compiled graph, for inspection
+        self.activations = list(builder.activations)
+        self.statics = dict(builder.statics)
+        self.outputs = outputs
+        self._session = session
+        self._output_names = output_names
+
+    @staticmethod
+    def build(
+        plan: Plan,
+        path: Sequence[int],
+        outputs: Sequence[str],
+        acts: Mapping[str, np.ndarray],
+        views: Mapping[str, NodeView],
+        providers: list[str],
+        threads: int | None = None,
+    ) -> AdjointGraph | str:
+        """The graph for ``path`` (indices into ``plan.nodes``, forward order) that
+        returns the residual at each of ``outputs``; or, if a node on the path has
+        no emitter (or a form it does not cover), the reason as a string.
+        ``acts`` is one batch of forward tensors (shapes and dtypes)."""
+        shapes = {k: tuple(np.shape(v)) for k, v in acts.items()}
+        b = AdjointBuilder(shapes, np.asarray(acts[plan.logits]).dtype)
+        sums: dict[str, str] = {plan.logits: R_LOGITS}
+        for i in reversed(list(path)):
+            pn = plan.nodes[i]
+            out = pn.outputs[0]
+            if out not in sums:
+                continue
+            emit = EMITTERS.get(pn.op)
+            if emit is None:
+                return f"no onnx adjoint for {pn.op}"
+            b.node = pn
+            xs = [pn.inputs[j] for j in pn.data_inputs]
+            try:
+                deltas = emit(b, views[pn.name], sums[out], xs, out)
+            except (KeyError, ValueError, TypeError) as exc:
+                return f"{pn.op} {pn.name!r}: {exc}"
+            if deltas is None:
+                return f"{pn.op} {pn.name!r}: form not covered"
+            for name, delta in zip(xs, deltas, strict=True):
+                sums[name] = b.op("Add", [sums[name], delta]) if name in sums else delta
+        missing = [name for name in outputs if name not in sums]
+        if missing:
+            return f"no residual reaches {missing[0]}"
+        fed = {R_LOGITS, *b.activations, *b.statics}
+        output_names = []
+        for name in outputs:  # a graph input cannot be an output too: copy it
+            output_names.append(b.op("Identity", [sums[name]]) if sums[name] in fed
+                                else sums[name])
+        model = _model(b, plan, acts, views, output_names)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        # NumPy works between runs: worker threads must not spin waiting for the next
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            session = ort.InferenceSession(
+                model.SerializeToString(), options, providers=providers
+            )
+            graph = AdjointGraph(b, list(outputs), session, output_names, model)
+            r_logits = np.zeros_like(np.asarray(acts[plan.logits]))
+            graph.run(acts, r_logits, views)  # a form that fails only when run
+        except Exception as exc:  # a form onnxruntime declines: use NumPy
+            return f"onnxruntime declines the adjoint graph: {str(exc).splitlines()[0][:200]}"
+        return graph
+
+    def feeds(
+        self, acts: Mapping[str, np.ndarray], r_logits: np.ndarray, views: Mapping[str, NodeView]
+    ) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {R_LOGITS: np.ascontiguousarray(r_logits)}
+        for name in self.activations:
+            out[name] = acts[name]
+        for name, (node, index) in self.statics.items():
+            out[name] = np.asarray(views[node].const(index))
+        return out
+
+    def run(
+        self, acts: Mapping[str, np.ndarray], r_logits: np.ndarray, views: Mapping[str, NodeView]
+    ) -> dict[str, np.ndarray]:
+        """Residual at each of :attr:`outputs` for this batch."""
+        got = self._session.run(self._output_names, self.feeds(acts, r_logits, views))
+        return dict(zip(self.outputs, got, strict=True))
+
+
+def _model(
+    b: AdjointBuilder,
+    plan: Plan,
+    acts: Mapping[str, np.ndarray],
+    views: Mapping[str, NodeView],
+    output_names: list[str],
+) -> onnx.ModelProto:
+    def declared(name: str, value: np.ndarray, batch: bool) -> onnx.ValueInfoProto:
+        dims: list[int | str] = list(value.shape)
+        if batch and dims:
+            dims[0] = "batch"
+        return helper.make_tensor_value_info(name, _onnx_type(value.dtype), dims)
+
+    logits = np.asarray(acts[plan.logits])
+    inputs = [declared(R_LOGITS, logits, True)]
+    inputs += [declared(name, np.asarray(acts[name]), True) for name in b.activations]
+    inputs += [
+        declared(name, np.asarray(views[node].const(index)), False)
+        for name, (node, index) in b.statics.items()
+    ]
+    outputs = [helper.make_tensor_value_info(name, _onnx_type(logits.dtype), None)
+               for name in output_names]
+    graph = helper.make_graph(b.nodes, "onnxfbp_adjoint", inputs, outputs, b.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    return model
