@@ -102,6 +102,7 @@ class RefineConfig:
     jacobi_steps: tuple[float, ...] = (1.0, 0.5)  # joint-update scales tried on held-out data
     head_iterations: int = 100  # logistic-regression iterations of the output-layer solve
     head_max_rows: int = 20000  # samples per split used by the output-layer solve
+    refit_head: bool = True  # output-layer solve: refit on train + held-out with the chosen lam
     min_sweep_gain: float = 0.002  # stop after a sweep that gains less held-out accuracy
     min_heldout_for_depth: int = 200  # fewer held-out samples: the output layer only, by CV
     folds: int = 5  # cross-validation folds for that case
@@ -570,6 +571,7 @@ class Refiner:
         reports: list[LayerReport] = []
         self._forward_time = self._solve_time = 0.0
         self._chosen_lam: dict[str, float] = {}
+        self._heldout_estimate: EvalResult | None = None  # set by a refit of the output layer
         # Too few held-out samples to steer by: the output layer alone, its
         # regularization chosen by k-fold cross-validation on every sample and
         # judged by its out-of-fold predictions.
@@ -592,6 +594,9 @@ class Refiner:
         self.timings["forward_and_targets"] = self._forward_time
         self.timings["solve"] = self._solve_time
         t = time.perf_counter()
+        if after is None and self._heldout_estimate is not None:
+            after = self._heldout_estimate  # before the output layer saw the held-out split
+            validation += " (then the output layer refitted on all samples)"
         if after is None:
             after = self.evaluate(data, val_idx)
         eval_after = self.evaluate(eval_data) if eval_data is not None else None
@@ -1166,8 +1171,11 @@ class Refiner:
         dense layer feeding the logits through shape-only nodes.
         """
         started = time.perf_counter()
-        # At most head_max_rows samples per split: memory stays bounded for any data size.
+        # refit with the held-out split only if it is apart from train (tiny data judges
+        # on train) and whole (its score before the refit is then the reported one)
         cap = self.config.head_max_rows
+        refittable = not np.array_equal(train_idx, val_idx) and len(val_idx) <= cap
+        # At most head_max_rows samples per split: memory stays bounded for any data size.
         pick = np.random.default_rng([self.config.seed, _SEED_SALT, 1])
         train_idx = (
             np.sort(pick.choice(train_idx, cap, replace=False))
@@ -1202,8 +1210,19 @@ class Refiner:
         report.heldout_accuracy = correct / len(yva)
         report.reason = "output layer solved to the logistic-regression optimum; "
         if state.better(loss, correct):
-            self._set_weights(head, block, w[None])
             report.accepted, report.reason = True, report.reason + "kept"
+            if self.config.refit_head and refittable:
+                # lam chosen, the held-out samples join the fit (as a CV refit does);
+                # the reported held-out score stays that of the fit without them.
+                refit = [w_all for _, w_all in _logistic_path(
+                    np.concatenate([xtr, xva]), np.concatenate([ytr, yva]), w0, fixed,
+                    (lam_rel,), self.config.head_iterations)]
+                if refit:
+                    z = xva @ w + fixed
+                    self._heldout_estimate = self._result(loss, correct, z.argmax(axis=1), yva)
+                    w = refit[0]
+                    report.reason += f", then refitted on all {len(ytr) + len(yva)} samples"
+            self._set_weights(head, block, w[None])
         else:
             report.reason += "held-out score did not improve; reverted"
         report.seconds = time.perf_counter() - started
