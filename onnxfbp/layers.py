@@ -105,18 +105,18 @@ class LayerBlock:
             geometry = rule.geometry(self.view, x.shape)
             g = geometry.group
             n_out = t.shape[1]
-            tr = t.reshape(t.shape[0], g, n_out // g, -1).transpose(1, 0, 3, 2)
-            tr = tr.reshape(g, -1, n_out // g)
             positions = t.shape[2] * t.shape[3]
+            tr = t.reshape(t.shape[0], n_out, positions)
             if rng is not None and positions > max_positions:
-                # The same random output positions for every sample in the batch.
+                # The same random output positions for every sample in the batch
+                # (picked before any copy of the full maps).
                 keep = np.sort(rng.choice(positions, size=max_positions, replace=False))
-                xs_small = self._patch_subset(x, geometry, keep, t.shape[2:])
-                tr = tr.reshape(g, t.shape[0], positions, -1)[:, :, xp.asarray(keep)]
-                tr = tr.reshape(g, -1, n_out // g)
-                xr = xs_small
+                xr = self._patch_subset(x, geometry, keep, t.shape[2:])
+                tr = tr[:, :, xp.asarray(keep)]
             else:
                 xr = im2col(x, geometry)
+            tr = tr.reshape(t.shape[0], g, n_out // g, -1).transpose(1, 0, 3, 2)
+            tr = tr.reshape(g, -1, n_out // g)
         tr = xp.asarray(tr, dtype=xp.float32)
         if self.fixed_bias is not None and not residual:
             fb = xp.asarray(self.fixed_bias, dtype=xp.float32).reshape(tr.shape[0], 1, -1)
