@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from scipy.linalg import cho_factor, cho_solve
 
 from . import __version__
 from .adjoint import AdjointGraph
@@ -53,6 +52,7 @@ from .solve import (
     PreconditionerSums,
     RidgeChoice,
     choose_ridge,
+    spd_inverse,
 )
 from .targets import cross_entropy, label_target, log_softmax
 
@@ -263,23 +263,24 @@ def _logistic_path(
         lam = lam_rel mean diag(x^T x)
 
     by the bound-optimization iteration for multinomial logistic regression
-    (Bohning: the softmax Hessian is at most I/2), one Cholesky factor per ``lam``:
+    (Bohning: the softmax Hessian is at most I/2), one inverse per ``lam``:
 
         W <- argmin ||x W - (x W + 2 (Y - softmax(x W)))||^2 + lam ||W - W0||^2
 
     Each ``lam`` starts from the previous optimum and stops once the weights
     settle; a ``lam`` whose iteration is not finite is skipped."""
-    gram = (x.T @ x).astype(np.float64)
+    x = x.astype(np.float64)  # once: each product below would convert it again
+    gram = x.T @ x
     scale = float(np.mean(np.diag(gram))) or 1.0
     onehot = np.eye(w0.shape[1])[y]
     w = w0.copy()
     for lam_rel in sorted(grid, reverse=True):
         lam = lam_rel * scale
-        factor = cho_factor(gram + lam * np.eye(len(gram)), lower=True, check_finite=False)
+        inverse = spd_inverse(gram + lam * np.eye(len(gram)))
         for _ in range(iterations):
             z = x @ w + fixed
             step = z + 2.0 * (onehot - np.exp(log_softmax(z)))
-            w_next = cho_solve(factor, x.T @ step + lam * w0, check_finite=False)
+            w_next = inverse @ (x.T @ step + lam * w0)
             settled = np.abs(w_next - w).max() <= 1e-4 * (1.0 + np.abs(w).max())
             w = w_next
             if settled or not np.isfinite(w).all():
