@@ -988,9 +988,9 @@ class Refiner:
             self._forward_time += time.perf_counter() - ft
             st = time.perf_counter()
             for layer in layers:
-                out = acts[layer.output]
+                out = residuals[layer.output]  # shaped like the layer's output
                 xr, rr = blocks[layer.name].rows(
-                    acts[layer.input], residuals[layer.output], rng, cfg.max_positions, True
+                    acts[layer.input], out, rng, cfg.max_positions, True
                 )
                 positions = int(np.prod(out.shape[2:])) if layer.kind == "conv" else 1
                 kept = xr.shape[1] // len(y) if layer.kind == "conv" else 1
