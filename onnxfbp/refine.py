@@ -91,7 +91,7 @@ class RefineConfig:
     # jacobi: all layers from one full pass per sweep; sequential: one layer per pass.
     schedule: str = "minibatch"
     minibatch_size: int = 250  # samples per step of the minibatch schedule
-    epochs: float = 2.0  # passes over the training split at most (minibatch)
+    epochs: float = 3.0  # passes over the training split at most (minibatch)
     learning_rate: float = 0.3  # scale of each preconditioned step (minibatch)
     damping: float = 1.0  # lam / mean diag of the per-row Gram of each layer (minibatch)
     precond_samples: int = 1000  # samples whose rows estimate each layer's Gram (minibatch)
