@@ -44,6 +44,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from .forward import inference_session
 from .graph import Plan, PlanNode
 from .rules import NodeView
 from .rules.linear import ConvRule
@@ -399,16 +400,8 @@ class AdjointGraph:
             output_names.append(b.op("Identity", [sums[name]]) if sums[name] in fed
                                 else sums[name])
         model = _model(b, plan, acts, views, output_names)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        # NumPy works between runs: worker threads must not spin waiting for the next
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            options.intra_op_num_threads = threads
         try:
-            session = ort.InferenceSession(
-                model.SerializeToString(), options, providers=providers
-            )
+            session = inference_session(model, providers, threads)
             graph = AdjointGraph(b, list(outputs), session, output_names, model)
             r_logits = np.zeros_like(np.asarray(acts[plan.logits]))
             graph.run(acts, r_logits, views)  # a form that fails only when run

@@ -29,7 +29,7 @@ from onnx import numpy_helper
 
 from .errors import ModelError
 
-__all__ = ["ForwardRunner", "available_providers", "choose_providers"]
+__all__ = ["ForwardRunner", "available_providers", "choose_providers", "inference_session"]
 
 
 def available_providers() -> list[str]:
@@ -55,9 +55,10 @@ def choose_providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _session(
+def inference_session(
     model: onnx.ModelProto, providers: list[str], threads: int | None
 ) -> ort.InferenceSession:
+    """An onnxruntime session for ``model`` (:class:`ModelError` if it does not load)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # NumPy works between runs: idle workers must not spin and take its cores
@@ -182,7 +183,7 @@ class ForwardRunner:
         self._internal = internal
         self._served = internal  # the graph self.session runs
         self._threads = threads
-        self.session = _session(internal, providers, threads)
+        self.session = inference_session(internal, providers, threads)
         in_meta = next(i for i in self.session.get_inputs() if i.name == input_name)
         self.input_type = {"tensor(float)": np.float32, "tensor(double)": np.float64,
                            "tensor(float16)": np.float16}.get(in_meta.type, np.float32)
@@ -232,7 +233,7 @@ class ForwardRunner:
         try:
             expected = self.run(probe, self.output_names, self.initial_weights)
             dynamic = _dynamic_batch_copy(self._internal, self.input_name, fixed)
-            session = _session(dynamic, self.providers, threads)
+            session = inference_session(dynamic, self.providers, threads)
             feeds = {self.input_name: probe, **self.initial_weights}
             got = session.run(self.output_names, feeds, _quiet())
         except Exception:
@@ -269,7 +270,7 @@ class ForwardRunner:
         del g.output[:]
         g.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
         try:
-            session = _session(model, self.providers, self._threads)
+            session = inference_session(model, self.providers, self._threads)
         except Exception:
             return fallback
 

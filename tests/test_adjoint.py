@@ -76,16 +76,23 @@ def corpus_data(mnist: tuple[np.ndarray, np.ndarray],
     return {"mnist": _splits("mnist", *mnist), "cifar": _splits("cifar", *cifar)}
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_compiled_reverse_matches_numpy_on_corpus(
-    name: str, shared_models: Path, corpus_data: dict[str, dict[str, np.ndarray]]
-) -> None:
+def _corpus_batch(
+    name: str, corpus_data: dict[str, dict[str, np.ndarray]], n: int
+) -> tuple[Path, np.ndarray, np.ndarray]:
+    """The model's path and its first ``n`` adaptation samples, preprocessed."""
     path = models_dir() / name
     if not path.is_file():
         pytest.skip(f"{name} is not in {models_dir()}")
     spec = MODELS[name]
     data = corpus_data[spec.dataset]
-    x, y = spec.prep(data["x_adapt"][:64]), data["y_adapt"][:64]
+    return path, spec.prep(data["x_adapt"][:n]), data["y_adapt"][:n]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_compiled_reverse_matches_numpy_on_corpus(
+    name: str, shared_models: Path, corpus_data: dict[str, dict[str, np.ndarray]]
+) -> None:
+    path, x, y = _corpus_batch(name, corpus_data, 64)
     refiner = Refiner(path, RefineConfig(device="cpu"))
     layers = refiner.layers
     reverse_path = sorted({i for layer in layers for i in refiner._downstream[layer.name]})
@@ -112,12 +119,7 @@ def test_minibatch_schedule_runs_compiled_on_corpus(
     """The whole minibatch schedule on the compiled reverse pass, every corpus model
     (400 samples, every layer: the few-label rule switched off): it runs, reports
     the onnxruntime pass and writes finite weights no worse on the held-out split."""
-    path = models_dir() / name
-    if not path.is_file():
-        pytest.skip(f"{name} is not in {models_dir()}")
-    spec = MODELS[name]
-    data = corpus_data[spec.dataset]
-    x, y = spec.prep(data["x_adapt"][:400]), data["y_adapt"][:400]
+    path, x, y = _corpus_batch(name, corpus_data, 400)
     config = RefineConfig(device="cpu", min_heldout_for_depth=0, epochs=1, minibatch_size=100)
     out = tmp_path / "r.onnx"
     try:
