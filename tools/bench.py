@@ -621,8 +621,15 @@ def worker(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parent
 
 
-def child_env() -> dict[str, str]:
+def child_env(quiet_threads: bool = True) -> dict[str, str]:
+    """The children's environment; ``quiet_threads=False`` (``--default-env``) drops the
+    thread-pool settings below, as a user's default shell has them."""
     env = os.environ.copy()
+    if not quiet_threads:
+        env.pop("OMP_WAIT_POLICY", None)
+        env.pop("OPENBLAS_THREAD_TIMEOUT", None)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+        return env
     env["OMP_WAIT_POLICY"] = "PASSIVE"
     # OpenBLAS (numpy, scipy) spins for 2**28 cycles by default; with any other load on a
     # 2-core box that makes small BLAS calls 10x slower. 2**4 cycles is its PASSIVE.
@@ -651,13 +658,14 @@ def busy_cpu_s() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def run_child(argv: list[str], timeout: float) -> ChildResult:
+def run_child(argv: list[str], timeout: float, quiet_threads: bool = True) -> ChildResult:
     """Run ``bench.py argv`` in a fresh interpreter and wait for it with ``os.wait4``."""
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         busy0, self0 = busy_cpu_s(), sum(os.times()[:2])
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=child_env(), cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=child_env(quiet_threads),
+                                cwd=ROOT)
         timer = threading.Timer(timeout, proc.kill)
         timer.start()
         try:
@@ -687,7 +695,7 @@ def run_method(
     """One child for (scenario, method, repeat); its JSON row plus what the parent measured."""
     argv = ["--worker", method, "--scenario", scenario, "--data", str(data)]
     argv += ["--seed", str(repeat), "--threads", str(args.threads)]
-    child = run_child(argv, args.timeout)
+    child = run_child(argv, args.timeout, quiet_threads=not args.default_env)
     marked = [ln for ln in child.stdout.splitlines() if ln.startswith(RESULT_MARK)]
     rows = [json.loads(ln[len(RESULT_MARK) :]) for ln in marked]
     if rows:
@@ -884,6 +892,9 @@ def markdown(summary: dict[str, dict[str, dict[str, Any]]], meta: dict[str, Any]
         "times are unreliable).",
         f"- Peer `{PEER}`: onnx2torch + Adam lr {LR:g}, batch {BATCH}, BatchNorm in eval mode, "
         "evaluated in torch. `adam-best20` picks the epoch on the eval set (an upper bound).",
+        "- Children's threads: "
+        + ("the shell's defaults (`--default-env`)." if meta.get("default_env") else
+           "`OMP_WAIT_POLICY=PASSIVE`, `OPENBLAS_THREAD_TIMEOUT=4`."),
         "",
     ]
     for scenario, methods in summary.items():
@@ -945,6 +956,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="peak RSS of onnxfbp (or --methods) on 5,000 vs 50,000 samples",
     )
     p.add_argument("--threads", type=int, default=2, help="torch / onnxruntime threads")
+    p.add_argument(
+        "--default-env",
+        action="store_true",
+        help="children keep the shell's thread settings (no OMP_WAIT_POLICY=PASSIVE, "
+        "OPENBLAS_THREAD_TIMEOUT=4): what a user's default shell gives",
+    )
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per child process")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--scenario", help=argparse.SUPPRESS)
@@ -989,6 +1006,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "versions": versions(),
         "repeats": args.repeats,
+        "default_env": args.default_env,
     }
     data_dir = Path(tempfile.mkdtemp(prefix="onnxfbp-bench-"))
     runs: list[dict[str, Any]] = []
