@@ -100,3 +100,18 @@ def test_inspect_lists_rules_and_refined_layers() -> None:
     assert ops["Gemm"]["rule"] == "rule"
     assert info["refined_layers"][0] == "/classifier/classifier.3/Gemm"
     assert info["output"]["kind"] == "logits" and info["output"]["classes"] == 10
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "4"), ("28", "28")])
+def test_openblas_threads_do_not_spin_unless_the_user_says(
+    preset: str | None, expected: str
+) -> None:
+    """Importing onnxfbp before NumPy (the command line) sets OpenBLAS's thread
+    timeout so idle BLAS threads sleep; a value the user set stays."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if preset is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = preset
+    code = "import os, onnxfbp; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=120, check=True)
+    assert proc.stdout.strip() == expected
