@@ -17,12 +17,18 @@ MaxPool (2-D)                 ``MaxPool`` indices of ``x0``, then
                               ``ScatterElements(add)`` of ``r`` onto them
                               (overlapping windows add up)
 GlobalAveragePool, ReduceMean ``r / count`` expanded to the input shape
-Relu / LeakyRelu              ``r [x0 > 0]`` / ``r`` or ``alpha r``
+Relu / LeakyRelu / PRelu      ``r [x0 > 0]`` / ``r`` or ``alpha r``
+AveragePool (2-D)             ``ConvTranspose`` of ``r / count`` with ones
+Clip, HardSigmoid, HardSwish  ``r`` times the slope of the ramp at ``x0``
+Elu, Selu, Softplus, Swish,   ``r f'(x0)`` in closed form
+Mish, Gelu
 Sigmoid / Tanh                ``r o0 (1 - o0)`` / ``r (1 - o0^2)``
 Softmax / LogSoftmax          ``o0 (r - sum(o0 r))`` / ``r - exp(o0) sum(r)``
 BatchNormalization            ``r g / sqrt(v + eps)`` per channel
 Add / Sub / Mul / Div         ``r``, ``-r``, ``c r``, ``r / c``,
                               ``-r o0 / x1``; summed over broadcast axes
+GlobalMaxPool, ReduceMax      ``ArgMax`` then ``ScatterElements`` (first maximum)
+Pad (constant)                ``Slice`` of ``r`` (zeros where it cropped)
 Reshape family, Transpose     the inverse index map
 Concat                        ``Split`` of ``r``
 ============================  =================================================
@@ -47,8 +53,11 @@ from onnx import TensorProto, helper, numpy_helper
 from .forward import inference_session
 from .graph import Plan, PlanNode
 from .rules import NodeView
-from .rules.linear import ConvRule
-from .rules.pool import _pool_geometry
+from .rules.activation import _clip_bounds
+from .rules.linear import ConvGeometry, ConvRule
+from .rules.pool import AveragePoolRule, _max_axes, _pool_geometry
+from .rules.shape import _pad_spec
+from .rules.smooth import EluRule
 
 __all__ = ["OPSET", "AdjointBuilder", "AdjointGraph", "EMITTERS"]
 
@@ -146,8 +155,18 @@ def _emits(*ops: str) -> Callable[[Emitter], Emitter]:
 def _conv(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> list[str] | None:
     x_shape = b.shape(xs[0])
     g = ConvRule().geometry(node, x_shape)
+    return _transposed(b, r, b.static(1), g, x_shape, b.shape(o), g.group)
+
+
+def _transposed(
+    b: AdjointBuilder, r: str, w: str, g: ConvGeometry, x_shape: tuple[int, ...],
+    o_shape: tuple[int, ...], group: int,
+) -> list[str] | None:
+    """``ConvTranspose(r, w)`` with the window geometry ``g``, ``output_padding``
+    restoring the input size; None where that needs more than ONNX allows
+    (``ceil_mode`` windows reaching past the padding)."""
     (kh, kw), (sh, sw), (dh, dw) = g.kernel, g.strides, g.dilations
-    oh, ow = b.shape(o)[2:]
+    oh, ow = o_shape[2:]
     pt, pl, pb, pr = g.pads
     extra = [
         x_shape[2] - ((oh - 1) * sh + (kh - 1) * dh + 1 - pt - pb),
@@ -157,8 +176,8 @@ def _conv(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> l
         return None
     return [
         b.op(
-            "ConvTranspose", [r, b.static(1)], kernel_shape=[kh, kw], strides=[sh, sw],
-            dilations=[dh, dw], pads=[pt, pl, pb, pr], group=g.group, output_padding=extra,
+            "ConvTranspose", [r, w], kernel_shape=[kh, kw], strides=[sh, sw],
+            dilations=[dh, dw], pads=[pt, pl, pb, pr], group=group, output_padding=extra,
         )
     ]
 
@@ -221,6 +240,48 @@ def _average(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -
     return [b.op("Expand", [b.op("Mul", [spread, b.const(1.0 / count)]), b.shape_of(xs[0])])]
 
 
+@_emits("GlobalMaxPool", "ReduceMax")
+def _max_reduce(
+    b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str
+) -> list[str] | None:
+    """Each reduced group's residual goes to its first maximal entry: the reduced axes
+    moved last and flattened, ``ArgMax``, ``ScatterElements``, moved back."""
+    rank = len(b.shape(xs[0]))
+    axes, keep = _max_axes(node, rank)
+    if 0 in axes:
+        return None  # the batch axis stays symbolic
+    rest = [a for a in range(rank) if a not in axes]
+    perm = rest + list(axes)
+    moved = b.op("Transpose", [b.act(xs[0])], perm=perm)
+    flat = b.op("Reshape", [moved, b.const([0] * len(rest) + [-1], np.int64)])
+    first = b.op("ArgMax", [flat], axis=-1, keepdims=1)
+    r_rows = b.op("Transpose", [r], perm=perm) if keep else r
+    r_rows = b.op("Reshape", [r_rows, b.const([0] * len(rest) + [1], np.int64)])
+    zero = helper.make_tensor("value", _onnx_type(b.float_type), [1], [0.0])
+    zeros = b.op("ConstantOfShape", [b.op("Shape", [flat])], value=zero)
+    routed = b.op("ScatterElements", [zeros, first, r_rows], axis=-1)
+    back = b.op("Reshape", [routed, b.op("Shape", [moved])])
+    return [b.op("Transpose", [back], perm=np.argsort(perm).tolist())]
+
+
+@_emits("Pad")
+def _pad(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> list[str] | None:
+    """Constant padding: the residual of the kept window (cropped axes get zeros)."""
+    x_shape = b.shape(xs[0])
+    rank = len(x_shape)
+    before, after, mode, _ = _pad_spec(node, rank)
+    if mode != "constant" or before[0] or after[0]:
+        return None
+    grow = [max(0, -p) for p in before] + [max(0, -p) for p in after]
+    if any(grow):
+        r = b.op("Pad", [r, b.const(grow, np.int64)])
+    starts = [max(0, p) for p in before[1:]]
+    ends = [start + size for start, size in zip(starts, x_shape[1:], strict=True)]
+    axes = list(range(1, rank))
+    return [b.op("Slice", [r, b.const(starts, np.int64), b.const(ends, np.int64),
+                           b.const(axes, np.int64)])]
+
+
 @_emits("Relu", "LeakyRelu")
 def _relu(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> list[str] | None:
     if node.op_type == "Relu":  # Mul by a 0/1 mask: Where is slower on large maps
@@ -229,6 +290,100 @@ def _relu(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> l
     mask = b.op("GreaterOrEqual", [b.act(xs[0]), b.const(0.0)])
     alpha = float(node.attr("alpha", 0.01))
     return [b.op("Where", [mask, r, b.op("Mul", [r, b.const(alpha)])])]
+
+
+@_emits("AveragePool")
+def _average_pool(
+    b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str
+) -> list[str] | None:
+    """``r / count`` spread over each window: ConvTranspose with a ones kernel per channel."""
+    x_shape = b.shape(xs[0])
+    if len(x_shape) != 4:
+        return None
+    g = _pool_geometry(node, x_shape)
+    divisor = np.asarray(AveragePoolRule()._divisor(node, x_shape, g, np), dtype=np.float64)
+    channels = x_shape[1]
+    share = b.op("Mul", [r, b.const(1.0 / divisor)])
+    ones = b.const(np.ones((channels, 1, *g.kernel)))
+    return _transposed(b, share, ones, g, x_shape, b.shape(o), channels)
+
+
+def _slope(b: AdjointBuilder, r: str, slope: str) -> list[str]:
+    return [b.op("Mul", [r, slope])]
+
+
+def _inside(b: AdjointBuilder, x: str, lo: float, hi: float) -> str:
+    """1.0 where ``lo < x < hi``, else 0.0."""
+    mask = b.op("And", [b.op("Greater", [x, b.const(lo)]), b.op("Less", [x, b.const(hi)])])
+    return b.op("Cast", [mask], to=_onnx_type(b.float_type))
+
+
+@_emits("Clip", "HardSigmoid", "HardSwish")
+def _ramps(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> list[str] | None:
+    """Clip: ``r [lo < x < hi]``; HardSigmoid ``alpha r [0 < alpha x + beta < 1]``;
+    HardSwish ``r (x / 3 + 1/2)`` on ``(-3, 3)``, ``r`` above."""
+    x = b.act(xs[0])
+    if node.op_type == "Clip":
+        lo, hi = _clip_bounds(node)
+        return _slope(b, r, _inside(b, x, lo, hi))
+    if node.op_type == "HardSigmoid":
+        alpha, beta = float(node.attr("alpha", 0.2)), float(node.attr("beta", 0.5))
+        z = b.op("Add", [b.op("Mul", [x, b.const(alpha)]), b.const(beta)])
+        return _slope(b, r, b.op("Mul", [_inside(b, z, 0.0, 1.0), b.const(alpha)]))
+    ramp = b.op("Add", [b.op("Mul", [x, b.const(1.0 / 3.0)]), b.const(0.5)])
+    above = b.op("Cast", [b.op("Greater", [x, b.const(3.0)])], to=_onnx_type(b.float_type))
+    return _slope(b, r, b.op("Add", [b.op("Mul", [ramp, _inside(b, x, -3.0, 3.0)]), above]))
+
+
+@_emits("PRelu")
+def _prelu(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> list[str] | None:
+    mask = b.op("GreaterOrEqual", [b.act(xs[0]), b.const(0.0)])
+    return [b.op("Where", [mask, r, b.op("Mul", [r, b.static(1)])])]
+
+
+@_emits("Elu", "Selu")
+def _elu(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> list[str] | None:
+    """``gamma r`` for ``x > 0``, else ``gamma alpha e^x r``."""
+    alpha, gamma = EluRule()._params(node)
+    x = b.act(xs[0])
+    negative = b.op("Mul", [b.op("Exp", [b.op("Min", [x, b.const(0.0)])]),
+                            b.const(alpha)])
+    slope = b.op("Where", [b.op("Greater", [x, b.const(0.0)]), b.const(1.0), negative])
+    return _slope(b, r, slope if gamma == 1.0 else b.op("Mul", [slope, b.const(gamma)]))
+
+
+@_emits("Softplus", "Swish", "Mish", "Gelu")
+def _smooth(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> list[str] | None:
+    """Softplus ``sigma(x)``; Swish ``s + alpha x s (1 - s)``, ``s = sigma(alpha x)``;
+    Mish ``t + x sigma(x) (1 - t^2)``, ``t = tanh(softplus x)``; Gelu
+    ``Phi(x) + x phi(x)`` (tanh form: ``(1 + t) / 2 + x (1 - t^2) c (1 + 3 k x^2) / 2``,
+    ``t = tanh(c (x + k x^3))``, ``c = sqrt(2 / pi)``, ``k = 0.044715``)."""
+    x = b.act(xs[0])
+    mul, add, sub = (lambda *a: b.op("Mul", list(a))), (lambda *a: b.op("Add", list(a))), (
+        lambda *a: b.op("Sub", list(a)))
+    one = b.const(1.0)
+    if node.op_type == "Softplus":
+        return _slope(b, r, b.op("Sigmoid", [x]))
+    if node.op_type == "Swish":
+        alpha = float(node.attr("alpha", 1.0))
+        sig = b.op("Sigmoid", [mul(x, b.const(alpha))])
+        return _slope(b, r, add(sig, mul(mul(x, b.const(alpha)), mul(sig, sub(one, sig)))))
+    if node.op_type == "Mish":
+        t = b.op("Tanh", [b.op("Softplus", [x])])
+        return _slope(b, r, add(t, mul(mul(x, b.op("Sigmoid", [x])), sub(one, mul(t, t)))))
+    approx = node.attr("approximate", b"none")
+    approx = approx.decode() if isinstance(approx, bytes) else str(approx)
+    if approx == "tanh":
+        c, k = float(np.sqrt(2.0 / np.pi)), 0.044715
+        x2 = mul(x, x)
+        t = b.op("Tanh", [mul(b.const(c), add(x, mul(b.const(k), mul(x2, x))))])
+        inner = mul(b.const(c), add(one, mul(b.const(3.0 * k), x2)))
+        slope = mul(b.const(0.5), add(add(one, t), mul(mul(x, sub(one, mul(t, t))), inner)))
+        return _slope(b, r, slope)
+    cdf = mul(b.const(0.5), add(one, b.op("Erf", [mul(x, b.const(1.0 / np.sqrt(2.0)))])))
+    pdf = mul(b.const(1.0 / np.sqrt(2.0 * np.pi)),
+              b.op("Exp", [mul(b.const(-0.5), mul(x, x))]))
+    return _slope(b, r, add(cdf, mul(x, pdf)))
 
 
 @_emits("Sigmoid", "Tanh")

@@ -29,6 +29,7 @@ from onnxfbp.targets import label_target
 
 CPU = ["CPUExecutionProvider"]
 COVERED = [s for s in SPECS if s.op in EMITTERS]
+DECLINED = {"pad-edge", "pad-reflect"}  # forms an emitter declines: the NumPy pass runs
 
 
 def _close(got: np.ndarray, want: np.ndarray, rtol: float = 1e-4) -> None:
@@ -51,6 +52,9 @@ def test_emitted_vjp_matches_rule(spec: Spec) -> None:
     plan: Any = SimpleNamespace(logits="out", nodes=[node])
     wanted = [names[i] for i in data]
     built = AdjointGraph.build(plan, [0], wanted, {**dyn, "out": o0}, {view.name: view}, CPU)
+    if spec.id in DECLINED:
+        assert built == f"{spec.op} {view.name!r}: form not covered"
+        return
     assert not isinstance(built, str), built
     got = built.run({**dyn, "out": o0}, r, {view.name: view})
     pos = [view.dynamic.index(i) for i in data]
@@ -60,14 +64,14 @@ def test_emitted_vjp_matches_rule(spec: Spec) -> None:
 
 
 def test_unsupported_op_is_named() -> None:
-    spec = next(s for s in SPECS if s.op == "Pad")
+    spec = next(s for s in SPECS if s.op == "Gather")
     view = _view(spec)
-    node = PlanNode(view.name, "Pad", ["in0", "in1"], ["out"], view, (0,), {1: "in1"})
+    node = PlanNode(view.name, "Gather", ["in0", "in1"], ["out"], view, (0,), {1: "in1"})
     plan: Any = SimpleNamespace(logits="out", nodes=[node])
     x = _inputs(spec)[0]
-    o0 = RULES["Pad"].forward(view, [x])
+    o0 = RULES["Gather"].forward(view, [x])
     built = AdjointGraph.build(plan, [0], ["in0"], {"in0": x, "out": o0}, {view.name: view}, CPU)
-    assert built == "no onnx adjoint for Pad"
+    assert built == "no onnx adjoint for Gather"
 
 
 @pytest.fixture(scope="module")

@@ -248,6 +248,8 @@ class Case:
     fixed_batch: bool = False
     boundary_ops: set[str] = field(default_factory=set)  # ops expected as boundaries
     output_kind: str = "logits"
+    # how the minibatch schedule carries residuals back (environment.reverse_pass, prefix)
+    reverse_pass: str = "onnxruntime"
 
 
 CASES = {
@@ -262,7 +264,8 @@ CASES = {
         PadNet, "nchw",
         {"legacy": {"Pad", "PRelu", "Clip", "Conv", "Shape", "Gather", "LogSoftmax"},
          "dynamo": {"Pad", "PRelu", "Clip", "Conv", "LogSoftmax"}},
-        attempted=4, config={**DEEP, "max_layers": 4}, output_kind="log-probabilities"),
+        attempted=4, config={**DEEP, "max_layers": 4}, output_kind="log-probabilities",
+        reverse_pass="numpy (Pad "),  # replicate padding has no ONNX adjoint here
     "nhwc-transpose-matmul4d-reducemean-squeeze-softmax": Case(
         NhwcNet, "nhwc",
         {"legacy": {"Sub", "Div", "Transpose", "MatMul", "ReduceMean", "Squeeze", "Softmax"},
@@ -288,7 +291,8 @@ CASES = {
         TokenNet, "nchw",
         {"legacy": {"LayerNormalization", "Gelu", "Transpose", "ReduceMean", "MatMul"},
          "dynamo": {"LayerNormalization", "Gelu", "Transpose", "ReduceMean", "MatMul"}},
-        attempted=5, config={"sweeps": 1}, boundary_ops={"MatMul"}),
+        attempted=5, config={"sweeps": 1}, boundary_ops={"MatMul"},
+        reverse_pass="numpy (no onnx adjoint for LayerNormalization)"),
     "gated-boundary": Case(
         GatedNet, "nchw", {"legacy": {"Mul", "Sigmoid"}, "dynamo": {"Mul", "Sigmoid"}},
         attempted=2, config={"sweeps": 1}, boundary_ops={"Mul"}),
@@ -390,6 +394,7 @@ def test_exported_model_refines(name: str, exporter: str, digits: dict[str, np.n
                     config=RefineConfig(device="cpu", **case.config),  # type: ignore[arg-type]
                     eval_data=(x_eval, digits["y_eval"]))
     assert len({r.name for r in result.layers}) == case.attempted, result.plan["layers"]
+    assert result.environment["reverse_pass"].startswith(case.reverse_pass)
     assert result.environment["batch_mode"] == "dynamic"  # a fixed batch too: no chunks
     assert result.eval_before is not None and result.eval_after is not None
     before, after = result.eval_before.accuracy, result.eval_after.accuracy
