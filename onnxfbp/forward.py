@@ -202,7 +202,8 @@ class ForwardRunner:
         dims = [d.dim_value for d in vi.type.tensor_type.shape.dim[1:]]
         return dims if all(dims) else None
 
-    def _probe(self, n: int) -> np.ndarray | None:
+    def probe(self, n: int) -> np.ndarray | None:
+        """``n`` random inputs of the model's sample shape (None if it is symbolic)."""
         shape = self._sample_shape()
         if shape is None:
             return None
@@ -212,7 +213,7 @@ class ForwardRunner:
     def _runs_batched(self) -> bool:
         """Whether a symbolic-batch model really runs a batch of 3 (it may bake batch 1
         into a Reshape constant). Unknown sample shapes are taken on trust."""
-        probe = self._probe(3)
+        probe = self.probe(3)
         if probe is None:
             return True
         try:
@@ -227,7 +228,7 @@ class ForwardRunner:
         in chunks of the fixed batch size (1 when the input dim was symbolic)."""
         fixed = self.fixed_batch or 1
         self.chunk = fixed
-        probe = self._probe(2 * fixed + 1)
+        probe = self.probe(2 * fixed + 1)
         if probe is None:
             return
         try:

@@ -5,6 +5,9 @@ its weights, and which layers a refine run would change.
 
 - ``model``, ``producer``, ``opset``, ``input`` {name, shape}, ``output`` {name,
   kind, logits, classes}, ``batch`` (``dynamic`` or ``fixed N``);
+- ``reverse_pass``: with ``--schedule minibatch``, how residuals would be carried
+  back: ``onnxruntime`` (compiled) or ``numpy (the op or form that prevents it)``,
+  found by compiling the reverse pass on a random batch; null otherwise;
 - ``refined_layers``: the node names a refine run with the same ``--schedule``
   and ``--deep`` would change, in the order it visits them (from the output back);
 - ``layers``: every Conv/Gemm/MatMul on the reverse path, with ``kind``,
@@ -116,6 +119,13 @@ def inspect_model(
             "weight_of": weight_of.get(node.name),
             "note": note,
         })
+    reverse_pass = None
+    if schedule == "minibatch" and refiner.layers:
+        probe = refiner.runner.probe(2)
+        reverse_pass = (
+            refiner.reverse_pass_for(probe) if probe is not None
+            else "decided at run time (the sample shape is symbolic)"
+        )
     return {
         "model": str(path),
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
@@ -126,6 +136,7 @@ def inspect_model(
         "batch": "dynamic" if refiner.runner.chunk is None else f"fixed {refiner.runner.chunk}",
         "deep": deep,
         "schedule": schedule,
+        "reverse_pass": reverse_pass,
         "boundaries": plan.boundaries,
         "refined_layers": refined,
         "layers": layers,
@@ -218,6 +229,8 @@ def render_table(info: dict[str, Any], console: Any = None) -> None:
             console.print(f"  {b}", markup=False)
     refined = info["refined_layers"]
     console.print(Text.assemble("would refine: ", (", ".join(refined) or "nothing", "bold")))
+    if info.get("reverse_pass"):
+        console.print(f"reverse pass: {info['reverse_pass']}", markup=False)
     if not info.get("deep") and any(
             (entry["why_not"] or "").endswith("(enable: --deep)") for entry in layers.values()):
         console.print("(more with --deep: layers whose targets pass a Conv inverse)", style="dim")

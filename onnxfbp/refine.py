@@ -1045,6 +1045,19 @@ class Refiner:
             self._announce(report)
         return improved
 
+    def reverse_pass_for(self, x: np.ndarray) -> str:
+        """How the minibatch schedule would carry residuals back on batches like ``x``:
+        ``onnxruntime`` (compiled, :mod:`onnxfbp.adjoint`) or ``numpy (reason)``."""
+        path = sorted({i for layer in self.layers for i in self._downstream[layer.name]})
+        needed = sorted({n for layer in self.layers for n in self._needed(layer)})
+        self._views = self.plan.node_views(self.tensor_values())
+        acts = self.forward(x, needed)
+        built = AdjointGraph.build(
+            self.plan, path, [layer.output for layer in self.layers], acts, self._views,
+            self.providers, self.config.threads,
+        )
+        return f"numpy ({built})" if isinstance(built, str) else "onnxruntime"
+
     def _adjoint_graph(self, acts: dict[str, Array], path: list[int]) -> AdjointGraph | None:
         """The reverse pass compiled for onnxruntime (see :mod:`onnxfbp.adjoint`), or
         ``None`` (NumPy reverse pass) where a node has no ONNX adjoint or

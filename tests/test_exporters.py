@@ -38,6 +38,7 @@ from graphcheck import changed_initializers
 from onnxfbp import RefineConfig, UnsupportedModelError, refine
 from onnxfbp.datasets import shift_images
 from onnxfbp.graph import load_model, plan_model
+from onnxfbp.inspect import inspect_model
 
 # torch's OpenMP threads must not spin next to onnxruntime's (10x slower refines)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -395,6 +396,8 @@ def test_exported_model_refines(name: str, exporter: str, digits: dict[str, np.n
                     eval_data=(x_eval, digits["y_eval"]))
     assert len({r.name for r in result.layers}) == case.attempted, result.plan["layers"]
     assert result.environment["reverse_pass"].startswith(case.reverse_pass)
+    if "max_layers" not in case.config:  # inspect plans every layer: the same path
+        assert inspect_model(path)["reverse_pass"] == result.environment["reverse_pass"]
     assert result.environment["batch_mode"] == "dynamic"  # a fixed batch too: no chunks
     assert result.eval_before is not None and result.eval_after is not None
     before, after = result.eval_before.accuracy, result.eval_after.accuracy

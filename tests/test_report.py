@@ -426,10 +426,12 @@ def inspect_json(model: Path, *extra: str) -> dict[str, Any]:
 
 
 def test_inspect_json_demo_model() -> None:
-    assert inspect_json(DEMO_MODEL)["refined_layers"] == [
+    default = inspect_json(DEMO_MODEL)
+    assert default["refined_layers"] == [
         GEMM3, GEMM1, CONV, "/features/features.0/Conv"]  # minibatch: through conv adjoints
+    assert default["reverse_pass"] == "onnxruntime"  # compiled on a random batch
     info = inspect_json(DEMO_MODEL, "--schedule", "jacobi")
-    assert info["schedule"] == "jacobi"
+    assert info["schedule"] == "jacobi" and info["reverse_pass"] is None
     assert info["refined_layers"] == [GEMM3, GEMM1, CONV]
     assert info["input"] == {"name": "input", "shape": ["batch", 1, 28, 28]}
     assert info["output"]["kind"] == "logits" and info["output"]["classes"] == 10
@@ -478,4 +480,5 @@ def test_inspect_json_cntk_mnist8(shared_models: Path) -> None:
     table = run_cli("inspect", str(shared_models / "mnist_cntk_zoo_mnist8.onnx"))
     assert table.returncode == 0, table.stderr
     assert "would refine: Times212, Convolution110" in table.stdout
+    assert "reverse pass: onnxruntime" in table.stdout
     assert "W 16×4×4×10 via Reshape" in table.stdout and "weight of Times212" in table.stdout
