@@ -122,10 +122,13 @@ def inspect_model(
     reverse_pass = None
     if schedule == "minibatch" and refiner.layers:
         probe = refiner.runner.probe(2)
-        reverse_pass = (
-            refiner.reverse_pass_for(probe) if probe is not None
-            else "decided at run time (the sample shape is symbolic)"
-        )
+        reverse_pass = "decided at run time (the sample shape is symbolic)"
+        if probe is not None:
+            try:
+                reverse_pass = refiner.reverse_pass_for(probe)
+            except Exception as exc:  # a random batch the model rejects: say so, go on
+                reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+                reverse_pass = f"decided at run time (a random batch failed: {reason})"
     return {
         "model": str(path),
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
