@@ -100,15 +100,16 @@ class MaxPoolRule(InverseRule):
             onehot = (flat.argmax(axis=-1)[..., None] == xp.arange(kh * kw)).reshape(win.shape)
             routed = xp.where(onehot, r[..., None, None], 0).astype(r.dtype)
             return [_scatter_windows(routed, x0.shape, g, "add").astype(x0.dtype, copy=False)]
-        tiles = x0[:, :, : oh * kh, : ow * kw].reshape(n, c, oh, kh, ow, kw)
-        flat = tiles.transpose(0, 1, 2, 4, 3, 5).reshape(n, c, oh, ow, kh * kw)
-        onehot = flat.argmax(axis=-1)[..., None] == xp.arange(kh * kw)
-        routed = (onehot * r[..., None]).astype(x0.dtype, copy=False)
+        # Tiled windows, one strided tap at a time in row-major order: a tap takes the
+        # residual where it holds the maximum and no earlier tap of its window did.
         out = xp.zeros_like(x0)
-        out[:, :, : oh * kh, : ow * kw] = (
-            routed.reshape(n, c, oh, ow, kh, kw).transpose(0, 1, 2, 4, 3, 5)
-            .reshape(n, c, oh * kh, ow * kw)
-        )
+        taken = xp.zeros(r.shape, dtype=bool)
+        for i in range(kh):
+            for j in range(kw):
+                hit = x0[:, :, i : oh * kh : kh, j : ow * kw : kw] == o0
+                hit &= ~taken
+                taken |= hit
+                out[:, :, i : oh * kh : kh, j : ow * kw : kw] = hit * r
         return [out]
 
     def inverse(
