@@ -72,9 +72,22 @@ class AdjointBuilder:
     first); the graph declares the batch dimension symbolic.
     """
 
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]], float_type: Any) -> None:
+    def __init__(
+        self, shapes: Mapping[str, tuple[int, ...]], float_type: Any,
+        graph: onnx.GraphProto | None = None,
+    ) -> None:
         self.shapes = dict(shapes)
         self.float_type = np.dtype(float_type)
+        # Relu outputs read by exactly one node (of the whole model): see :meth:`relu_fed`
+        self._relu_outputs: set[str] = set()
+        if graph is not None:
+            readers: dict[str, int] = {}
+            for n in graph.node:
+                for name in set(n.input):
+                    readers[name] = readers.get(name, 0) + 1
+            self._relu_outputs = {n.output[0] for n in graph.node
+                                  if n.op_type == "Relu" and readers.get(n.output[0]) == 1}
+        self.premasked: set[str] = set()  # Relu outputs whose residual is already masked
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.activations: list[str] = []  # forward tensors fed at run time
@@ -118,6 +131,10 @@ class AdjointBuilder:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.shapes[name]
+
+    def relu_fed(self, tensor: str) -> bool:
+        """Whether ``tensor`` is a Relu's output that nothing else reads."""
+        return tensor in self._relu_outputs
 
     def shape_of(self, tensor: str) -> str:
         """``Shape(tensor)`` of a forward tensor, as a graph value."""
@@ -202,6 +219,12 @@ def _maxpool(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -
     g = _pool_geometry(node, x_shape)
     (kh, kw), (h, w) = g.kernel, x_shape[2:]
     oh, ow = b.shape(o)[2:]
+    if b.relu_fed(xs[0]):
+        # MaxPool(Relu(c)): the routed entry has c > 0 exactly when the window's max
+        # o0 > 0, so the Relu's mask applies here, on the 4x smaller pooled grid.
+        positive = b.op("Greater", [b.act(o), b.const(0.0)])
+        r = b.op("Mul", [r, b.op("Cast", [positive], to=_onnx_type(b.float_type))])
+        b.premasked.add(xs[0])
     _, indices = b.op_n(
         "MaxPool", [b.act(xs[0])], 2, kernel_shape=list(g.kernel), strides=list(g.strides),
         dilations=list(g.dilations), pads=list(g.pads), ceil_mode=int(node.attr("ceil_mode", 0)),
@@ -284,6 +307,8 @@ def _pad(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> li
 
 @_emits("Relu", "LeakyRelu")
 def _relu(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> list[str] | None:
+    if node.op_type == "Relu" and o in b.premasked:
+        return [r]  # masked by the MaxPool it feeds
     if node.op_type == "Relu":  # Mul by a 0/1 mask: Where is slower on large maps
         mask = b.op("Greater", [b.act(xs[0]), b.const(0.0)])
         return [b.op("Mul", [r, b.op("Cast", [mask], to=_onnx_type(b.float_type))])]
@@ -526,7 +551,9 @@ class AdjointGraph:
         no emitter (or a form it does not cover), the reason as a string.
         ``acts`` is one batch of forward tensors (shapes and dtypes)."""
         shapes = {k: tuple(np.shape(v)) for k, v in acts.items()}
-        b = AdjointBuilder(shapes, np.asarray(acts[plan.logits]).dtype)
+        model = getattr(plan, "model", None)  # (a bare node list in the per-op tests)
+        b = AdjointBuilder(shapes, np.asarray(acts[plan.logits]).dtype,
+                           model.graph if model is not None else None)
         sums: dict[str, str] = {plan.logits: R_LOGITS}
         for i in reversed(list(path)):
             pn = plan.nodes[i]
