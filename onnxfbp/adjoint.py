@@ -53,10 +53,10 @@ from onnx import TensorProto, helper, numpy_helper
 from .forward import inference_session
 from .graph import Plan, PlanNode
 from .rules import NodeView
-from .rules.activation import _clip_bounds
+from .rules.activation import clip_bounds
 from .rules.linear import ConvGeometry, ConvRule
-from .rules.pool import AveragePoolRule, _max_axes, _pool_geometry
-from .rules.shape import _pad_spec
+from .rules.pool import AveragePoolRule, max_axes, pool_geometry
+from .rules.shape import pad_spec
 from .rules.smooth import EluRule
 
 __all__ = ["OPSET", "AdjointBuilder", "AdjointGraph", "EMITTERS"]
@@ -216,7 +216,7 @@ def _maxpool(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -
     x_shape = b.shape(xs[0])
     if len(x_shape) != 4 or int(node.attr("storage_order", 0)):
         return None
-    g = _pool_geometry(node, x_shape)
+    g = pool_geometry(node, x_shape)
     (kh, kw), (h, w) = g.kernel, x_shape[2:]
     oh, ow = b.shape(o)[2:]
     if b.relu_fed(xs[0]):
@@ -270,7 +270,7 @@ def _max_reduce(
     """Each reduced group's residual goes to its first maximal entry: the reduced axes
     moved last and flattened, ``ArgMax``, ``ScatterElements``, moved back."""
     rank = len(b.shape(xs[0]))
-    axes, keep = _max_axes(node, rank)
+    axes, keep = max_axes(node, rank)
     if 0 in axes:
         return None  # the batch axis stays symbolic
     rest = [a for a in range(rank) if a not in axes]
@@ -292,7 +292,7 @@ def _pad(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> li
     """Constant padding: the residual of the kept window (cropped axes get zeros)."""
     x_shape = b.shape(xs[0])
     rank = len(x_shape)
-    before, after, mode, _ = _pad_spec(node, rank)
+    before, after, mode, _ = pad_spec(node, rank)
     if mode != "constant" or before[0] or after[0]:
         return None
     grow = [max(0, -p) for p in before] + [max(0, -p) for p in after]
@@ -325,8 +325,8 @@ def _average_pool(
     x_shape = b.shape(xs[0])
     if len(x_shape) != 4:
         return None
-    g = _pool_geometry(node, x_shape)
-    divisor = np.asarray(AveragePoolRule()._divisor(node, x_shape, g, np), dtype=np.float64)
+    g = pool_geometry(node, x_shape)
+    divisor = np.asarray(AveragePoolRule().divisor(node, x_shape, g, np), dtype=np.float64)
     channels = x_shape[1]
     share = b.op("Mul", [r, b.const(1.0 / divisor)])
     ones = b.const(np.ones((channels, 1, *g.kernel)))
@@ -349,7 +349,7 @@ def _ramps(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> 
     HardSwish ``r (x / 3 + 1/2)`` on ``(-3, 3)``, ``r`` above."""
     x = b.act(xs[0])
     if node.op_type == "Clip":
-        lo, hi = _clip_bounds(node)
+        lo, hi = clip_bounds(node)
         return _slope(b, r, _inside(b, x, lo, hi))
     if node.op_type == "HardSigmoid":
         alpha, beta = float(node.attr("alpha", 0.2)), float(node.attr("beta", 0.5))
@@ -369,7 +369,7 @@ def _prelu(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> 
 @_emits("Elu", "Selu")
 def _elu(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> list[str] | None:
     """``gamma r`` for ``x > 0``, else ``gamma alpha e^x r``."""
-    alpha, gamma = EluRule()._params(node)
+    alpha, gamma = EluRule().params(node)
     x = b.act(xs[0])
     negative = b.op("Mul", [b.op("Exp", [b.op("Min", [x, b.const(0.0)])]),
                             b.const(alpha)])

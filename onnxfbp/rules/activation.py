@@ -126,7 +126,8 @@ class TanhRule(InverseRule):
         return [xp.arctanh(xp.clip(t, -1 + EPS, 1 - EPS)).astype(xs[0].dtype)]
 
 
-def _clip_bounds(node: NodeView) -> tuple[float, float]:
+def clip_bounds(node: NodeView) -> tuple[float, float]:
+    """Clip's ``(lo, hi)``: attributes before opset 11, constant inputs after."""
     lo = node.attr("min", -np.inf)
     hi = node.attr("max", np.inf)
     if 1 in node.static and node.static[1].size:
@@ -144,14 +145,14 @@ class ClipRule(InverseRule):
     elementwise = True
 
     def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
-        lo, hi = _clip_bounds(node)
+        lo, hi = clip_bounds(node)
         return xp_of(xs[0]).clip(xs[0], lo, hi)
 
     def inverse(
         self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
     ) -> list[Array]:
         xp, x0 = xp_of(t), xs[0]
-        lo, hi = _clip_bounds(node)
+        lo, hi = clip_bounds(node)
         out = xp.where(t <= lo, xp.minimum(x0, lo), t)
         out = xp.where(t >= hi, xp.maximum(x0, hi), out)
         return [out.astype(x0.dtype)]

@@ -22,7 +22,8 @@ from . import Array, InverseRule, NodeView, register, xp_of
 from .linear import ConvGeometry, conv_geometry, windows
 
 
-def _pool_geometry(node: NodeView, shape: tuple[int, ...]) -> ConvGeometry:
+def pool_geometry(node: NodeView, shape: tuple[int, ...]) -> ConvGeometry:
+    """The window geometry of a 2-D pooling node on an input of ``shape``."""
     kernel = tuple(node.attr("kernel_shape"))
     return conv_geometry(
         node, (shape[2], shape[3]), (kernel[0], kernel[1]), bool(node.attr("ceil_mode", 0))
@@ -80,7 +81,7 @@ class MaxPoolRule(InverseRule):
         return None
 
     def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
-        g = _pool_geometry(node, xs[0].shape)
+        g = pool_geometry(node, xs[0].shape)
         return windows(xs[0], g, -np.inf).max(axis=(4, 5))
 
     def vjp(self, node: NodeView, r: Array, xs: Sequence[Array], o0: Array) -> list[Array]:
@@ -89,7 +90,7 @@ class MaxPoolRule(InverseRule):
         overlapping windows add up."""
         x0 = xs[0]
         xp = xp_of(r)
-        g = _pool_geometry(node, x0.shape)
+        g = pool_geometry(node, x0.shape)
         kh, kw = g.kernel
         n, c, h, w = x0.shape
         oh, ow = r.shape[2], r.shape[3]
@@ -117,7 +118,7 @@ class MaxPoolRule(InverseRule):
     ) -> list[Array]:
         xp = xp_of(t)
         x0 = xs[0]
-        g = _pool_geometry(node, x0.shape)
+        g = pool_geometry(node, x0.shape)
         kh, kw = g.kernel
         if g.strides == g.kernel and g.dilations == (1, 1) and not any(g.pads):
             return [_tiled_maxpool_inverse(t, x0, kh, kw)]
@@ -147,9 +148,11 @@ class AveragePoolRule(InverseRule):
             return "only 2-D pooling is supported"
         return None
 
-    def _divisor(
+    def divisor(
         self, node: NodeView, shape: tuple[int, ...], g: ConvGeometry, xp: object
     ) -> Array:
+        """Entries averaged per window: ``kh kw``, or (count_include_pad=0) the
+        unpadded ones, (1, 1, oh, ow)."""
         ones = xp.ones((1, 1, shape[2], shape[3]), dtype=np.float64)  # type: ignore[attr-defined]
         if node.attr("count_include_pad", 0):
             return float(g.kernel[0] * g.kernel[1])
@@ -160,14 +163,14 @@ class AveragePoolRule(InverseRule):
 
     def apply_linear(self, node: NodeView, x: Array) -> Array:
         xp = xp_of(x)
-        g = _pool_geometry(node, x.shape)
-        div = self._divisor(node, x.shape, g, xp)
+        g = pool_geometry(node, x.shape)
+        div = self.divisor(node, x.shape, g, xp)
         return (windows(x, g, 0.0).sum(axis=(4, 5)) / div).astype(x.dtype)
 
     def adjoint(self, node: NodeView, y: Array, x_shape: tuple[int, ...]) -> Array:
         xp = xp_of(y)
-        g = _pool_geometry(node, x_shape)
-        div = self._divisor(node, x_shape, g, xp)
+        g = pool_geometry(node, x_shape)
+        div = self.divisor(node, x_shape, g, xp)
         vals = xp.broadcast_to((y / div)[..., None, None], (*y.shape, *g.kernel))
         return _scatter_windows(xp.ascontiguousarray(vals).astype(y.dtype), x_shape, g, "add")
 
@@ -176,7 +179,7 @@ class AveragePoolRule(InverseRule):
     ) -> list[Array]:
         xp = xp_of(t)
         x0 = xs[0]
-        g = _pool_geometry(node, x0.shape)
+        g = pool_geometry(node, x0.shape)
         r = t - o0
         vals = xp.ascontiguousarray(xp.broadcast_to(r[..., None, None], (*r.shape, *g.kernel)))
         spread = _scatter_windows(vals, x0.shape, g, "add")
@@ -236,7 +239,7 @@ class MeanReduceRule(InverseRule):
         return [(xs[0] + r).astype(xs[0].dtype)]
 
 
-def _max_axes(node: NodeView, ndim: int) -> tuple[tuple[int, ...], bool]:
+def max_axes(node: NodeView, ndim: int) -> tuple[tuple[int, ...], bool]:
     """Reduced axes and keepdims of GlobalMaxPool / ReduceMax."""
     if node.op_type == "GlobalMaxPool":
         return tuple(range(2, ndim)), True
@@ -262,14 +265,14 @@ class MaxReduceRule(InverseRule):
         return super().check(node)
 
     def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
-        axes, keep = _max_axes(node, xs[0].ndim)
+        axes, keep = max_axes(node, xs[0].ndim)
         return xs[0].max(axis=axes, keepdims=keep)
 
     def inverse(
         self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
     ) -> list[Array]:
         xp, x0 = xp_of(t), xs[0]
-        axes, keep = _max_axes(node, x0.ndim)
+        axes, keep = max_axes(node, x0.ndim)
         if not keep:
             for a in axes:
                 t = xp.expand_dims(t, a)

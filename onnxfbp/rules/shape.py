@@ -138,7 +138,7 @@ def _decode(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _pad_spec(node: NodeView, ndim: int) -> tuple[list[int], list[int], str, float]:
+def pad_spec(node: NodeView, ndim: int) -> tuple[list[int], list[int], str, float]:
     """Per-axis pads before / after (negative: crop), the mode and the constant value."""
     if node.opset < 11:
         pads = [int(p) for p in node.attr("pads", [0] * 2 * ndim)]
@@ -209,7 +209,7 @@ class IndexMapRule(InverseRule):
             idx = np.asarray(node.const(1)).astype(np.int64)
             idx = np.where(idx < 0, idx + a.shape[axis], idx)
             return xp.take(a, xp.asarray(idx), axis=axis)
-        before, after, mode, value = _pad_spec(node, a.ndim)
+        before, after, mode, value = pad_spec(node, a.ndim)
         crop = tuple(slice(max(-b, 0), n - max(-e, 0)) for b, e, n in zip(before, after, a.shape,
                                                                             strict=True))
         a = a[crop]
@@ -228,7 +228,7 @@ class IndexMapRule(InverseRule):
             return _slices(node, ndim), (slice(None),) * ndim
         if node.op_type != "Pad":
             return None
-        before, after, mode, _ = _pad_spec(node, ndim)
+        before, after, mode, _ = pad_spec(node, ndim)
         if mode != "constant":
             return None
         crop = tuple(slice(max(-b, 0), n - max(-e, 0))
@@ -242,7 +242,7 @@ class IndexMapRule(InverseRule):
         return self._map(node, xp.arange(n, dtype=np.int64).reshape(x_shape), -1)  # type: ignore[attr-defined]
 
     def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
-        value = _pad_spec(node, xs[0].ndim)[3] if node.op_type == "Pad" else 0.0
+        value = pad_spec(node, xs[0].ndim)[3] if node.op_type == "Pad" else 0.0
         return self._map(node, xs[0], value)
 
     def apply_linear(self, node: NodeView, x: Array) -> Array:

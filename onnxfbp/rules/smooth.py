@@ -197,19 +197,20 @@ class EluRule(_Elementwise):
 
     op_types = ("Elu", "Selu")
 
-    def _params(self, node: NodeView) -> tuple[float, float]:
+    def params(self, node: NodeView) -> tuple[float, float]:
+        """``(alpha, gamma)``: Selu's defaults, or Elu's ``alpha`` with ``gamma = 1``."""
         if node.op_type == "Selu":
             return float(node.attr("alpha", 1.67326319217681884765625)), float(
                 node.attr("gamma", 1.05070102214813232421875))
         return float(node.attr("alpha", 1.0)), 1.0
 
     def check(self, node: NodeView) -> str | None:
-        if self._params(node)[0] <= 0:
+        if self.params(node)[0] <= 0:
             return f"{node.op_type} with alpha <= 0 is not monotone"
         return super().check(node)
 
     def fn(self, node: NodeView) -> Fn:
-        alpha, gamma = self._params(node)
+        alpha, gamma = self.params(node)
 
         def f(x: Array) -> Array:
             xp = xp_of(x)
@@ -218,7 +219,7 @@ class EluRule(_Elementwise):
         return f
 
     def candidates(self, node: NodeView, t: Array, x0: Array) -> list[Array]:
-        alpha, gamma = self._params(node)
+        alpha, gamma = self.params(node)
         return [_elu_inverse(t / gamma, alpha)]
 
 
@@ -244,20 +245,21 @@ class HardSigmoidRule(_Elementwise):
 
     op_types = ("HardSigmoid",)
 
-    def _params(self, node: NodeView) -> tuple[float, float]:
+    def params(self, node: NodeView) -> tuple[float, float]:
+        """``(alpha, beta)`` with ONNX's defaults."""
         return float(node.attr("alpha", 0.2)), float(node.attr("beta", 0.5))
 
     def check(self, node: NodeView) -> str | None:
-        if self._params(node)[0] == 0:
+        if self.params(node)[0] == 0:
             return "HardSigmoid with alpha = 0 is constant"
         return super().check(node)
 
     def fn(self, node: NodeView) -> Fn:
-        alpha, beta = self._params(node)
+        alpha, beta = self.params(node)
         return lambda x: xp_of(x).clip(alpha * x + beta, 0.0, 1.0)
 
     def candidates(self, node: NodeView, t: Array, x0: Array) -> list[Array]:
-        alpha, beta = self._params(node)
+        alpha, beta = self.params(node)
         return [(xp_of(t).clip(t, 0.0, 1.0) - beta) / alpha]
 
 
