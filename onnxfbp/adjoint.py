@@ -25,6 +25,7 @@ Mish, Gelu
 Sigmoid / Tanh                ``r o0 (1 - o0)`` / ``r (1 - o0^2)``
 Softmax / LogSoftmax          ``o0 (r - sum(o0 r))`` / ``r - exp(o0) sum(r)``
 BatchNormalization            ``r g / sqrt(v + eps)`` per channel
+LayerNormalization            ``(u - mean u - z mean(u z)) / s``, ``u = g r``
 Add / Sub / Mul / Div         ``r``, ``-r``, ``c r``, ``r / c``,
                               ``-r o0 / x1``; summed over broadcast axes
 GlobalMaxPool, ReduceMax      ``ArgMax`` then ``ScatterElements`` (first maximum)
@@ -445,6 +446,30 @@ def _batchnorm(
     scale = b.op("Div", [b.static(1), b.op("Sqrt", [b.op("Add", [b.static(4), eps])])])
     scale = b.op("Reshape", [scale, b.const([-1] + [1] * (rank - 2), np.int64)])
     return [b.op("Mul", [r, scale])]
+
+
+@_emits("LayerNormalization")
+def _layernorm(
+    b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str
+) -> list[str] | None:
+    """``(u - mean(u) - z mean(u z)) / s`` with ``u = g r``, ``z = (x - m) / s`` over
+    the normalized (trailing) axes."""
+    rank = len(b.shape(xs[0]))
+    axes = list(range(int(node.attr("axis", -1)) % rank, rank))
+    if 0 in axes:
+        return None  # the batch axis stays symbolic
+
+    def mean(v: str) -> str:
+        return b.op("ReduceMean", [v], axes=axes, keepdims=1)
+
+    x = b.act(xs[0])
+    centered = b.op("Sub", [x, mean(x)])
+    spread = b.op("Sqrt", [b.op("Add", [mean(b.op("Mul", [centered, centered])),
+                                        b.const(float(node.attr("epsilon", 1e-5)))])])
+    z = b.op("Div", [centered, spread])
+    u = b.op("Mul", [r, b.static(1)])
+    d = b.op("Sub", [b.op("Sub", [u, mean(u)]), b.op("Mul", [z, mean(b.op("Mul", [u, z]))])])
+    return [b.op("Div", [d, spread])]
 
 
 @_emits("Add", "Sub", "Mul", "Div")

@@ -292,8 +292,7 @@ CASES = {
         TokenNet, "nchw",
         {"legacy": {"LayerNormalization", "Gelu", "Transpose", "ReduceMean", "MatMul"},
          "dynamo": {"LayerNormalization", "Gelu", "Transpose", "ReduceMean", "MatMul"}},
-        attempted=5, config={"sweeps": 1}, boundary_ops={"MatMul"},
-        reverse_pass="numpy (no onnx adjoint for LayerNormalization)"),
+        attempted=5, config={"sweeps": 1}, boundary_ops={"MatMul"}),
     "gated-boundary": Case(
         GatedNet, "nchw", {"legacy": {"Mul", "Sigmoid"}, "dynamo": {"Mul", "Sigmoid"}},
         attempted=2, config={"sweeps": 1}, boundary_ops={"Mul"}),
