@@ -30,6 +30,7 @@ Add / Sub / Mul / Div         ``r``, ``-r``, ``c r``, ``r / c``,
                               ``-r o0 / x1``; summed over broadcast axes
 GlobalMaxPool, ReduceMax      ``ArgMax`` then ``ScatterElements`` (first maximum)
 Pad (constant)                ``Slice`` of ``r`` (zeros where it cropped)
+Slice (unit steps)            ``Pad`` of ``r`` with zeros
 Reshape family, Transpose     the inverse index map
 Concat                        ``Split`` of ``r``
 ============================  =================================================
@@ -57,7 +58,7 @@ from .rules import NodeView
 from .rules.activation import clip_bounds
 from .rules.linear import ConvGeometry, ConvRule
 from .rules.pool import AveragePoolRule, max_axes, pool_geometry
-from .rules.shape import pad_spec
+from .rules.shape import pad_spec, slices
 from .rules.smooth import EluRule
 
 __all__ = ["OPSET", "AdjointBuilder", "AdjointGraph", "EMITTERS"]
@@ -498,6 +499,28 @@ def _arithmetic(
             d = b.op("Neg", [b.op("Div", [b.op("Mul", [r, b.act(o)]), operand(1)])])
         deltas.append(b.unbroadcast(d, out_shape, b.shape(name)))
     return deltas
+
+
+@_emits("Slice")
+def _slice(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> list[str] | None:
+    """Unit steps: ``r`` zero-padded back to the input's extent."""
+    x_shape = b.shape(xs[0])
+    before, after = [], []
+    for axis, (sel, size) in enumerate(zip(slices(node, len(x_shape)), x_shape, strict=True)):
+        if axis == 0:  # the batch axis is symbolic: only "all of it" is known to hold
+            whole = sel.start in (None, 0) and sel.step in (None, 1) and (
+                sel.stop is None or sel.stop >= 2**31 - 1)
+            if not whole:
+                return None
+            before.append(0)
+            after.append(0)
+            continue
+        start, stop, step = sel.indices(size)
+        if step != 1:
+            return None
+        before.append(start)
+        after.append(size - max(stop, start))
+    return [b.op("Pad", [r, b.const(before + after, np.int64)])]
 
 
 @_emits("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout")

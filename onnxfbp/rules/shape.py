@@ -158,7 +158,8 @@ def pad_spec(node: NodeView, ndim: int) -> tuple[list[int], list[int], str, floa
     return before, after, _decode(node.attr("mode", b"constant")), value
 
 
-def _slices(node: NodeView, ndim: int) -> tuple[slice, ...]:
+def slices(node: NodeView, ndim: int) -> tuple[slice, ...]:
+    """Slice's selection as Python slices per axis (attributes before opset 10)."""
     if node.opset < 10:
         starts, ends = node.attr("starts"), node.attr("ends")
         axes = node.attr("axes", list(range(len(starts))))
@@ -203,7 +204,7 @@ class IndexMapRule(InverseRule):
         """The op applied to ``a`` (data or an index array), constants set to ``fill``."""
         xp = xp_of(a)
         if node.op_type == "Slice":
-            return a[_slices(node, a.ndim)]
+            return a[slices(node, a.ndim)]
         if node.op_type == "Gather":
             axis = int(node.attr("axis", 0)) % a.ndim
             idx = np.asarray(node.const(1)).astype(np.int64)
@@ -225,7 +226,7 @@ class IndexMapRule(InverseRule):
         slices of ``x`` that are copied and of the output they land in (no index map)."""
         ndim = len(x_shape)
         if node.op_type == "Slice":
-            return _slices(node, ndim), (slice(None),) * ndim
+            return slices(node, ndim), (slice(None),) * ndim
         if node.op_type != "Pad":
             return None
         before, after, mode, _ = pad_spec(node, ndim)
