@@ -13,9 +13,10 @@ Conv (2-D)                    ``ConvTranspose(r, W)``, same strides, pads,
                               dilations and groups; ``output_padding`` restores
                               the input size
 Gemm / MatMul                 ``alpha r B`` (transB) or ``alpha r B^T``
-MaxPool (2-D)                 ``MaxPool`` indices of ``x0``, then
-                              ``ScatterElements(add)`` of ``r`` onto them
-                              (overlapping windows add up)
+MaxPool (2-D)                 ``MaxPool`` indices of ``x0``, then ``MaxUnpool``
+                              of ``r`` (``ScatterElements(add)`` where windows
+                              overlap); a Relu read only by the MaxPool is
+                              masked here, on the pooled grid
 GlobalAveragePool, ReduceMean ``r / count`` expanded to the input shape
 Relu / LeakyRelu / PRelu      ``r [x0 > 0]`` / ``r`` or ``alpha r``
 AveragePool (2-D)             ``ConvTranspose`` of ``r / count`` with ones
@@ -38,8 +39,10 @@ Concat                        ``Split`` of ``r``
 Weights and other constants are graph inputs, fed their current values on
 every run: nothing is rebuilt when a layer changes. A path with any other op
 is not compiled (:meth:`AdjointGraph.build` returns the reason) and the NumPy
-reverse pass runs instead. Both give the same residuals (``tests/test_adjoint``)
-up to float32 rounding and the choice among tied maxima of a pooling window.
+reverse pass runs instead (so does a form an emitter declines, and any graph
+onnxruntime refuses when it is built and probed). Both give the same residuals
+up to float32 rounding (``tests/test_adjoint``); both route a pooling window's
+residual to its first maximum.
 """
 
 from __future__ import annotations
