@@ -148,6 +148,9 @@ SCHEMA: dict[str, Any] = {
                 "providers": {"type": "array", "items": {"type": "string"},
                               "description": "onnxruntime execution providers, in order"},
                 "batch_mode": {"type": "string"},
+                "reverse_pass": {"type": ["string", "null"],
+                                 "description": "minibatch: onnxruntime (compiled), "
+                                 "'numpy (reason)' or 'cupy arrays'; null otherwise"},
             },
         },
         "plan": {
