@@ -32,6 +32,7 @@ Add / Sub / Mul / Div         ``r``, ``-r``, ``c r``, ``r / c``,
 GlobalMaxPool, ReduceMax      ``ArgMax`` then ``ScatterElements`` (first maximum)
 Pad (constant)                ``Slice`` of ``r`` (zeros where it cropped)
 Slice (unit steps)            ``Pad`` of ``r`` with zeros
+Gather (constant indices)     ``ScatterElements(add)`` of ``r`` at the indices
 Reshape family, Transpose     the inverse index map
 Concat                        ``Split`` of ``r``
 ============================  =================================================
@@ -524,6 +525,26 @@ def _slice(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> 
         before.append(start)
         after.append(size - max(stop, start))
     return [b.op("Pad", [r, b.const(before + after, np.int64)])]
+
+
+@_emits("Gather")
+def _gather(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> list[str] | None:
+    """Constant indices along ``axis``: ``r`` added back at them (``ScatterElements``,
+    repeated indices sum), the indices flattened and broadcast over ``r``."""
+    x_shape = b.shape(xs[0])
+    rank = len(x_shape)
+    axis = int(node.attr("axis", 0)) % rank
+    if axis == 0:
+        return None  # the batch axis stays symbolic
+    index = np.asarray(node.const(1)).astype(np.int64).ravel() % x_shape[axis]
+    rows = [0] + list(x_shape[1:axis]) + [index.size] + list(x_shape[axis + 1:])
+    flat = b.op("Reshape", [r, b.const(rows, np.int64)])
+    spots = b.const(index.reshape([1] * axis + [index.size] + [1] * (rank - axis - 1)),
+                    np.int64)
+    spots = b.op("Expand", [spots, b.op("Shape", [flat])])
+    zero = helper.make_tensor("value", _onnx_type(b.float_type), [1], [0.0])
+    zeros = b.op("ConstantOfShape", [b.shape_of(xs[0])], value=zero)
+    return [b.op("ScatterElements", [zeros, spots, flat], axis=axis, reduction="add")]
 
 
 @_emits("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout")
