@@ -30,7 +30,8 @@ LayerNormalization            ``(u - mean u - z mean(u z)) / s``, ``u = g r``
 Add / Sub / Mul / Div         ``r``, ``-r``, ``c r``, ``r / c``,
                               ``-r o0 / x1``; summed over broadcast axes
 GlobalMaxPool, ReduceMax      ``ArgMax`` then ``ScatterElements`` (first maximum)
-Pad (constant)                ``Slice`` of ``r`` (zeros where it cropped)
+Pad                           constant: ``Slice`` of ``r`` (zeros where it
+                              cropped); edge / reflect: copies summed back
 Slice (unit steps)            ``Pad`` of ``r`` with zeros
 Gather (constant indices)     ``ScatterElements(add)`` of ``r`` at the indices
 Reshape family, Transpose     the inverse index map
@@ -295,11 +296,23 @@ def _max_reduce(
 
 @_emits("Pad")
 def _pad(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> list[str] | None:
-    """Constant padding: the residual of the kept window (cropped axes get zeros)."""
+    """Constant padding: the residual of the kept window (cropped axes get zeros).
+    Edge and reflect padding: each padded entry's residual added back to the entry
+    it copies, one axis at a time."""
     x_shape = b.shape(xs[0])
     rank = len(x_shape)
     before, after, mode, _ = pad_spec(node, rank)
-    if mode != "constant" or before[0] or after[0]:
+    if before[0] or after[0]:
+        return None
+    if mode in ("edge", "reflect"):
+        if min(before + after) < 0:
+            return None
+        for axis in range(1, rank):
+            r = _fold_copies(b, r, axis, before[axis], after[axis], x_shape[axis], mode, rank)
+            if not r:
+                return None
+        return [r]
+    if mode != "constant":
         return None
     grow = [max(0, -p) for p in before] + [max(0, -p) for p in after]
     if any(grow):
@@ -309,6 +322,51 @@ def _pad(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> li
     axes = list(range(1, rank))
     return [b.op("Slice", [r, b.const(starts, np.int64), b.const(ends, np.int64),
                            b.const(axes, np.int64)])]
+
+
+def _fold_copies(
+    b: AdjointBuilder, r: str, axis: int, p: int, q: int, n: int, mode: str, rank: int
+) -> str:
+    """``r`` (``p + n + q`` long on ``axis``) folded back to ``n`` entries: the kept
+    window plus, for ``edge``, the ``p`` / ``q`` copies summed onto the first / last
+    entry, or, for ``reflect``, the mirrored copies added to entries ``1..p`` and
+    ``n-1-q..n-2``. An empty string if the form is not covered (reflect past the
+    input's length)."""
+    if not p and not q:
+        return r
+    axes = b.const([axis], np.int64)
+
+    def part(start: int, stop: int, step: int = 1) -> str:
+        return b.op("Slice", [r, b.const([start], np.int64), b.const([stop], np.int64), axes,
+                              b.const([step], np.int64)])
+
+    def total(start: int, stop: int) -> str:
+        return b.op("ReduceSum", [part(start, stop), axes], keepdims=1)
+
+    if mode == "edge":
+        if n == 1:
+            return total(0, p + n + q)
+        pieces = [total(0, p + 1)]
+        if n > 2:
+            pieces.append(part(p + 1, p + n - 1))
+        pieces.append(total(p + n - 1, p + n + q))
+        return b.op("Concat", pieces, axis=axis)
+    if p > n - 1 or q > n - 1:
+        return ""
+
+    def widths(lo: int, hi: int) -> str:
+        pads = [0] * (2 * rank)
+        pads[axis], pads[rank + axis] = lo, hi
+        return b.const(pads, np.int64)
+
+    out = part(p, p + n)
+    if p:  # r[p-1], ..., r[0] copy x[1], ..., x[p]
+        mirrored = part(p - 1, -(2**62), -1)
+        out = b.op("Add", [out, b.op("Pad", [mirrored, widths(1, n - 1 - p)])])
+    if q:  # r[p+n+q-1], ..., r[p+n] copy x[n-1-q], ..., x[n-2]
+        mirrored = part(p + n + q - 1, p + n - 1, -1)
+        out = b.op("Add", [out, b.op("Pad", [mirrored, widths(n - 1 - q, 1)])])
+    return out
 
 
 @_emits("Relu", "LeakyRelu")
