@@ -731,8 +731,7 @@ class Refiner:
             stats[layer.name] = _Stats(
                 block, w0, NormalEquations(g, d, k, self.xp), NormalEquations(g, d, k, self.xp)
             )
-        needed = sorted({name for layer in layers for name in self._needed(layer)})
-        path = sorted({i for layer in layers for i in self._downstream[layer.name]})
+        path, needed = self._reverse_plan(layers)
         ft = time.perf_counter()
         for split, split_idx in ((0, train_idx), (1, val_idx)):
             for x, y in data.batches(split_idx, cfg.batch_size):
@@ -951,8 +950,7 @@ class Refiner:
         self._solve_time += time.perf_counter() - st
         del sums
 
-        needed = sorted({n for layer in layers for n in self._needed(layer)})
-        path = sorted({i for layer in layers for i in self._downstream[layer.name]})
+        path, needed = self._reverse_plan(layers)
         size = max(1, cfg.minibatch_size)
         per_epoch = -(-len(train_idx) // size)
         total = max(1, int(np.ceil(cfg.epochs * per_epoch)))
@@ -1045,17 +1043,33 @@ class Refiner:
             self._announce(report)
         return improved
 
-    def reverse_pass_for(self, x: np.ndarray) -> str:
-        """How the minibatch schedule would carry residuals back on batches like ``x``:
-        ``onnxruntime`` (compiled, :mod:`onnxfbp.adjoint`) or ``numpy (reason)``."""
-        path = sorted({i for layer in self.layers for i in self._downstream[layer.name]})
-        needed = sorted({n for layer in self.layers for n in self._needed(layer)})
-        self._views = self.plan.node_views(self.tensor_values())
-        acts = self.forward(x, needed)
-        built = AdjointGraph.build(
+    def _reverse_plan(self, layers: list[Layer]) -> tuple[list[int], list[str]]:
+        """The path nodes (indices into plan.nodes, forward order) that carry targets
+        back to ``layers``, and the tensors their rules read."""
+        path = sorted({i for layer in layers for i in self._downstream[layer.name]})
+        needed = sorted({n for layer in layers for n in self._needed(layer)})
+        return path, needed
+
+    def _build_adjoint(self, acts: dict[str, Array], path: list[int]) -> AdjointGraph | str:
+        return AdjointGraph.build(
             self.plan, path, [layer.output for layer in self.layers], acts, self._views,
             self.providers, self.config.threads,
         )
+
+    def compile_reverse(
+        self, x: np.ndarray
+    ) -> tuple[dict[str, Array], list[int], AdjointGraph | str]:
+        """The reverse pass of every refined layer compiled on the batch ``x``: its
+        forward tensors, the path, and the graph (or why it does not compile)."""
+        path, needed = self._reverse_plan(self.layers)
+        self._views = self.plan.node_views(self.tensor_values())
+        acts = self.forward(x, needed)
+        return acts, path, self._build_adjoint(acts, path)
+
+    def reverse_pass_for(self, x: np.ndarray) -> str:
+        """How the minibatch schedule would carry residuals back on batches like ``x``:
+        ``onnxruntime`` (compiled, :mod:`onnxfbp.adjoint`) or ``numpy (reason)``."""
+        built = self.compile_reverse(x)[2]
         return f"numpy ({built})" if isinstance(built, str) else "onnxruntime"
 
     def _adjoint_graph(self, acts: dict[str, Array], path: list[int]) -> AdjointGraph | None:
@@ -1065,10 +1079,7 @@ class Refiner:
         if not self.config.compiled_reverse:
             self.reverse_pass = "numpy (compiled_reverse off)"
             return None
-        built = AdjointGraph.build(
-            self.plan, path, [layer.output for layer in self.layers], acts, self._views,
-            self.providers, self.config.threads,
-        )
+        built = self._build_adjoint(acts, path)
         if isinstance(built, str):
             self.reverse_pass = f"numpy ({built})"
             self.progress(f"reverse pass in NumPy: {built}")

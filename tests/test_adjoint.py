@@ -105,14 +105,9 @@ def test_compiled_reverse_matches_numpy_on_corpus(
     path, x, y = _corpus_batch(name, corpus_data, 64)
     refiner = Refiner(path, RefineConfig(device="cpu"))
     layers = refiner.layers
-    reverse_path = sorted({i for layer in layers for i in refiner._downstream[layer.name]})
-    needed = sorted({n for layer in layers for n in refiner._needed(layer)})
-    refiner._views = refiner.plan.node_views(refiner.tensor_values())
-    acts = refiner.forward(x, needed)
+    acts, reverse_path, built = refiner.compile_reverse(x)
     z = acts[refiner.plan.logits]
     t_logits = label_target(z.reshape(len(y), -1), y, 1.0).reshape(z.shape)
-    built = AdjointGraph.build(refiner.plan, reverse_path, [la.output for la in layers], acts,
-                               refiner._views, CPU)
     assert not isinstance(built, str), built  # every corpus model compiles
     got = built.run(acts, (t_logits - z).astype(z.dtype), refiner._views)
     want, _ = refiner._reverse(acts, t_logits, reverse_path, linearized=True)
