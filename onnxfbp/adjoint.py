@@ -143,6 +143,15 @@ class AdjointBuilder:
         """Whether ``tensor`` is a Relu's output that nothing else reads."""
         return tensor in self._relu_outputs
 
+    def as_float(self, mask: str) -> str:
+        """A boolean tensor as 0.0 / 1.0 in the activations' dtype."""
+        return self.op("Cast", [mask], to=_onnx_type(self.float_type))
+
+    def zeros(self, shape: str) -> str:
+        """Zeros of the activations' dtype shaped by the 1-D tensor ``shape``."""
+        zero = helper.make_tensor("value", _onnx_type(self.float_type), [1], [0.0])
+        return self.op("ConstantOfShape", [shape], value=zero)
+
     def shape_of(self, tensor: str) -> str:
         """``Shape(tensor)`` of a forward tensor, as a graph value."""
         return self.op("Shape", [self.act(tensor)])
@@ -230,7 +239,7 @@ def _maxpool(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -
         # MaxPool(Relu(c)): the routed entry has c > 0 exactly when the window's max
         # o0 > 0, so the Relu's mask applies here, on the 4x smaller pooled grid.
         positive = b.op("Greater", [b.act(o), b.const(0.0)])
-        r = b.op("Mul", [r, b.op("Cast", [positive], to=_onnx_type(b.float_type))])
+        r = b.op("Mul", [r, b.as_float(positive)])
         b.premasked.add(xs[0])
     _, indices = b.op_n(
         "MaxPool", [b.act(xs[0])], 2, kernel_shape=list(g.kernel), strides=list(g.strides),
@@ -242,7 +251,7 @@ def _maxpool(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -
         return [b.op("MaxUnpool", [r, indices, b.shape_of(xs[0])],
                      kernel_shape=list(g.kernel), strides=list(g.strides))]
     flat = b.const([-1], np.int64)
-    zeros = b.op("Mul", [b.op("Reshape", [b.act(xs[0]), flat]), b.const(0.0)])
+    zeros = b.zeros(b.op("Shape", [b.op("Reshape", [b.act(xs[0]), flat])]))
     routed = b.op(
         "ScatterElements",
         [zeros, b.op("Reshape", [indices, flat]), b.op("Reshape", [r, flat])],
@@ -287,8 +296,7 @@ def _max_reduce(
     first = b.op("ArgMax", [flat], axis=-1, keepdims=1)
     r_rows = b.op("Transpose", [r], perm=perm) if keep else r
     r_rows = b.op("Reshape", [r_rows, b.const([0] * len(rest) + [1], np.int64)])
-    zero = helper.make_tensor("value", _onnx_type(b.float_type), [1], [0.0])
-    zeros = b.op("ConstantOfShape", [b.op("Shape", [flat])], value=zero)
+    zeros = b.zeros(b.op("Shape", [flat]))
     routed = b.op("ScatterElements", [zeros, first, r_rows], axis=-1)
     back = b.op("Reshape", [routed, b.op("Shape", [moved])])
     return [b.op("Transpose", [back], perm=np.argsort(perm).tolist())]
@@ -375,7 +383,7 @@ def _relu(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> l
         return [r]  # masked by the MaxPool it feeds
     if node.op_type == "Relu":  # Mul by a 0/1 mask: Where is slower on large maps
         mask = b.op("Greater", [b.act(xs[0]), b.const(0.0)])
-        return [b.op("Mul", [r, b.op("Cast", [mask], to=_onnx_type(b.float_type))])]
+        return [b.op("Mul", [r, b.as_float(mask)])]
     mask = b.op("GreaterOrEqual", [b.act(xs[0]), b.const(0.0)])
     alpha = float(node.attr("alpha", 0.01))
     return [b.op("Where", [mask, r, b.op("Mul", [r, b.const(alpha)])])]
@@ -404,7 +412,7 @@ def _slope(b: AdjointBuilder, r: str, slope: str) -> list[str]:
 def _inside(b: AdjointBuilder, x: str, lo: float, hi: float) -> str:
     """1.0 where ``lo < x < hi``, else 0.0."""
     mask = b.op("And", [b.op("Greater", [x, b.const(lo)]), b.op("Less", [x, b.const(hi)])])
-    return b.op("Cast", [mask], to=_onnx_type(b.float_type))
+    return b.as_float(mask)
 
 
 @_emits("Clip", "HardSigmoid", "HardSwish")
@@ -420,7 +428,7 @@ def _ramps(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> 
         z = b.op("Add", [b.op("Mul", [x, b.const(alpha)]), b.const(beta)])
         return _slope(b, r, b.op("Mul", [_inside(b, z, 0.0, 1.0), b.const(alpha)]))
     ramp = b.op("Add", [b.op("Mul", [x, b.const(1.0 / 3.0)]), b.const(0.5)])
-    above = b.op("Cast", [b.op("Greater", [x, b.const(3.0)])], to=_onnx_type(b.float_type))
+    above = b.as_float(b.op("Greater", [x, b.const(3.0)]))
     return _slope(b, r, b.op("Add", [b.op("Mul", [ramp, _inside(b, x, -3.0, 3.0)]), above]))
 
 
@@ -600,8 +608,7 @@ def _gather(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) ->
     spots = b.const(index.reshape([1] * axis + [index.size] + [1] * (rank - axis - 1)),
                     np.int64)
     spots = b.op("Expand", [spots, b.op("Shape", [flat])])
-    zero = helper.make_tensor("value", _onnx_type(b.float_type), [1], [0.0])
-    zeros = b.op("ConstantOfShape", [b.shape_of(xs[0])], value=zero)
+    zeros = b.zeros(b.shape_of(xs[0]))
     return [b.op("ScatterElements", [zeros, spots, flat], axis=axis, reduction="add")]
 
 
