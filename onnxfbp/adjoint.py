@@ -45,6 +45,10 @@ reverse pass runs instead (so does a form an emitter declines, and any graph
 onnxruntime refuses when it is built and probed). Both give the same residuals
 up to float32 rounding (``tests/test_adjoint``); both route a pooling window's
 residual to its first maximum.
+
+On the CUDA provider the session reads the forward tensors and writes the
+residuals as CuPy arrays in GPU memory (IO binding, :func:`onnxfbp.device.run_session`);
+only the weights, which live on the host, are copied in.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from .device import run_session
 from .forward import inference_session
 from .graph import Plan, PlanNode
 from .rules import NodeView
@@ -665,8 +670,11 @@ class AdjointGraph:
         session: ort.InferenceSession,
         output_names: list[str],
         model: onnx.ModelProto,
+        xp: Any = np,
     ) -> None:
         self.model = model  # the compiled graph, for inspection
+        self.xp = xp
+        self.on_device = False  # the last run kept CuPy arrays on the GPU (IO binding)
         self.activations = list(builder.activations)
         self.statics = dict(builder.statics)
         self.outputs = outputs
@@ -682,14 +690,17 @@ class AdjointGraph:
         views: Mapping[str, NodeView],
         providers: list[str],
         threads: int | None = None,
+        xp: Any = np,
     ) -> AdjointGraph | str:
         """The graph for ``path`` (indices into ``plan.nodes``, forward order) that
         returns the residual at each of ``outputs``; or, if a node on the path has
         no emitter (or a form it does not cover), the reason as a string.
-        ``acts`` is one batch of forward tensors (shapes and dtypes)."""
-        shapes = {k: tuple(np.shape(v)) for k, v in acts.items()}
+        ``acts`` is one batch of forward tensors (shapes and dtypes), arrays of
+        ``xp`` (NumPy, or CuPy on the CUDA provider: then the run reads and returns
+        device arrays)."""
+        shapes = {k: tuple(v.shape) for k, v in acts.items()}
         model = getattr(plan, "model", None)  # (a bare node list in the per-op tests)
-        b = AdjointBuilder(shapes, np.asarray(acts[plan.logits]).dtype,
+        b = AdjointBuilder(shapes, np.dtype(acts[plan.logits].dtype),
                            model.graph if model is not None else None)
         sums: dict[str, str] = {plan.logits: R_LOGITS}
         for i in reversed(list(path)):
@@ -721,17 +732,17 @@ class AdjointGraph:
         model = _model(b, plan, acts, views, output_names)
         try:
             session = inference_session(model, providers, threads)
-            graph = AdjointGraph(b, list(outputs), session, output_names, model)
-            r_logits = np.zeros_like(np.asarray(acts[plan.logits]))
+            graph = AdjointGraph(b, list(outputs), session, output_names, model, xp)
+            r_logits = xp.zeros_like(acts[plan.logits])
             graph.run(acts, r_logits, views)  # a form that fails only when run
         except Exception as exc:  # a form onnxruntime declines: use NumPy
             return f"onnxruntime declines the adjoint graph: {str(exc).splitlines()[0][:200]}"
         return graph
 
     def feeds(
-        self, acts: Mapping[str, np.ndarray], r_logits: np.ndarray, views: Mapping[str, NodeView]
-    ) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {R_LOGITS: np.ascontiguousarray(r_logits)}
+        self, acts: Mapping[str, Any], r_logits: Any, views: Mapping[str, NodeView]
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {R_LOGITS: r_logits}
         for name in self.activations:
             out[name] = acts[name]
         for name, (node, index) in self.statics.items():
@@ -739,10 +750,11 @@ class AdjointGraph:
         return out
 
     def run(
-        self, acts: Mapping[str, np.ndarray], r_logits: np.ndarray, views: Mapping[str, NodeView]
-    ) -> dict[str, np.ndarray]:
-        """Residual at each of :attr:`outputs` for this batch."""
-        got = self._session.run(self._output_names, self.feeds(acts, r_logits, views))
+        self, acts: Mapping[str, Any], r_logits: Any, views: Mapping[str, NodeView]
+    ) -> dict[str, Any]:
+        """Residual at each of :attr:`outputs` for this batch (arrays of ``xp``)."""
+        feeds = self.feeds(acts, r_logits, views)
+        got, self.on_device = run_session(self._session, feeds, self._output_names, self.xp)
         return dict(zip(self.outputs, got, strict=True))
 
 
@@ -753,15 +765,15 @@ def _model(
     views: Mapping[str, NodeView],
     output_names: list[str],
 ) -> onnx.ModelProto:
-    def declared(name: str, value: np.ndarray, batch: bool) -> onnx.ValueInfoProto:
+    def declared(name: str, value: Any, batch: bool) -> onnx.ValueInfoProto:
         dims: list[int | str] = list(value.shape)
         if batch and dims:
             dims[0] = "batch"
         return helper.make_tensor_value_info(name, _onnx_type(value.dtype), dims)
 
-    logits = np.asarray(acts[plan.logits])
+    logits = acts[plan.logits]
     inputs = [declared(R_LOGITS, logits, True)]
-    inputs += [declared(name, np.asarray(acts[name]), True) for name in b.activations]
+    inputs += [declared(name, acts[name], True) for name in b.activations]
     inputs += [
         declared(name, np.asarray(views[node].const(index)), False)
         for name, (node, index) in b.statics.items()

@@ -971,9 +971,7 @@ class Refiner:
             shape = acts[self.plan.logits].shape
             z = acts[self.plan.logits].reshape(len(y), -1)
             t_logits = label_target(z, xp.asarray(y), 1.0).reshape(shape)
-            if step == 1 and xp is not np:
-                self.reverse_pass = f"{xp.__name__} arrays"
-            elif step == 1:
+            if step == 1:
                 adjoint = self._adjoint_graph(acts, path)
                 if adjoint is not None:
                     needed = sorted({self.plan.logits, *adjoint.activations,
@@ -981,6 +979,10 @@ class Refiner:
             if adjoint is not None:
                 r_logits = (t_logits - acts[self.plan.logits]).astype(acts[self.plan.logits].dtype)
                 residuals = adjoint.run(acts, r_logits, self._views)
+                if step == 1 and xp is not np:
+                    self.reverse_pass = "onnxruntime" + (
+                        " (CUDA, CuPy in and out)" if adjoint.on_device else " (host copies)"
+                    )
             else:
                 residuals, _ = self._reverse(acts, t_logits, path, linearized=True)
             self._forward_time += time.perf_counter() - ft
@@ -1053,7 +1055,7 @@ class Refiner:
     def _build_adjoint(self, acts: dict[str, Array], path: list[int]) -> AdjointGraph | str:
         return AdjointGraph.build(
             self.plan, path, [layer.output for layer in self.layers], acts, self._views,
-            self.providers, self.config.threads,
+            self.providers, self.config.threads, self.xp,
         )
 
     def compile_reverse(
@@ -1063,26 +1065,27 @@ class Refiner:
         forward tensors, the path, and the graph (or why it does not compile)."""
         path, needed = self._reverse_plan(self.layers)
         self._views = self.plan.node_views(self.tensor_values())
-        acts = self.forward(x, needed)
+        acts = self.forward(x, needed, on_device=True)
         return acts, path, self._build_adjoint(acts, path)
 
     def reverse_pass_for(self, x: np.ndarray) -> str:
         """How the minibatch schedule would carry residuals back on batches like ``x``:
-        ``onnxruntime`` (compiled, :mod:`onnxfbp.adjoint`) or ``numpy (reason)``."""
+        ``onnxruntime`` (compiled, :mod:`onnxfbp.adjoint`) or ``numpy (reason)``
+        (``cupy (reason)`` on a GPU)."""
         built = self.compile_reverse(x)[2]
-        return f"numpy ({built})" if isinstance(built, str) else "onnxruntime"
+        return f"{self.xp.__name__} ({built})" if isinstance(built, str) else "onnxruntime"
 
     def _adjoint_graph(self, acts: dict[str, Array], path: list[int]) -> AdjointGraph | None:
         """The reverse pass compiled for onnxruntime (see :mod:`onnxfbp.adjoint`), or
         ``None`` (NumPy reverse pass) where a node has no ONNX adjoint or
         ``config.compiled_reverse`` is off."""
         if not self.config.compiled_reverse:
-            self.reverse_pass = "numpy (compiled_reverse off)"
+            self.reverse_pass = f"{self.xp.__name__} (compiled_reverse off)"
             return None
         built = self._build_adjoint(acts, path)
         if isinstance(built, str):
-            self.reverse_pass = f"numpy ({built})"
-            self.progress(f"reverse pass in NumPy: {built}")
+            self.reverse_pass = f"{self.xp.__name__} ({built})"
+            self.progress(f"reverse pass in {self.xp.__name__}: {built}")
             return None
         self.reverse_pass = "onnxruntime"
         return built

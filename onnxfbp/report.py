@@ -150,7 +150,7 @@ SCHEMA: dict[str, Any] = {
                 "batch_mode": {"type": "string"},
                 "reverse_pass": {"type": ["string", "null"],
                                  "description": "minibatch: onnxruntime (compiled), "
-                                 "'numpy (reason)' or 'cupy arrays'; null otherwise"},
+                                 "'numpy (reason)' or 'cupy (reason)'; null otherwise"},
             },
         },
         "plan": {
