@@ -15,9 +15,10 @@ import onnxruntime as ort
 import pytest
 
 from onnxfbp import RefineConfig, Refiner, load_data
-from onnxfbp.backend import cupy_or_none
+from onnxfbp.backend import cupy_or_none, to_numpy
 from onnxfbp.rules import RULES, NodeView
 from onnxfbp.solve import NormalEquations, Preconditioner, PreconditionerSums, ridge_solve
+from onnxfbp.targets import label_target
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 HAS_GPU = cupy_or_none() is not None and "CUDAExecutionProvider" in ort.get_available_providers()
@@ -68,18 +69,20 @@ def test_cupy_solver_matches_numpy() -> None:
 
 @needs_gpu
 def test_refine_on_gpu_matches_cpu() -> None:
-    data = load_data(MODELS / "demo_adapt.npz")
+    data = load_data(MODELS / "demo_adapt.npz", "input")
     results = {}
     for device in ("cpu", "cuda"):
-        refiner = Refiner(MODELS / "demo_mnist_cnn.onnx", RefineConfig(device=device, sweeps=1))
+        config = RefineConfig(device=device, schedule="jacobi", sweeps=1)
+        refiner = Refiner(MODELS / "demo_mnist_cnn.onnx", config)
         assert (refiner.xp is np) == (device == "cpu")
         result = refiner.refine(data)
         results[device] = (result.heldout_after.accuracy, refiner.values)
     acc_cpu, w_cpu = results["cpu"]
     acc_gpu, w_gpu = results["cuda"]
     assert abs(acc_cpu - acc_gpu) <= 0.005
-    for name, value in w_cpu.items():
-        np.testing.assert_allclose(w_gpu[name], value, rtol=1e-3, atol=1e-4)
+    for name, value in w_cpu.items():  # float32 sums in another order: not bit-equal
+        error = np.linalg.norm(w_gpu[name] - value) / np.linalg.norm(value)
+        assert error <= 2e-3, (name, error)
 
 
 @needs_gpu
@@ -110,3 +113,52 @@ def test_cupy_preconditioner_and_vjps_match_numpy() -> None:
         want = rule.vjp(view, r, [x], o0)[0]
         got = rule.vjp(view, cp.asarray(r), [cp.asarray(x)], cp.asarray(o0))[0]
         np.testing.assert_allclose(cp.asnumpy(got), want, rtol=1e-4, atol=1e-5)
+
+
+@needs_gpu
+def test_compiled_reverse_on_gpu_reads_and_writes_device_arrays() -> None:
+    """The compiled reverse pass on the CUDA provider: CuPy arrays in and out (IO
+    binding, no host copy) and the residuals of the CuPy array pass on the same
+    forward tensors. The GPU's forward tensors match the CPU's to float32 rounding
+    (no TF32), so the logits residual matches the CPU's."""
+    cp = cupy_or_none()
+    assert cp is not None
+    data = load_data(MODELS / "demo_adapt.npz", "input")
+    x, y = data.take(np.arange(64))
+    logits = {}
+    for device in ("cpu", "cuda"):
+        refiner = Refiner(MODELS / "demo_mnist_cnn.onnx", RefineConfig(device=device))
+        acts, path, built = refiner.compile_reverse(x)
+        assert not isinstance(built, str), built
+        xp = refiner.xp
+        z = acts[refiner.plan.logits]
+        t_logits = label_target(z.reshape(len(y), -1), xp.asarray(y), 1.0).reshape(z.shape)
+        array_pass, _ = refiner._reverse(acts, t_logits, path, linearized=True)
+        residuals = built.run(acts, (t_logits - z).astype(z.dtype), refiner._views)
+        if device == "cuda":
+            assert built.on_device
+            assert all(isinstance(r, cp.ndarray) for r in residuals.values())
+        for name in built.outputs:
+            want = to_numpy(array_pass[name])
+            scale = float(np.abs(want).max())
+            np.testing.assert_allclose(to_numpy(residuals[name]), want, rtol=0, atol=1e-4 * scale)
+        logits[device] = to_numpy(residuals[refiner.plan.logits])
+    np.testing.assert_allclose(logits["cuda"], logits["cpu"], rtol=0, atol=1e-4)
+
+
+@needs_gpu
+def test_minibatch_schedule_on_gpu_runs_compiled() -> None:
+    """The default schedule on the GPU: compiled reverse pass on device arrays, and
+    a held-out gain like the CPU's (the two runs differ in float rounding only)."""
+    data = load_data(MODELS / "demo_adapt.npz", "input")
+    results = {}
+    for device in ("cpu", "cuda"):
+        refiner = Refiner(MODELS / "demo_mnist_cnn.onnx", RefineConfig(device=device))
+        result = refiner.refine(data)
+        results[device] = (result, refiner.reverse_pass)
+    cpu, cpu_pass = results["cpu"]
+    gpu, gpu_pass = results["cuda"]
+    assert cpu_pass == "onnxruntime"
+    assert gpu_pass == "onnxruntime (CUDA, CuPy in and out)"
+    assert gpu.heldout_after.accuracy > gpu.heldout_before.accuracy + 0.05
+    assert abs(gpu.heldout_after.accuracy - cpu.heldout_after.accuracy) <= 0.02
