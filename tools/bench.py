@@ -58,6 +58,7 @@ Usage (in a virtual environment with ``pip install -e ".[bench]"``)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import importlib.util
 import json
@@ -351,7 +352,7 @@ def run_onnxfbp(
         return {"status": "unavailable", "note": f"{type(exc).__name__}: {exc}"}
     with tempfile.TemporaryDirectory(prefix="bench-onnxfbp-") as tmp:
         out = Path(tmp) / "refined.onnx"
-        settings: dict[str, Any] = {"seed": args.seed}
+        settings: dict[str, Any] = {"seed": args.seed, "device": args.device}
         if variant == "last":
             settings["max_layers"] = 1
         elif variant == "jacobi":
@@ -425,6 +426,14 @@ def _torch_accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> f
     return float((pred == y).float().mean())
 
 
+def _warm_up_cuda(net: torch.nn.Module, x: torch.Tensor) -> None:
+    """One forward and backward pass, so the peer's clock does not count CUDA's start."""
+    import torch
+
+    net(x).sum().backward()
+    torch.cuda.synchronize()
+
+
 def run_peer(
     model: Path,
     data: dict[str, Any],
@@ -441,10 +450,11 @@ def run_peer(
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    device = torch.device(args.device)
     proto = onnx.load(str(model))
     kind = output_kind(proto)
-    x, y = torch.from_numpy(data["x_adapt"]), torch.from_numpy(data["y_adapt"])
-    xe, ye = torch.from_numpy(data["x_eval"]), torch.from_numpy(data["y_eval"])
+    xe = torch.from_numpy(data["x_eval"]).to(device)
+    ye = torch.from_numpy(data["y_eval"]).to(device)
     gen = torch.Generator().manual_seed(args.seed)
 
     def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -454,9 +464,13 @@ def run_peer(
             return F.nll_loss(out, target)
         return F.cross_entropy(out, target)
 
+    if device.type == "cuda":  # CUDA context and kernels loaded before the clock starts
+        _warm_up_cuda(onnx2torch.convert(proto).to(device), xe[:BATCH])
     before = rss_mb()
     t0 = time.perf_counter()
-    net = onnx2torch.convert(proto)
+    x = torch.from_numpy(data["x_adapt"]).to(device)
+    y = torch.from_numpy(data["y_adapt"]).to(device)
+    net = onnx2torch.convert(proto).to(device)
     convert_s = time.perf_counter() - t0
     params = list(net.parameters())
     note = ""
@@ -481,12 +495,14 @@ def run_peer(
     best = (-1.0, 0, 0.0)  # acc, epoch, seconds to reach it
     for epoch in range(1, epochs + 1):
         t1 = time.perf_counter()
-        perm = torch.randperm(len(y), generator=gen)
+        perm = torch.randperm(len(y), generator=gen).to(device)
         for i in range(0, len(y), BATCH):
             idx = perm[i : i + BATCH]
             opt.zero_grad(set_to_none=True)
             loss_fn(net(x[idx]), y[idx]).backward()
             opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         train_s += time.perf_counter() - t1
         if sweep:
             curve.append(_torch_accuracy(net, xe, ye))
@@ -694,7 +710,7 @@ def run_method(
 ) -> dict[str, Any]:
     """One child for (scenario, method, repeat); its JSON row plus what the parent measured."""
     argv = ["--worker", method, "--scenario", scenario, "--data", str(data)]
-    argv += ["--seed", str(repeat), "--threads", str(args.threads)]
+    argv += ["--seed", str(repeat), "--threads", str(args.threads), "--device", args.device]
     child = run_child(argv, args.timeout, quiet_threads=not args.default_env)
     marked = [ln for ln in child.stdout.splitlines() if ln.startswith(RESULT_MARK)]
     rows = [json.loads(ln[len(RESULT_MARK) :]) for ln in marked]
@@ -832,7 +848,7 @@ def print_tables(summary: dict[str, dict[str, dict[str, Any]]], repeats: int) ->
         console.print(table)
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info(device: str = "cpu") -> dict[str, Any]:
     model = platform.processor()
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -842,12 +858,21 @@ def machine_info() -> dict[str, Any]:
     except (OSError, subprocess.CalledProcessError, StopIteration):
         pass
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {
+    info: dict[str, Any] = {
         "cpu": model,
         "cores": len(os.sched_getaffinity(0)),
         "mem_gib": round(mem_gb, 1),
         "os": platform.platform(),
     }
+    if device == "cuda":
+        query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                 "--format=csv,noheader"]
+        try:
+            info["gpu"] = subprocess.run(query, capture_output=True, text=True,
+                                         check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            info["gpu"] = "unknown (nvidia-smi failed)"
+    return info
 
 
 def versions() -> dict[str, str]:
@@ -857,6 +882,9 @@ def versions() -> dict[str, str]:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             out[pkg] = "not installed"
+    for pkg in ("onnxruntime-gpu", "cupy-cuda12x", "cupy-cuda13x"):  # listed when installed
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[pkg] = metadata.version(pkg)
     try:
         sha = subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
@@ -882,7 +910,9 @@ def markdown(summary: dict[str, dict[str, dict[str, Any]]], meta: dict[str, Any]
         f"### Run of {meta['date']}",
         "",
         f"- Command: `{meta['command']}`",
-        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB RAM ({m['os']})",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB RAM ({m['os']})"
+        + (f"; GPU {m['gpu']}: onnxfbp and the peers adapt on it (`--device cuda`)"
+           if m.get("gpu") else ""),
         "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
         f"- {meta['repeats']} repeat(s), interleaved round-robin, medians. `adapt s`: the "
         "adaptation step alone (data preloaded, imports excluded); `process s`: the whole child "
@@ -963,6 +993,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "OPENBLAS_THREAD_TIMEOUT=4): what a user's default shell gives",
     )
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per child process")
+    p.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda"),
+        help="where onnxfbp and the peers adapt (scoring, untimed: onnxruntime on the CPU for "
+        "ONNX outputs, torch on this device for the peers)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--scenario", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -1003,7 +1038,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "command": shlex.join(["python", "tools/bench.py", *sys.argv[1:]]),
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine_info(),
+        "machine": machine_info(args.device),
         "versions": versions(),
         "repeats": args.repeats,
         "default_env": args.default_env,
