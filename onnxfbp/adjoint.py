@@ -14,8 +14,9 @@ Conv (2-D)                    ``ConvTranspose(r, W)``, same strides, pads,
                               the input size
 Gemm / MatMul                 ``alpha r B`` (transB) or ``alpha r B^T``
 MaxPool (2-D)                 ``MaxPool`` indices of ``x0``, then ``MaxUnpool``
-                              of ``r`` (``ScatterElements(add)`` where windows
-                              overlap); a Relu read only by the MaxPool is
+                              of ``r`` (``ScatterElements``, with ``add`` where
+                              windows overlap, on the CUDA provider, which has
+                              no MaxUnpool); a Relu read only by the MaxPool is
                               masked here, on the pooled grid
 GlobalAveragePool, ReduceMean ``r / count`` expanded to the input shape
 Relu / LeakyRelu / PRelu      ``r [x0 > 0]`` / ``r`` or ``alpha r``
@@ -81,14 +82,16 @@ class AdjointBuilder:
     """Collects the nodes of the reverse graph; what an emitter may use.
 
     ``shapes`` are the shapes of the forward tensors in a sample batch (batch
-    first); the graph declares the batch dimension symbolic.
+    first); the graph declares the batch dimension symbolic. ``avoid`` names ops
+    the execution provider lacks, for emitters that have another form.
     """
 
     def __init__(
         self, shapes: Mapping[str, tuple[int, ...]], float_type: Any,
-        graph: onnx.GraphProto | None = None,
+        graph: onnx.GraphProto | None = None, avoid: frozenset[str] = frozenset(),
     ) -> None:
         self.shapes = dict(shapes)
+        self.avoid = avoid
         self.float_type = np.dtype(float_type)
         # Relu outputs read by exactly one node (of the whole model): see :meth:`relu_fed`
         self._relu_outputs: set[str] = set()
@@ -250,17 +253,20 @@ def _maxpool(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -
         "MaxPool", [b.act(xs[0])], 2, kernel_shape=list(g.kernel), strides=list(g.strides),
         dilations=list(g.dilations), pads=list(g.pads), ceil_mode=int(node.attr("ceil_mode", 0)),
     )
-    if (all(k <= st for k, st in zip(g.kernel, g.strides, strict=True)) and not any(g.pads)
-            and (oh - 1) * g.strides[0] + kh <= h and (ow - 1) * g.strides[1] + kw <= w):
+    disjoint = (all(k <= st for k, st in zip(g.kernel, g.strides, strict=True))
+                and not any(g.pads)
+                and (oh - 1) * g.strides[0] + kh <= h and (ow - 1) * g.strides[1] + kw <= w)
+    if disjoint and "MaxUnpool" not in b.avoid:
         # Windows do not overlap nor leave the input: each entry gets at most one residual.
         return [b.op("MaxUnpool", [r, indices, b.shape_of(xs[0])],
                      kernel_shape=list(g.kernel), strides=list(g.strides))]
+    # The indices count over the whole flattened tensor (batch and channels too).
     flat = b.const([-1], np.int64)
     zeros = b.zeros(b.op("Shape", [b.op("Reshape", [b.act(xs[0]), flat])]))
     routed = b.op(
         "ScatterElements",
         [zeros, b.op("Reshape", [indices, flat]), b.op("Reshape", [r, flat])],
-        axis=0, reduction="add",
+        axis=0, **({} if disjoint else {"reduction": "add"}),
     )
     return [b.op("Reshape", [routed, b.shape_of(xs[0])])]
 
@@ -691,17 +697,23 @@ class AdjointGraph:
         providers: list[str],
         threads: int | None = None,
         xp: Any = np,
+        avoid: frozenset[str] | None = None,
     ) -> AdjointGraph | str:
         """The graph for ``path`` (indices into ``plan.nodes``, forward order) that
         returns the residual at each of ``outputs``; or, if a node on the path has
         no emitter (or a form it does not cover), the reason as a string.
         ``acts`` is one batch of forward tensors (shapes and dtypes), arrays of
         ``xp`` (NumPy, or CuPy on the CUDA provider: then the run reads and returns
-        device arrays)."""
+        device arrays). ``avoid``: ops not to emit (default: those the first
+        provider lacks)."""
         shapes = {k: tuple(v.shape) for k, v in acts.items()}
         model = getattr(plan, "model", None)  # (a bare node list in the per-op tests)
+        # onnxruntime's CUDA provider has no MaxUnpool kernel: it would run on the
+        # CPU, with the residual and indices copied off the GPU and back every run.
+        if avoid is None:
+            avoid = frozenset({"MaxUnpool"} if "CUDAExecutionProvider" in providers else ())
         b = AdjointBuilder(shapes, np.dtype(acts[plan.logits].dtype),
-                           model.graph if model is not None else None)
+                           model.graph if model is not None else None, avoid)
         sums: dict[str, str] = {plan.logits: R_LOGITS}
         for i in reversed(list(path)):
             pn = plan.nodes[i]
