@@ -19,17 +19,20 @@ three ways:
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from .errors import ModelError
 
-__all__ = ["ForwardRunner", "available_providers", "choose_providers", "inference_session"]
+__all__ = [
+    "ForwardRunner", "available_providers", "choose_providers", "cuda_starts", "inference_session",
+]
 
 
 def available_providers() -> list[str]:
@@ -42,17 +45,45 @@ def choose_providers(device: str) -> list[str]:
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if device == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            from .errors import OnnxfbpError  # noqa: PLC0415
+        from .errors import OnnxfbpError  # noqa: PLC0415
 
+        if "CUDAExecutionProvider" not in available:
             raise OnnxfbpError(
                 "--device cuda needs onnxruntime-gpu with the CUDA provider; "
                 "install onnxfbp[gpu] or use --device cpu"
             )
+        if not cuda_starts():
+            raise OnnxfbpError(
+                "--device cuda: onnxruntime's CUDA provider is installed but does not start "
+                "(its CUDA or cuDNN libraries are not on the loader's path, or no GPU); "
+                "see the README's GPU section, or use --device cpu"
+            )
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in available:
+    if "CUDAExecutionProvider" in available and cuda_starts():
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+@functools.cache
+def cuda_starts() -> bool:
+    """Whether onnxruntime's CUDA provider really runs here. A session asked for it
+    runs on the CPU instead, with nothing but a logged error, when a CUDA or cuDNN
+    library is missing; one tiny probe session (per process) tells."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # the answer is the provider list, not a log line
+    try:
+        session = ort.InferenceSession(
+            model.SerializeToString(), options,
+            providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+        )
+    except Exception:
+        return False
+    return session.get_providers()[0] == "CUDAExecutionProvider"
 
 
 # CUDA provider settings. TF32 rounds the inputs of matrix products and convolutions

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -169,3 +170,29 @@ def test_minibatch_schedule_on_gpu_runs_compiled() -> None:
     assert gpu_pass == "onnxruntime (CUDA, CuPy in and out)"
     assert gpu.heldout_after.accuracy > gpu.heldout_before.accuracy + 0.05
     assert abs(gpu.heldout_after.accuracy - cpu.heldout_after.accuracy) <= 0.02
+
+
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" in ort.get_available_providers(), reason="needs the CPU build"
+)
+def test_cuda_provider_that_does_not_start_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """onnxruntime lists the CUDA provider but cannot start it (the wheel without its
+    CUDA libraries; here: the CPU build made to list it). ``cuda`` says so in one line,
+    ``auto`` runs on the CPU; neither gets a CPU session in CUDA's clothes."""
+    from onnxfbp import forward
+    from onnxfbp.errors import OnnxfbpError
+
+    listed = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(forward, "available_providers", lambda: listed)
+    forward.cuda_starts.cache_clear()
+    try:
+        with warnings.catch_warnings():  # the CPU build warns that it lacks CUDA
+            warnings.simplefilter("ignore")
+            assert forward.cuda_starts() is False
+        with pytest.raises(OnnxfbpError, match="CUDA provider is installed but does not start"):
+            forward.choose_providers("cuda")
+        assert forward.choose_providers("auto") == ["CPUExecutionProvider"]
+    finally:
+        forward.cuda_starts.cache_clear()
