@@ -56,6 +56,27 @@ def test_maxpool_without_maxunpool_matches_rule(spec: Spec) -> None:
     assert "MaxUnpool" not in ops and "ScatterElements" in ops
 
 
+_WIDE = np.random.default_rng(5)
+WIDE_CONVS = [  # the CPU's Conv form of the adjoint: 16 or more input channels, stride 1
+    Spec("Conv", [(2, 16, 7, 7)], {1: _WIDE.standard_normal((4, 16, 3, 3)).astype(np.float32)},
+         {"pads": [1, 1, 1, 1]}, id="wide-pad"),
+    Spec("Conv", [(2, 16, 9, 9)], {1: _WIDE.standard_normal((3, 16, 3, 3)).astype(np.float32)},
+         {"dilations": [2, 2], "pads": [0, 1, 2, 1]}, id="wide-dilated-asymmetric"),
+    Spec("Conv", [(2, 17, 6, 5)], {1: _WIDE.standard_normal((5, 17, 2, 3)).astype(np.float32),
+                                   2: _WIDE.standard_normal(5).astype(np.float32)},
+         {"pads": [0, 2, 1, 0]}, id="wide-rectangular-bias"),
+]
+
+
+@pytest.mark.parametrize("spec", WIDE_CONVS, ids=[s.id for s in WIDE_CONVS])
+def test_wide_conv_adjoint_is_a_conv_on_cpu(spec: Spec) -> None:
+    """Stride 1 with 16 or more input channels: on the CPU the adjoint is a Conv of the
+    residual with the flipped, channel-swapped kernel, equal to the rule's vjp."""
+    built = _check_emitter(spec, frozenset())
+    ops = [n.op_type for n in built.model.graph.node]
+    assert "Conv" in ops and "ConvTranspose" not in ops
+
+
 def _check_emitter(spec: Spec, avoid: frozenset[str]) -> Any:
     """Build ``spec``'s node alone and compare its residuals with the rule's vjp."""
     rule, view = RULES[spec.op], _view(spec)
