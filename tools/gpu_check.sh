@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check for a machine with an NVIDIA GPU and no network: the GPU tests, the
 # GPU benchmark, then (where torch and onnx2torch import and the shared data is
-# found) the side-by-side benchmark against the peer on the GPU.
+# found) the side-by-side benchmark against the peer on the GPU and a sampled
+# profile of one refine (tools/profile_refine.py).
 # Python wheels the machine lacks travel in .whl/ (see README "GPU"):
 # onnxruntime-gpu and onnx-graphsurgeon (onnx2torch for the side-by-side run);
 # CuPy, NumPy, SciPy, onnx and pytest are expected to be there already.
@@ -11,6 +12,11 @@
 set -uo pipefail
 failed=()
 cd "$(dirname "$0")/.." || exit 1
+# A wheel too large to carry in one piece travels split (split -b 50M W W.part),
+# as NAME.whl.partaa, NAME.whl.partab, ...: joined here.
+for first in .whl/*.whl.partaa; do
+  [ -e "$first" ] && cat "${first%aa}"* > "${first%.partaa}"
+done
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
@@ -48,6 +54,7 @@ if python3 -c "import torch, onnx2torch" 2>/dev/null \
   python3 tools/bench.py --device cuda --threads 4 --scenarios mnist-rot \
     --methods none,onnxfbp,adam-1 --repeats "${REPEATS:-3}" --markdown \
     || failed+=("tools/bench.py")
+  python3 tools/profile_refine.py --device cuda || failed+=("tools/profile_refine.py")
 else
   echo "side-by-side benchmark skipped: needs torch, onnx2torch and the shared model corpus"
 fi
