@@ -53,7 +53,34 @@ def test_maxpool_without_maxunpool_matches_rule(spec: Spec) -> None:
     """The form for the CUDA provider (no MaxUnpool kernel there): ScatterElements."""
     built = _check_emitter(spec, frozenset({"MaxUnpool"}))
     ops = {n.op_type for n in built.model.graph.node}
-    assert "MaxUnpool" not in ops and "ScatterElements" in ops
+    assert "MaxUnpool" not in ops
+
+
+TILED_POOLS = [  # stride = kernel, no padding
+    Spec("MaxPool", [(2, 3, 8, 8)], attrs={"kernel_shape": [2, 2], "strides": [2, 2]},
+         id="tiled-2x2"),
+    Spec("MaxPool", [(2, 2, 7, 7)], attrs={"kernel_shape": [2, 2], "strides": [2, 2]},
+         id="tiled-short-of-edge"),
+    Spec("MaxPool", [(1, 2, 9, 8)], attrs={"kernel_shape": [3, 3], "strides": [3, 3]},
+         id="tiled-3x3"),
+    Spec("MaxPool", [(1, 2, 6, 9)], attrs={"kernel_shape": [2, 3], "strides": [2, 3]},
+         id="tiled-2x3"),
+]
+
+
+@pytest.mark.parametrize("spec", TILED_POOLS, ids=[s.id for s in TILED_POOLS])
+@pytest.mark.parametrize("avoid", [frozenset(), frozenset({"MaxUnpool"})], ids=["cpu", "cuda"])
+def test_maxpool_ties_route_to_the_first_max(spec: Spec, avoid: frozenset[str]) -> None:
+    """Ties everywhere (values on a coarse grid, constant blocks): on the CPU provider
+    each window's residual goes to its first maximum, exactly as the rule's vjp, in
+    the MaxUnpool form and in the ScatterElements form used on CUDA. (CUDA's own
+    MaxPool indices pick another of tied maxima: tests/test_gpu.py.)"""
+    rng = np.random.default_rng(7)
+    x = np.round(rng.standard_normal(spec.shapes[0]) * 2).astype(np.float32) / 2
+    x[:, :, :3, :3] = 1.0
+    built = _check_emitter(spec, avoid, [x])
+    ops = {n.op_type for n in built.model.graph.node}
+    assert ("MaxUnpool" in ops) == (not avoid), ops
 
 
 _WIDE = np.random.default_rng(5)
@@ -77,10 +104,13 @@ def test_wide_conv_adjoint_is_a_conv_on_cpu(spec: Spec) -> None:
     assert "Conv" in ops and "ConvTranspose" not in ops
 
 
-def _check_emitter(spec: Spec, avoid: frozenset[str]) -> Any:
-    """Build ``spec``'s node alone and compare its residuals with the rule's vjp."""
+def _check_emitter(
+    spec: Spec, avoid: frozenset[str], xs: list[np.ndarray] | None = None
+) -> Any:
+    """Build ``spec``'s node alone and compare its residuals with the rule's vjp
+    (exact up to float32 rounding) on ``xs`` (default: random normal inputs)."""
     rule, view = RULES[spec.op], _view(spec)
-    xs = _inputs(spec)
+    xs = _inputs(spec) if xs is None else xs
     names = [f"in{i}" for i in range(spec.n_inputs)]
     data = rule.data_inputs(view)
     dyn = {names[i]: xs[k] for k, i in enumerate(view.dynamic)}
