@@ -299,9 +299,9 @@ class ForwardRunner:
         outputs block fusions: on the shared MNIST CNN a forward pass runs 2-3x
         slower per sample than the original model. For many forward passes with
         the same weights (scoring, features of the output layer) this session is
-        worth building on the CPU. On the CUDA provider, where a new session costs
-        more than the pre-packing saves, when batches are chunked or when the
-        session does not build, this is :meth:`run`.
+        worth building on the CPU. On the CUDA provider (no CPU pre-packing to gain,
+        and every session has its own start-up: kernels, memory arena), when
+        batches are chunked or when the session does not build, this is :meth:`run`.
         """
         def fallback(x: np.ndarray) -> dict[str, np.ndarray]:
             return self.run(x, outputs, weights)
