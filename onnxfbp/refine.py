@@ -97,7 +97,7 @@ class RefineConfig:
     precond_samples: int = 1000  # samples whose rows estimate each layer's Gram (minibatch)
     sweep_max_inputs: int = 1024  # minibatch: then sweep dense layers with at most this d_in+1
     checks_per_epoch: int = 4  # held-out checks per epoch (minibatch)
-    compiled_reverse: bool = True  # minibatch on CPU: reverse pass as an onnxruntime graph
+    compiled_reverse: bool = True  # minibatch: reverse pass as an onnxruntime graph
     patience: int = 2  # checks without a held-out gain before the minibatch schedule stops
     jacobi_steps: tuple[float, ...] = (1.0, 0.5)  # joint-update scales tried on held-out data
     head_iterations: int = 100  # logistic-regression iterations of the output-layer solve
@@ -670,7 +670,6 @@ class Refiner:
             # With the features settled, take the output layer to its optimum too.
             self._polish_head(data, train_idx, val_idx, state, reports)
 
-
     # ------------------------------------------------------------------ sweeps
 
     def _sweepable(self, layer: Layer) -> bool:
@@ -979,10 +978,6 @@ class Refiner:
             if adjoint is not None:
                 r_logits = (t_logits - acts[self.plan.logits]).astype(acts[self.plan.logits].dtype)
                 residuals = adjoint.run(acts, r_logits, self._views)
-                if step == 1 and xp is not np:
-                    self.reverse_pass = "onnxruntime" + (
-                        " (CUDA, CuPy in and out)" if adjoint.on_device else " (host copies)"
-                    )
             else:
                 residuals, _ = self._reverse(acts, t_logits, path, linearized=True)
             self._forward_time += time.perf_counter() - ft
@@ -1073,12 +1068,19 @@ class Refiner:
         ``onnxruntime`` (compiled, :mod:`onnxfbp.adjoint`) or ``numpy (reason)``
         (``cupy (reason)`` on a GPU)."""
         built = self.compile_reverse(x)[2]
-        return f"{self.xp.__name__} ({built})" if isinstance(built, str) else "onnxruntime"
+        return f"{self.xp.__name__} ({built})" if isinstance(built, str) else self._route(built)
+
+    def _route(self, graph: AdjointGraph) -> str:
+        """``onnxruntime``, and on a GPU whether its probe run kept CuPy arrays on the
+        device (IO binding) or copied them through the host."""
+        if self.xp is np:
+            return "onnxruntime"
+        return "onnxruntime " + ("(CUDA, CuPy in and out)" if graph.on_device else "(host copies)")
 
     def _adjoint_graph(self, acts: dict[str, Array], path: list[int]) -> AdjointGraph | None:
         """The reverse pass compiled for onnxruntime (see :mod:`onnxfbp.adjoint`), or
-        ``None`` (NumPy reverse pass) where a node has no ONNX adjoint or
-        ``config.compiled_reverse`` is off."""
+        ``None`` (the array reverse pass: NumPy, or CuPy on a GPU) where a node has no
+        ONNX adjoint or ``config.compiled_reverse`` is off."""
         if not self.config.compiled_reverse:
             self.reverse_pass = f"{self.xp.__name__} (compiled_reverse off)"
             return None
@@ -1087,7 +1089,7 @@ class Refiner:
             self.reverse_pass = f"{self.xp.__name__} ({built})"
             self.progress(f"reverse pass in {self.xp.__name__}: {built}")
             return None
-        self.reverse_pass = "onnxruntime"
+        self.reverse_pass = self._route(built)
         return built
 
     def _head_features(
