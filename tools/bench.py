@@ -662,16 +662,15 @@ def child_env(quiet_threads: bool = True) -> dict[str, str]:
     """The children's environment; ``quiet_threads=False`` (``--default-env``) drops the
     thread-pool settings below, as a user's default shell has them."""
     env = os.environ.copy()
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     if not quiet_threads:
         env.pop("OMP_WAIT_POLICY", None)
         env.pop("OPENBLAS_THREAD_TIMEOUT", None)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
         return env
     env["OMP_WAIT_POLICY"] = "PASSIVE"
     # OpenBLAS (numpy, scipy) spins for 2**28 cycles by default; with any other load on a
     # 2-core box that makes small BLAS calls 10x slower. 2**4 cycles is its PASSIVE.
     env["OPENBLAS_THREAD_TIMEOUT"] = "4"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return env
 
 
