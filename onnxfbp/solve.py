@@ -114,12 +114,14 @@ class Preconditioner:
 
     with the Gram estimated from the larger sample. Solved in the smaller of the
     two dimensions: a Cholesky factor of the d x d matrix when ``d <= m``, else
-    (Woodbury) of the m x m matrix ``X X^T + m lam I``, keeping the rows:
+    (Woodbury) of the m x m matrix ``X X^T + m lam I``, keeping the rows and
+    ``S = (X X^T + m lam I)^-1 X`` (float32, two GEMMs per step):
 
         (X^T X / m + lam I)^-1 B = (B - X^T (X X^T + m lam I)^-1 X B) / lam
+                                 = (B - X^T (S B)) / lam
     """
 
-    inverses: list[Array]  # per group: (C + lam I)^-1, or (X X^T + m lam I)^-1 (Woodbury)
+    inverses: list[Array]  # per group: (C + lam I)^-1, or S (Woodbury)
     lam: float  # absolute
     rows: Array | None = None  # (G, m, d) float32 in the Woodbury form, else None
 
@@ -137,7 +139,9 @@ class Preconditioner:
         lam = damping * (float(xp.trace(kernel, axis1=1, axis2=2).mean()) / m / rows.shape[2])
         lam = lam or damping
         eye = xp.eye(kernel.shape[-1], dtype=kernel.dtype)
-        return cls([spd_inverse(k + m * lam * eye) for k in kernel], lam, rows)
+        solved = [spd_inverse(k + m * lam * eye).astype(xp.float32) @ r
+                  for k, r in zip(kernel, rows, strict=True)]
+        return cls(solved, lam, rows)
 
     def apply(self, cross: Array) -> Array:
         """``(C + lam I)^-1 B`` for each group block of ``cross`` (G, d, k)."""
@@ -147,9 +151,8 @@ class Preconditioner:
             if self.rows is None:
                 out[g] = inverse @ cross[g]
             else:
-                rows = self.rows[g]
-                inner = inverse @ (rows @ cross[g].astype(xp.float32)).astype(xp.float64)
-                out[g] = (cross[g] - (rows.T @ inner.astype(xp.float32))) / self.lam
+                inner = inverse @ cross[g].astype(xp.float32)
+                out[g] = (cross[g] - (self.rows[g].T @ inner)) / self.lam
         return out
 
 
