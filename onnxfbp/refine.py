@@ -54,7 +54,7 @@ from .solve import (
     choose_ridge,
     spd_inverse,
 )
-from .targets import cross_entropy, label_target, log_softmax
+from .targets import cross_entropy, label_target
 
 __all__ = [
     "EvalResult",
@@ -268,19 +268,26 @@ def _logistic_path(
         W <- argmin ||x W - (x W + 2 (Y - softmax(x W)))||^2 + lam ||W - W0||^2
 
     Each ``lam`` starts from the previous optimum and stops once the weights
-    settle; a ``lam`` whose iteration is not finite is skipped."""
-    x = x.astype(np.float64)  # once: each product below would convert it again
-    gram = x.T @ x
+    settle; a ``lam`` whose iteration is not finite is skipped. The Gram, its
+    inverse and the weights are float64; the scores and probabilities of each
+    iteration float32 (1.7 -> 1.1 ms an iteration on 4,000 x 129 features)."""
+    x64 = x.astype(np.float64)
+    gram = x64.T @ x64
+    del x64
+    x = x.astype(np.float32)  # once: each product below would convert it again
+    fixed32 = np.asarray(fixed, dtype=np.float32)
     scale = float(np.mean(np.diag(gram))) or 1.0
-    onehot = np.eye(w0.shape[1])[y]
+    onehot = np.eye(w0.shape[1], dtype=np.float32)[y]
     w = w0.copy()
     for lam_rel in sorted(grid, reverse=True):
         lam = lam_rel * scale
         inverse = spd_inverse(gram + lam * np.eye(len(gram)))
         for _ in range(iterations):
-            z = x @ w + fixed
-            step = z + 2.0 * (onehot - np.exp(log_softmax(z)))
-            w_next = inverse @ (x.T @ step + lam * w0)
+            z = x @ w.astype(np.float32) + fixed32
+            p = np.exp(z - z.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            step = z + 2.0 * (onehot - p)
+            w_next = inverse @ ((x.T @ step).astype(np.float64) + lam * w0)
             settled = np.abs(w_next - w).max() <= 1e-4 * (1.0 + np.abs(w).max())
             w = w_next
             if settled or not np.isfinite(w).all():
