@@ -90,8 +90,9 @@ class RefineConfig:
     # minibatch: every layer, preconditioned steps on mini-batches (see _train_minibatch);
     # jacobi: all layers from one full pass per sweep; sequential: one layer per pass.
     schedule: str = "minibatch"
-    minibatch_size: int = 250  # samples per step of the minibatch schedule
-    epochs: float = 3.0  # passes over the training split at most (minibatch)
+    minibatch_size: int = 100  # samples per step of the minibatch schedule
+    epochs: float = 1.5  # passes over the training split at most (minibatch)
+    average: float = 0.9  # minibatch: checks score the running average of the steps (0: off)
     learning_rate: float = 0.3  # scale of each preconditioned step (minibatch)
     damping: float = 1.0  # lam / mean diag of the per-row Gram of each layer (minibatch)
     precond_samples: int = 1000  # samples whose rows estimate each layer's Gram (minibatch)
@@ -122,6 +123,8 @@ class RefineConfig:
             bad.append(f"schedule {self.schedule!r} (minibatch, jacobi or sequential)")
         if not 0.0 <= self.holdout < 1.0:
             bad.append(f"holdout {self.holdout} (a fraction in [0, 1))")
+        if not 0.0 <= self.average < 1.0:
+            bad.append(f"average {self.average} (a fraction in [0, 1))")
         for key in ("epochs", "learning_rate", "damping"):
             value = getattr(self, key)
             if not (np.isfinite(value) and value > 0):
@@ -917,11 +920,20 @@ class Refiner:
         the minimizer of ``||X dW - eta R||^2 / n + lam ||dW||^2`` with the Gram
         from the larger sample (for a convolution ``X`` are im2col rows at up to
         ``max_positions`` output positions per sample, ``X^T R`` scaled back to all
-        positions). Every ``1 / checks_per_epoch`` epoch the held-out split is
-        scored: a better score is kept as the result, a blow-up (loss above 1.5x
-        the best, or not finite) goes back to the kept weights with half the step,
-        and ``patience`` checks with neither a better score nor a lower held-out loss
-        end the schedule.
+        positions). The steps are averaged (Polyak averaging, exponential with
+        ``beta = average``),
+
+            W_avg <- beta W_avg + (1 - beta) W,
+
+        and every ``1 / checks_per_epoch`` epoch the held-out split scores
+        ``W_avg`` (``W`` when ``average`` is 0) while the steps go on from ``W``:
+        the average is past the mini-batches' noise, so it is better than the
+        last step and fewer epochs reach the same accuracy (measured, rot and
+        noise MNIST: 1.5 epochs of 100 with it match or beat 3 epochs of 250
+        without it). A better score is kept as the result, a blow-up (loss above
+        1.5x the best, or not finite) goes back to the kept weights with half the
+        step, and ``patience`` checks with neither a better score nor a lower
+        held-out loss end the schedule.
         """
         cfg = self.config
         xp = self.xp
@@ -963,6 +975,8 @@ class Refiner:
         check_every = max(1, -(-per_epoch // max(1, cfg.checks_per_epoch)))
         eta = cfg.learning_rate
         kept_values, kept_weights = dict(self.values), dict(weights)
+        beta = cfg.average
+        averaged: dict[str, Array] = {}  # from the first step on
         best_loss = state.loss
         improved, stale, queue = False, 0, np.zeros(0, np.int64)
         adjoint: AdjointGraph | None = None
@@ -998,23 +1012,33 @@ class Refiner:
                 kept = xr.shape[1] // len(y) if layer.kind == "conv" else 1
                 cross = xp.matmul(xr.transpose(0, 2, 1), rr).astype(xp.float64)
                 cross *= positions / max(kept, 1) / len(y)
-                weights[layer.name] = weights[layer.name] + eta * precond[layer.name].apply(cross)
-                self._set_weights(layer, blocks[layer.name], to_numpy(weights[layer.name]))
+                w = weights[layer.name] + eta * precond[layer.name].apply(cross)
+                weights[layer.name] = w
+                prev = averaged.get(layer.name)
+                averaged[layer.name] = w if prev is None else beta * prev + (1 - beta) * w
+                self._set_weights(layer, blocks[layer.name], to_numpy(w))
             self._solve_time += time.perf_counter() - st
             if step % check_every and step != total:
                 continue
+            stepping = dict(self.values)  # the steps go on from here
+            scored = averaged if beta else weights
+            for layer in layers:
+                self._set_weights(layer, blocks[layer.name], to_numpy(scored[layer.name]))
             loss, correct, _ = self.scores(data, val_idx)
             if not np.isfinite(loss) or loss > 1.5 * best_loss:
                 self.values, weights = dict(kept_values), dict(kept_weights)
+                averaged = {}
                 eta /= 2
                 self.progress(f"minibatch step {step}: held-out loss rose; step halved to {eta:g}")
                 stale += 1
-            elif state.better(loss, correct):
-                kept_values, kept_weights = dict(self.values), dict(weights)
-                best_loss, improved, stale = min(best_loss, loss), True, 0
-            else:  # still learning while the held-out loss falls, even if accuracy stalls
-                stale = 0 if loss < 0.995 * best_loss else stale + 1
-                best_loss = min(best_loss, loss)
+            else:
+                if state.better(loss, correct):
+                    kept_values, kept_weights = dict(self.values), dict(scored)
+                    best_loss, improved, stale = min(best_loss, loss), True, 0
+                else:  # still learning while the held-out loss falls, even if accuracy stalls
+                    stale = 0 if loss < 0.995 * best_loss else stale + 1
+                    best_loss = min(best_loss, loss)
+                self.values = stepping
             self.progress(
                 f"minibatch step {step}/{total}: held-out acc {correct / len(val_idx):.4f}, "
                 f"loss {loss / len(val_idx):.4f}"

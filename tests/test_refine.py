@@ -106,6 +106,36 @@ def test_minibatch_step_that_blows_up_is_halved_and_never_written_worse(
     assert any("step halved" in m for m in messages)
 
 
+def test_checks_score_the_running_average_of_the_steps(
+    shared_models: Path, mnist_rot: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    """Two steps, one held-out check after them: with ``average=0.9`` the kept body
+    weights are ``0.9 W1 + 0.1 W2`` of the steps that ``average=0`` keeps after one
+    and after two steps (same seed, so the same steps); the output layer is solved
+    afterwards either way, so only the body is compared."""
+    model = shared_models / "mnist_pytorch25_legacy_cnn.onnx"
+    x, y = _legacy_prep(mnist_rot["x_adapt"][:2000]), mnist_rot["y_adapt"][:2000]
+    body = ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "fc1.weight", "fc1.bias")
+
+    def kept(average: float, epochs: float) -> dict[str, np.ndarray]:
+        config = RefineConfig(average=average, epochs=epochs, minibatch_size=900,
+                              checks_per_epoch=1, allow_worse=True)
+        out = tmp_path / f"r{average}-{epochs}.onnx"
+        result = refine(model, out, x, y, config=config)
+        assert result.layers[0].reason.startswith(f"minibatch schedule, {round(epochs * 2)} steps")
+        assert result.layers[0].accepted  # the check kept the (averaged) steps
+        values = dict(zip(body, _initializers_named(out, body), strict=True))
+        return values
+
+    first, second = kept(0.0, 0.5), kept(0.0, 1.0)
+    averaged = kept(0.9, 1.0)
+    for name in body:
+        assert not np.allclose(first[name], second[name])  # two different steps
+        np.testing.assert_allclose(
+            averaged[name], 0.9 * first[name] + 0.1 * second[name], rtol=1e-5, atol=1e-6
+        )
+
+
 def test_few_labels_pick_the_output_layer_by_cross_validation(
     shared_models: Path, mnist_rot: dict[str, np.ndarray], tmp_path: Path
 ) -> None:
@@ -124,6 +154,14 @@ def test_few_labels_pick_the_output_layer_by_cross_validation(
     assert set(changed_initializers(model, out)) <= {"fc2.weight", "fc2.bias"}
     (visit,) = result.layers
     assert visit.accepted and "cross-validation" in visit.reason
+
+
+def _initializers_named(path: Path, names: tuple[str, ...]) -> list[np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    found = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    return [found[name] for name in names]
 
 
 def _initializers(path: Path) -> list[np.ndarray]:
