@@ -19,7 +19,7 @@ import numpy as np
 
 from .graph import Layer
 from .rules import Array, NodeView, xp_of
-from .rules.linear import ConvRule, dense_weight, im2col
+from .rules.linear import ConvGeometry, ConvRule, dense_weight, im2col, pad_input
 
 __all__ = ["LayerBlock"]
 
@@ -128,18 +128,25 @@ class LayerBlock:
 
     @staticmethod
     def _patch_subset(
-        x: Array, geometry: object, keep: np.ndarray, out_hw: tuple[int, int]
+        x: Array, g: ConvGeometry, keep: np.ndarray, out_hw: tuple[int, int]
     ) -> Array:
-        from .rules.linear import windows  # noqa: PLC0415
+        """The im2col rows of the output positions ``keep`` (flat indices into the
+        ``out_hw`` grid): (G, N * len(keep), Cg * kh * kw), rows ordered (n, p).
 
-        g = geometry
-        win = windows(x, g)  # type: ignore[arg-type]  # N, C, oh, ow, kh, kw
-        n, c = x.shape[:2]
-        oh, ow = out_hw
+        One ``take`` of precomputed flat offsets into the padded input. Fancy
+        indexing of the strided window view made the rows of the shared CNN's
+        conv2 (100 samples, 16 positions, 32 x 3 x 3) take 5.0 ms; this, 1.5 ms."""
         xp = xp_of(x)
-        rows, cols = xp.asarray(keep // ow), xp.asarray(keep % ow)
-        picked = win[:, :, rows, cols]  # N, C, P, kh, kw
-        groups = g.group  # type: ignore[attr-defined]
-        picked = picked.reshape(n, groups, c // groups, len(keep), -1)
-        picked = picked.transpose(1, 0, 3, 2, 4)  # G, N, P, Cg, kh*kw
-        return picked.reshape(groups, n * len(keep), -1)
+        padded = pad_input(x, g)
+        n, c, hp, wp = padded.shape
+        (kh, kw), (sh, sw), (dh, dw) = g.kernel, g.strides, g.dilations
+        top, left = (keep // out_hw[1]) * sh, (keep % out_hw[1]) * sw
+        offsets = (
+            np.arange(c)[None, :, None, None] * (hp * wp)
+            + (top[:, None, None, None] + dh * np.arange(kh)[None, None, :, None]) * wp
+            + left[:, None, None, None] + dw * np.arange(kw)[None, None, None, :]
+        )  # P, C, kh, kw
+        picked = xp.take(padded.reshape(n, -1), xp.asarray(offsets.reshape(-1)), axis=1)
+        groups = g.group
+        picked = picked.reshape(n, len(keep), groups, c // groups, kh * kw)
+        return picked.transpose(2, 0, 1, 3, 4).reshape(groups, n * len(keep), -1)

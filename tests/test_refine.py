@@ -10,6 +10,8 @@ import pytest
 from graphcheck import changed_initializers
 
 from onnxfbp import RefineConfig, evaluate, refine
+from onnxfbp.layers import LayerBlock
+from onnxfbp.rules.linear import ConvGeometry, im2col
 from onnxfbp.solve import (
     NormalEquations,
     Preconditioner,
@@ -190,6 +192,26 @@ def test_preconditioner_primal_and_woodbury_forms_agree() -> None:
         assert abs(form.lam - lam) <= 1e-6 * lam
         np.testing.assert_allclose(form.apply(cross)[0], expected, rtol=2e-4, atol=1e-6)
     assert forms[0].rows is None and forms[1].rows is not None
+
+
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        ConvGeometry((3, 3), (1, 1), (1, 1), (1, 1, 1, 1)),
+        ConvGeometry((3, 2), (2, 1), (1, 2), (0, 1, 2, 0), group=2),
+        ConvGeometry((1, 1), (2, 2), (1, 1), (0, 0, 0, 0), group=4),
+    ],
+)
+def test_rows_at_kept_positions_are_those_of_im2col(geometry: ConvGeometry) -> None:
+    """The minibatch schedule's conv rows at a few output positions: exactly the
+    im2col rows of those positions (strides, dilations, uneven pads, groups)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 8, 9, 10)).astype(np.float32)
+    oh, ow = geometry.out_size(9, 10)
+    keep = np.sort(rng.choice(oh * ow, size=5, replace=False))
+    got = LayerBlock._patch_subset(x, geometry, keep, (oh, ow))
+    full = im2col(x, geometry).reshape(geometry.group, 3, oh * ow, -1)
+    np.testing.assert_array_equal(got, full[:, :, keep].reshape(geometry.group, 15, -1))
 
 
 def test_streamed_normal_equations_equal_batch_and_are_solved() -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "conv_weight",
     "dense_weight",
     "im2col",
+    "pad_input",
 ]
 
 
@@ -158,16 +159,21 @@ def conv_geometry(
     )
 
 
-def _pad(x: Array, g: ConvGeometry, value: float = 0.0) -> Array:
+def pad_input(x: Array, g: ConvGeometry, value: float = 0.0) -> Array:
+    """``x`` (N, C, H, W) padded by ``g.pads`` with ``value``, always a new array
+    (a filled array and one slice copy: half the time of ``numpy.pad`` here)."""
     xp = xp_of(x)
     pt, pl, pb, pr = g.pads
-    return xp.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)), constant_values=value)
+    n, c, h, w = x.shape
+    out = xp.full((n, c, h + pt + pb, w + pl + pr), value, dtype=x.dtype)
+    out[:, :, pt : pt + h, pl : pl + w] = x
+    return out
 
 
 def windows(x: Array, g: ConvGeometry, pad_value: float = 0.0) -> Array:
     """View of shape (N, C, oh, ow, kh, kw): every window of the padded input."""
     xp = xp_of(x)
-    xpad = _pad(x, g, pad_value)
+    xpad = pad_input(x, g, pad_value)
     (kh, kw), (sh, sw), (dh, dw) = g.kernel, g.strides, g.dilations
     span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
     view = xp.lib.stride_tricks.sliding_window_view(xpad, (span_h, span_w), axis=(2, 3))
