@@ -97,7 +97,7 @@ class RefineConfig:
     damping: float = 1.0  # lam / mean diag of the per-row Gram of each layer (minibatch)
     precond_samples: int = 1000  # samples whose rows estimate each layer's Gram (minibatch)
     sweep_max_inputs: int = 1024  # minibatch: then sweep dense layers with at most this d_in+1
-    checks_per_epoch: int = 4  # held-out checks per epoch (minibatch)
+    checks_per_epoch: int = 2  # held-out checks per epoch (minibatch)
     compiled_reverse: bool = True  # minibatch: reverse pass as an onnxruntime graph
     patience: int = 2  # checks without a held-out gain before the minibatch schedule stops
     jacobi_steps: tuple[float, ...] = (1.0, 0.5)  # joint-update scales tried on held-out data
