@@ -121,7 +121,7 @@ class Preconditioner:
                                  = (B - X^T (S B)) / lam
     """
 
-    inverses: list[Array]  # per group: (C + lam I)^-1, or S (Woodbury)
+    factors: list[Array]  # per group: (C + lam I)^-1, or S (Woodbury)
     lam: float  # absolute
     rows: Array | None = None  # (G, m, d) float32 in the Woodbury form, else None
 
@@ -147,11 +147,11 @@ class Preconditioner:
         """``(C + lam I)^-1 B`` for each group block of ``cross`` (G, d, k)."""
         xp = xp_of(cross)
         out = xp.empty_like(cross)
-        for g, inverse in enumerate(self.inverses):
+        for g, factor in enumerate(self.factors):
             if self.rows is None:
-                out[g] = inverse @ cross[g]
+                out[g] = factor @ cross[g]
             else:
-                inner = inverse @ cross[g].astype(xp.float32)
+                inner = factor @ cross[g].astype(xp.float32)
                 out[g] = (cross[g] - (self.rows[g].T @ inner)) / self.lam
         return out
 
