@@ -87,6 +87,27 @@ def test_refine_on_gpu_matches_cpu() -> None:
 
 
 @needs_gpu
+def test_cupy_output_layer_path_matches_numpy() -> None:
+    """The output layer's logistic-regression path iterates on the GPU with CuPy
+    (features copied once) and yields the NumPy path's weights."""
+    from onnxfbp.refine import _logistic_path
+
+    cp = cupy_or_none()
+    assert cp is not None
+    rng = np.random.default_rng(2)
+    x = np.concatenate([rng.standard_normal((500, 20)), np.ones((500, 1))], 1).astype(np.float32)
+    y = rng.integers(0, 4, 500)
+    w0 = rng.standard_normal((21, 4)) * 0.1
+    grid = (1.0, 0.1, 0.01)
+    want = list(_logistic_path(x, y, w0, 0.0, grid, 100))
+    got = list(_logistic_path(x, y, w0, 0.0, grid, 100, cp))
+    assert [lam for lam, _ in got] == [lam for lam, _ in want] == [1.0, 0.1, 0.01]
+    for (_, w_gpu), (_, w_cpu) in zip(got, want, strict=True):
+        assert isinstance(w_gpu, np.ndarray)
+        np.testing.assert_allclose(w_gpu, w_cpu, rtol=1e-3, atol=1e-4)
+
+
+@needs_gpu
 def test_cupy_preconditioner_and_vjps_match_numpy() -> None:
     """The minibatch schedule's pieces on CuPy: both preconditioner forms, and the
     Conv / MaxPool / Relu linearized reverse steps."""
