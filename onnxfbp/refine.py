@@ -1064,7 +1064,9 @@ class Refiner:
                 accepted=improved,
                 reason=(
                     f"minibatch schedule, {step} steps of {size}: "
-                    + ("best held-out score kept" if improved else "no held-out gain; reverted")
+                    + (("best held-out score of the averaged steps kept" if beta else
+                         "best held-out score kept") if improved
+                       else "no held-out gain; reverted")
                 ),
                 lam=cfg.damping,
                 relative_change=change if improved else 0.0,

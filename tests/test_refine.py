@@ -126,6 +126,7 @@ def test_checks_score_the_running_average_of_the_steps(
         result = refine(model, out, x, y, config=config)
         assert result.layers[0].reason.startswith(f"minibatch schedule, {round(epochs * 2)} steps")
         assert result.layers[0].accepted  # the check kept the (averaged) steps
+        assert ("averaged" in result.layers[0].reason) == (average > 0)
         values = dict(zip(body, _initializers_named(out, body), strict=True))
         return values
 
