@@ -980,7 +980,7 @@ class Refiner:
         eta = cfg.learning_rate
         kept_values, kept_weights = dict(self.values), dict(weights)
         beta = cfg.average
-        averaged: dict[str, Array] = {}  # from the first step on
+        averaged: dict[str, Array] = {}  # from the first step on; updated in place
         best_loss = state.loss
         improved, stale, queue = False, 0, np.zeros(0, np.int64)
         adjoint: AdjointGraph | None = None
@@ -1018,8 +1018,12 @@ class Refiner:
                 cross *= positions / max(kept, 1) / len(y)
                 w = weights[layer.name] + eta * precond[layer.name].apply(cross)
                 weights[layer.name] = w
-                prev = averaged.get(layer.name)
-                averaged[layer.name] = w if prev is None else beta * prev + (1 - beta) * w
+                if layer.name in averaged:
+                    mean = averaged[layer.name]
+                    mean *= beta
+                    mean += (1 - beta) * w
+                else:
+                    averaged[layer.name] = w.copy()
                 self._set_weights(layer, blocks[layer.name], to_numpy(w))
             self._solve_time += time.perf_counter() - st
             if step % check_every and step != total:
@@ -1037,7 +1041,8 @@ class Refiner:
                 stale += 1
             else:
                 if state.better(loss, correct):
-                    kept_values, kept_weights = dict(self.values), dict(scored)
+                    kept_values = dict(self.values)
+                    kept_weights = {name: w.copy() for name, w in scored.items()}
                     best_loss, improved, stale = min(best_loss, loss), True, 0
                 else:  # still learning while the held-out loss falls, even if accuracy stalls
                     stale = 0 if loss < 0.995 * best_loss else stale + 1
