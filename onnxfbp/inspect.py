@@ -6,7 +6,8 @@ its weights, and which layers a refine run would change.
 - ``model``, ``producer``, ``opset``, ``input`` {name, shape}, ``output`` {name,
   kind, logits, classes}, ``batch`` (``dynamic`` or ``fixed N``);
 - ``reverse_pass``: with ``--schedule minibatch``, how residuals would be carried
-  back: ``onnxruntime`` (compiled) or ``numpy (the op or form that prevents it)``,
+  back: ``onnxruntime`` (compiled; on a GPU also whether CuPy arrays stay on the
+  device) or ``numpy (the op or form that prevents it)``,
   found by compiling the reverse pass on a random batch; null otherwise;
 - ``refined_layers``: the node names a refine run with the same ``--schedule``
   and ``--deep`` would change, in the order it visits them (from the output back);

@@ -137,7 +137,7 @@ class LayerBlock:
         the padding zeroed after it (no padded copy of the whole input). Fancy
         indexing of a strided window view of the padded input made the rows of
         the shared CNN's conv2 (100 samples, 16 positions, 32 x 3 x 3) take 5.0 ms;
-        this, 1.1 ms."""
+        with this they take 1.4 ms."""
         xp = xp_of(x)
         n, c, h, w = x.shape
         (kh, kw), (sh, sw), (dh, dw) = g.kernel, g.strides, g.dilations

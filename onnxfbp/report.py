@@ -149,8 +149,10 @@ SCHEMA: dict[str, Any] = {
                               "description": "onnxruntime execution providers, in order"},
                 "batch_mode": {"type": "string"},
                 "reverse_pass": {"type": ["string", "null"],
-                                 "description": "minibatch: onnxruntime (compiled), "
-                                 "'numpy (reason)' or 'cupy (reason)'; null otherwise"},
+                                 "description": "minibatch: 'onnxruntime' (compiled; on a "
+                                 "GPU 'onnxruntime (CUDA, CuPy in and out)' or "
+                                 "'onnxruntime (host copies)'), 'numpy (reason)' or "
+                                 "'cupy (reason)'; null otherwise"},
             },
         },
         "plan": {
