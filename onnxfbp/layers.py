@@ -21,7 +21,39 @@ from .graph import Layer
 from .rules import Array, NodeView, xp_of
 from .rules.linear import ConvGeometry, ConvRule, dense_weight, im2col
 
-__all__ = ["LayerBlock"]
+__all__ = ["LayerBlock", "kept_positions", "patch_offsets"]
+
+
+def patch_offsets(
+    chw: tuple[int, int, int], g: ConvGeometry, keep: np.ndarray, out_hw: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Where the im2col rows of the output positions ``keep`` (flat indices into the
+    ``out_hw`` grid) read an input of shape (C, H, W): flat offsets (P, C, kh, kw)
+    and whether each tap is inside the input, not in the padding (P, kh, kw);
+    a tap in the padding reads a clipped offset, to be zeroed."""
+    c, h, w = chw
+    (kh, kw), (sh, sw), (dh, dw) = g.kernel, g.strides, g.dilations
+    pt, pl = g.pads[:2]
+    rows = ((keep // out_hw[1]) * sh - pt)[:, None] + dh * np.arange(kh)  # P, kh
+    cols = ((keep % out_hw[1]) * sw - pl)[:, None] + dw * np.arange(kw)  # P, kw
+    inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+    offsets = (
+        np.arange(c)[None, :, None, None] * (h * w)
+        + np.clip(rows, 0, h - 1)[:, None, :, None] * w
+        + np.clip(cols, 0, w - 1)[:, None, None, :]
+    )
+    return offsets, inside
+
+
+def kept_positions(
+    rng: np.random.Generator | None, positions: int, max_positions: int
+) -> np.ndarray | None:
+    """``max_positions`` of a convolution's ``positions`` output positions, drawn
+    without replacement and sorted (the same for every sample of a batch); None
+    (all of them) without ``rng`` or when there are not more than that."""
+    if rng is None or positions <= max_positions:
+        return None
+    return np.sort(rng.choice(positions, size=max_positions, replace=False))
 
 
 @dataclass
@@ -100,23 +132,36 @@ class LayerBlock:
             d_in = x.shape[-1]
             xr = x.reshape(-1, d_in)[None]
             tr = t.reshape(-1, t.shape[-1])[None]
-        else:
-            rule = ConvRule()
-            geometry = rule.geometry(self.view, x.shape)
-            g = geometry.group
-            n_out = t.shape[1]
-            positions = t.shape[2] * t.shape[3]
-            tr = t.reshape(t.shape[0], n_out, positions)
-            if rng is not None and positions > max_positions:
-                # The same random output positions for every sample in the batch
-                # (picked before any copy of the full maps).
-                keep = np.sort(rng.choice(positions, size=max_positions, replace=False))
-                xr = self._patch_subset(x, geometry, keep, t.shape[2:])
-                tr = tr[:, :, xp.asarray(keep)]
-            else:
-                xr = im2col(x, geometry)
-            tr = tr.reshape(t.shape[0], g, n_out // g, -1).transpose(1, 0, 3, 2)
-            tr = tr.reshape(g, -1, n_out // g)
+            return self._finish(xr, tr, residual)
+        out_hw = (t.shape[2], t.shape[3])
+        tr = t.reshape(t.shape[0], t.shape[1], -1)
+        keep = kept_positions(rng, out_hw[0] * out_hw[1], max_positions)
+        if keep is None:
+            xr = im2col(x, ConvRule().geometry(self.view, x.shape))
+            return self._finish(xr, self._conv_targets(tr), residual)
+        # (the positions are picked before any copy of the full maps)
+        return self.rows_at(x, tr[:, :, xp.asarray(keep)], keep, out_hw, residual)
+
+    def rows_at(
+        self, x: Array, t: Array, keep: np.ndarray, out_hw: tuple[int, int],
+        residual: bool = False,
+    ) -> tuple[Array, Array]:
+        """A convolution's rows at the output positions ``keep`` (flat indices into
+        the ``out_hw`` grid, the same for every sample) with targets ``t`` at them,
+        (N, C_out, len(keep)); the result as :meth:`rows`."""
+        xr = self._patch_subset(x, ConvRule().geometry(self.view, x.shape), keep, out_hw)
+        return self._finish(xr, self._conv_targets(t), residual)
+
+    def _conv_targets(self, t: Array) -> Array:
+        """(N, C_out, P) targets to the solver's (G, N * P, C_out / G)."""
+        g, (n, n_out) = self.groups, t.shape[:2]
+        t = t.reshape(n, g, n_out // g, -1).transpose(1, 0, 3, 2)
+        return t.reshape(g, -1, n_out // g)
+
+    def _finish(self, xr: Array, tr: Array, residual: bool) -> tuple[Array, Array]:
+        """Targets in float32 less the fixed bias (unless ``residual``), and the
+        rows' bias column."""
+        xp = xp_of(xr)
         tr = xp.asarray(tr, dtype=xp.float32)
         if self.fixed_bias is not None and not residual:
             fb = xp.asarray(self.fixed_bias, dtype=xp.float32).reshape(tr.shape[0], 1, -1)
@@ -140,20 +185,12 @@ class LayerBlock:
         with this they take 1.4 ms."""
         xp = xp_of(x)
         n, c, h, w = x.shape
-        (kh, kw), (sh, sw), (dh, dw) = g.kernel, g.strides, g.dilations
-        pt, pl = g.pads[:2]
-        rows = ((keep // out_hw[1]) * sh - pt)[:, None] + dh * np.arange(kh)  # P, kh
-        cols = ((keep % out_hw[1]) * sw - pl)[:, None] + dw * np.arange(kw)  # P, kw
-        inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
-        offsets = (
-            np.arange(c)[None, :, None, None] * (h * w)
-            + np.clip(rows, 0, h - 1)[:, None, :, None] * w
-            + np.clip(cols, 0, w - 1)[:, None, None, :]
-        )  # P, C, kh, kw
+        (kh, kw) = g.kernel
+        offsets, inside = patch_offsets((c, h, w), g, keep, out_hw)
         picked = xp.take(x.reshape(n, -1), xp.asarray(offsets.reshape(-1)), axis=1)
         picked = picked.reshape(n, len(keep), c, kh * kw)
-        if not inside.all():
-            picked = picked * xp.asarray(inside.reshape(len(keep), 1, kh * kw), dtype=x.dtype)
+        if not inside.all():  # a fresh array: zero the padding taps in place
+            picked *= xp.asarray(inside.reshape(len(keep), 1, kh * kw), dtype=x.dtype)
         groups = g.group
         picked = picked.reshape(n, len(keep), groups, c // groups, kh * kw)
         return picked.transpose(2, 0, 1, 3, 4).reshape(groups, n * len(keep), -1)
