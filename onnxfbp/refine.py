@@ -43,7 +43,8 @@ from .device import run_to_device
 from .errors import ConfigError, GateError, UnsupportedModelError
 from .forward import ForwardRunner, choose_providers
 from .graph import Layer, Plan, load_model, plan_model
-from .layers import LayerBlock
+from .kept_branch import KeptBranch
+from .layers import LayerBlock, kept_positions
 from .patch import check_output_path, write_refined
 from .rules import RULES, Array
 from .solve import (
@@ -343,6 +344,8 @@ class Refiner:
         self.skipped: dict[str, str] = {}
         # minibatch: how the residuals were carried back (onnxruntime graph, or NumPy/CuPy)
         self.reverse_pass: str | None = None
+        # minibatch: the deepest layer whose residual was computed at its kept positions only
+        self.kept_branch: str | None = None
         self.layers: list[Layer] = []
         for layer in reversed(self.plan.refinable):
             if self._nodes_after(layer.output) is None:
@@ -938,6 +941,10 @@ class Refiner:
         1.5x the best, or not finite) goes back to the kept weights with half the
         step, and ``patience`` checks with neither a better score nor a lower
         held-out loss end the schedule.
+
+        Where the deepest layer is a convolution whose branch to the next one
+        allows it, its residual is computed at its kept positions only
+        (:mod:`onnxfbp.kept_branch`), from the next convolution's residual.
         """
         cfg = self.config
         xp = self.xp
@@ -984,6 +991,8 @@ class Refiner:
         best_loss = state.loss
         improved, stale, queue = False, 0, np.zeros(0, np.int64)
         adjoint: AdjointGraph | None = None
+        branch: KeptBranch | None = None  # the deepest conv's residual at its kept positions
+        deepest = layers[-1]
         for step in range(1, total + 1):
             if not len(queue):
                 queue = rng.permutation(train_idx)
@@ -996,10 +1005,12 @@ class Refiner:
             z = acts[self.plan.logits].reshape(len(y), -1)
             t_logits = label_target(z, xp.asarray(y), 1.0).reshape(shape)
             if step == 1:
-                adjoint = self._adjoint_graph(acts, path)
+                branch, path, outputs = self._kept_branch(acts, path)
+                adjoint = self._adjoint_graph(acts, path, outputs)
                 if adjoint is not None:
                     needed = sorted({self.plan.logits, *adjoint.activations,
-                                     *(layer.input for layer in layers)})
+                                     *(layer.input for layer in layers),
+                                     *(branch.activations if branch is not None else ())})
             if adjoint is not None:
                 r_logits = (t_logits - acts[self.plan.logits]).astype(acts[self.plan.logits].dtype)
                 residuals = adjoint.run(acts, r_logits, self._views)
@@ -1008,11 +1019,20 @@ class Refiner:
             self._forward_time += time.perf_counter() - ft
             st = time.perf_counter()
             for layer in layers:
-                out = residuals[layer.output]  # shaped like the layer's output
-                xr, rr = blocks[layer.name].rows(
-                    acts[layer.input], out, rng, cfg.max_positions, True
-                )
-                positions = int(np.prod(out.shape[2:])) if layer.kind == "conv" else 1
+                if branch is not None and layer is deepest:
+                    positions = branch.grid[0] * branch.grid[1]
+                    keep = kept_positions(rng, positions, cfg.max_positions)
+                    keep = np.arange(positions) if keep is None else keep
+                    out = branch.residual(acts, residuals[branch.source], self._views, keep)
+                    xr, rr = blocks[layer.name].rows_at(
+                        acts[layer.input], out, keep, branch.grid, True
+                    )
+                else:
+                    out = residuals[layer.output]  # shaped like the layer's output
+                    xr, rr = blocks[layer.name].rows(
+                        acts[layer.input], out, rng, cfg.max_positions, True
+                    )
+                    positions = int(np.prod(out.shape[2:])) if layer.kind == "conv" else 1
                 kept = xr.shape[1] // len(y) if layer.kind == "conv" else 1
                 cross = xp.matmul(xr.transpose(0, 2, 1), rr).astype(xp.float64)
                 cross *= positions / max(kept, 1) / len(y)
@@ -1089,11 +1109,35 @@ class Refiner:
         needed = sorted({n for layer in layers for n in self._needed(layer)})
         return path, needed
 
-    def _build_adjoint(self, acts: dict[str, Array], path: list[int]) -> AdjointGraph | str:
+    def _build_adjoint(
+        self, acts: dict[str, Array], path: list[int], outputs: list[str] | None = None
+    ) -> AdjointGraph | str:
         return AdjointGraph.build(
-            self.plan, path, [layer.output for layer in self.layers], acts, self._views,
-            self.providers, self.config.threads, self.xp,
+            self.plan, path, outputs or [layer.output for layer in self.layers], acts,
+            self._views, self.providers, self.config.threads, self.xp,
         )
+
+    def _kept_branch(
+        self, acts: dict[str, Array], path: list[int]
+    ) -> tuple[KeptBranch | None, list[int], list[str]]:
+        """The deepest refined layer's branch computed at its kept positions only
+        (:mod:`onnxfbp.kept_branch`), if it is a convolution with such a branch:
+        the branch, the reverse path without it, and the tensors whose residuals
+        that path must give. Without a branch: None, ``path`` and the layers'
+        outputs."""
+        outputs = [layer.output for layer in self.layers]
+        deepest = self.layers[-1]
+        if deepest.kind != "conv" or len(self.layers) < 2:
+            return None, path, outputs
+        shapes = {name: tuple(value.shape) for name, value in acts.items()}
+        branch = KeptBranch.find(self.plan, deepest.output, shapes)
+        if branch is None:
+            return None, path, outputs
+        self.kept_branch = deepest.name
+        inside = {step.node for step in branch.steps} | {branch.conv}
+        path = [i for i in path if self.plan.nodes[i].name not in inside]
+        outputs = [name for name in outputs if name != deepest.output]
+        return branch, path, sorted({*outputs, branch.source})
 
     def compile_reverse(
         self, x: np.ndarray
@@ -1119,14 +1163,16 @@ class Refiner:
             return "onnxruntime"
         return "onnxruntime " + ("(CUDA, CuPy in and out)" if graph.on_device else "(host copies)")
 
-    def _adjoint_graph(self, acts: dict[str, Array], path: list[int]) -> AdjointGraph | None:
+    def _adjoint_graph(
+        self, acts: dict[str, Array], path: list[int], outputs: list[str] | None = None
+    ) -> AdjointGraph | None:
         """The reverse pass compiled for onnxruntime (see :mod:`onnxfbp.adjoint`), or
         ``None`` (the array reverse pass: NumPy, or CuPy on a GPU) where a node has no
         ONNX adjoint or ``config.compiled_reverse`` is off."""
         if not self.config.compiled_reverse:
             self.reverse_pass = f"{self.xp.__name__} (compiled_reverse off)"
             return None
-        built = self._build_adjoint(acts, path)
+        built = self._build_adjoint(acts, path, outputs)
         if isinstance(built, str):
             self.reverse_pass = f"{self.xp.__name__} ({built})"
             self.progress(f"reverse pass in {self.xp.__name__}: {built}")
@@ -1372,6 +1418,7 @@ class Refiner:
             if self.runner.chunk is None
             else f"fixed chunks of {self.runner.chunk}",
             "reverse_pass": self.reverse_pass,
+            "kept_branch": self.kept_branch,
         }
 
     def plan_summary(self) -> dict[str, Any]:

@@ -153,6 +153,10 @@ SCHEMA: dict[str, Any] = {
                                  "GPU 'onnxruntime (CUDA, CuPy in and out)' or "
                                  "'onnxruntime (host copies)'), 'numpy (reason)' or "
                                  "'cupy (reason)'; null otherwise"},
+                "kept_branch": {"type": ["string", "null"],
+                                "description": "minibatch: the deepest layer whose residual "
+                                "was computed at its kept output positions only "
+                                "(onnxfbp.kept_branch); null if none"},
             },
         },
         "plan": {

@@ -83,6 +83,7 @@ def test_noise_is_recovered_through_the_convolutions(
     assert {"/conv1/Conv", "/conv2/Conv", "/fc1/Gemm", "/fc2/Gemm"} <= visits
     assert head.heldout_after.accuracy < result.heldout_after.accuracy
     assert result.environment["reverse_pass"] == "onnxruntime"
+    assert result.environment["kept_branch"] == "/conv1/Conv"  # its Relu, MaxPool, conv2
 
 
 def test_minibatch_step_that_blows_up_is_halved_and_never_written_worse(
