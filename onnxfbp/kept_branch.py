@@ -1,11 +1,11 @@
 """The deepest convolution's residual at its kept output positions only.
 
-A convolution's step reads its residual ``R`` at ``max_positions`` output
+A convolution's step reads its residual ``R`` at ``step_positions`` output
 positions per batch (:meth:`LayerBlock.rows`), but a dense reverse pass
 computes ``R`` at every position first. For the deepest convolution ``L`` of
 a plain CNN that is most of the pass: on the shared MNIST CNN conv1's branch
 (conv2's adjoint and a MaxPool's index/unpool pair) takes 11 of the compiled
-pass's 13.5 ms per 100 samples, to give 16 of conv1's 784 positions.
+pass's 13.5 ms per 100 samples, to give 16 (now 48) of conv1's 784 positions.
 
 :class:`KeptBranch` covers a chain from ``L``'s output to the next
 convolution ``M`` in which every tensor has one reader and is not a graph

@@ -92,7 +92,7 @@ class RefineConfig:
     # jacobi: all layers from one full pass per sweep; sequential: one layer per pass.
     schedule: str = "minibatch"
     minibatch_size: int = 100  # samples per step of the minibatch schedule
-    epochs: float = 1.5  # passes over the training split at most (minibatch)
+    epochs: float = 1.25  # passes over the training split at most (minibatch)
     average: float = 0.9  # minibatch: checks score the running average of the steps (0: off)
     learning_rate: float = 0.3  # scale of each preconditioned step (minibatch)
     damping: float = 1.0  # lam / mean diag of the per-row Gram of each layer (minibatch)
@@ -109,7 +109,8 @@ class RefineConfig:
     min_heldout_for_depth: int = 200  # fewer held-out samples: the output layer only, by CV
     folds: int = 5  # cross-validation folds for that case
     batch_size: int = 500
-    max_positions: int = 16  # conv output positions per sample in the normal equations
+    max_positions: int = 16  # conv output positions per sample: normal equations, Grams
+    step_positions: int = 48  # minibatch: conv output positions of each step's rows
     seed: int = 0
     threads: int | None = None  # onnxruntime intra-op threads (None: all cores)
     min_gain: float | None = None  # required held-out accuracy gain, else GateError
@@ -131,7 +132,7 @@ class RefineConfig:
             if not (np.isfinite(value) and value > 0):
                 bad.append(f"{key} {value} (a positive number)")
         for key in ("sweeps", "batch_size", "minibatch_size", "precond_samples",
-                    "checks_per_epoch", "patience", "max_positions"):
+                    "checks_per_epoch", "patience", "max_positions", "step_positions"):
             if getattr(self, key) < 1:
                 bad.append(f"{key} {getattr(self, key)} (at least 1)")
         if self.max_layers is not None and self.max_layers < 1:
@@ -925,9 +926,13 @@ class Refiner:
             W <- W + eta (C + lam I)^-1 X^T R / n,
 
         the minimizer of ``||X dW - eta R||^2 / n + lam ||dW||^2`` with the Gram
-        from the larger sample (for a convolution ``X`` are im2col rows at up to
-        ``max_positions`` output positions per sample, ``X^T R`` scaled back to all
-        positions). The steps are averaged (Polyak averaging, exponential with
+        from the larger sample (for a convolution ``X`` are im2col rows at
+        ``step_positions`` output positions, the same for every sample of the
+        batch, ``X^T R`` scaled back to all positions; the Gram's rows take
+        ``max_positions`` per sample). 48 positions rather than 16 cut the
+        convolutions' step noise: over seeds 0-7, 1.25 epochs with 48 beat 1.5
+        epochs with 16 on rot and noise MNIST and on the CIFAR-10 shift, in about
+        the same time. The steps are averaged (Polyak averaging, exponential with
         ``beta = average``),
 
             W_avg <- beta W_avg + (1 - beta) W,
@@ -1021,7 +1026,7 @@ class Refiner:
             for layer in layers:
                 if branch is not None and layer is deepest:
                     positions = branch.grid[0] * branch.grid[1]
-                    keep = kept_positions(rng, positions, cfg.max_positions)
+                    keep = kept_positions(rng, positions, cfg.step_positions)
                     keep = np.arange(positions) if keep is None else keep
                     out = branch.residual(acts, residuals[branch.source], self._views, keep)
                     xr, rr = blocks[layer.name].rows_at(
@@ -1030,7 +1035,7 @@ class Refiner:
                 else:
                     out = residuals[layer.output]  # shaped like the layer's output
                     xr, rr = blocks[layer.name].rows(
-                        acts[layer.input], out, rng, cfg.max_positions, True
+                        acts[layer.input], out, rng, cfg.step_positions, True
                     )
                     positions = int(np.prod(out.shape[2:])) if layer.kind == "conv" else 1
                 kept = xr.shape[1] // len(y) if layer.kind == "conv" else 1
