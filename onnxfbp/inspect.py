@@ -9,6 +9,9 @@ its weights, and which layers a refine run would change.
   back: ``onnxruntime`` (compiled; on a GPU also whether CuPy arrays stay on the
   device) or ``numpy (the op or form that prevents it)``,
   found by compiling the reverse pass on a random batch; null otherwise;
+- ``kept_branch``: with ``--schedule minibatch``, the deepest layer whose
+  residual would be computed at its kept positions only
+  (:mod:`onnxfbp.kept_branch`), or null;
 - ``refined_layers``: the node names a refine run with the same ``--schedule``
   and ``--deep`` would change, in the order it visits them (from the output back);
 - ``layers``: every Conv/Gemm/MatMul on the reverse path, with ``kind``,
@@ -120,13 +123,14 @@ def inspect_model(
             "weight_of": weight_of.get(node.name),
             "note": note,
         })
-    reverse_pass = None
+    reverse_pass = kept_branch = None
     if schedule == "minibatch" and refiner.layers:
         probe = refiner.runner.probe(2)
         reverse_pass = "decided at run time (the sample shape is symbolic)"
         if probe is not None:
             try:
                 reverse_pass = refiner.reverse_pass_for(probe)
+                kept_branch = refiner.kept_branch
             except Exception as exc:  # a random batch the model rejects: say so, go on
                 reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
                 reverse_pass = f"decided at run time (a random batch failed: {reason})"
@@ -141,6 +145,7 @@ def inspect_model(
         "deep": deep,
         "schedule": schedule,
         "reverse_pass": reverse_pass,
+        "kept_branch": kept_branch,
         "boundaries": plan.boundaries,
         "refined_layers": refined,
         "layers": layers,
@@ -235,6 +240,8 @@ def render_table(info: dict[str, Any], console: Any = None) -> None:
     console.print(Text.assemble("would refine: ", (", ".join(refined) or "nothing", "bold")))
     if info.get("reverse_pass"):
         console.print(f"reverse pass: {info['reverse_pass']}", markup=False)
+    if info.get("kept_branch"):
+        console.print(f"at its kept positions only: {info['kept_branch']}", markup=False)
     if not info.get("deep") and any(
             (entry["why_not"] or "").endswith("(enable: --deep)") for entry in layers.values()):
         console.print("(more with --deep: layers whose targets pass a Conv inverse)", style="dim")

@@ -1157,8 +1157,9 @@ class Refiner:
     def reverse_pass_for(self, x: np.ndarray) -> str:
         """How the minibatch schedule would carry residuals back on batches like ``x``:
         ``onnxruntime`` (compiled, :mod:`onnxfbp.adjoint`) or ``numpy (reason)``
-        (``cupy (reason)`` on a GPU)."""
-        built = self.compile_reverse(x)[2]
+        (``cupy (reason)`` on a GPU). Sets :attr:`kept_branch` as a run would."""
+        acts, path, built = self.compile_reverse(x)
+        self._kept_branch(acts, path)
         return f"{self.xp.__name__} ({built})" if isinstance(built, str) else self._route(built)
 
     def _route(self, graph: AdjointGraph) -> str:

@@ -430,8 +430,10 @@ def test_inspect_json_demo_model() -> None:
     assert default["refined_layers"] == [
         GEMM3, GEMM1, CONV, "/features/features.0/Conv"]  # minibatch: through conv adjoints
     assert default["reverse_pass"] == "onnxruntime"  # compiled on a random batch
+    assert default["kept_branch"] == "/features/features.0/Conv"  # Relu, MaxPool, Conv
     info = inspect_json(DEMO_MODEL, "--schedule", "jacobi")
     assert info["schedule"] == "jacobi" and info["reverse_pass"] is None
+    assert info["kept_branch"] is None
     assert info["refined_layers"] == [GEMM3, GEMM1, CONV]
     assert info["input"] == {"name": "input", "shape": ["batch", 1, 28, 28]}
     assert info["output"]["kind"] == "logits" and info["output"]["classes"] == 10
