@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .graph import Plan, PlanNode
-from .layers import patch_offsets
+from .layers import gather_patches
 from .rules import Array, NodeView, xp_of
 from .rules.linear import ConvGeometry, ConvRule
 from .rules.pool import pool_geometry
@@ -178,15 +178,9 @@ class KeptBranch:
             (dh * (kh - 1) - pt, dw * (kw - 1) - pl, dh * (kh - 1) - pb, dw * (kw - 1) - pr),
         )
         o, c = w.shape[:2]
-        offsets, inside = patch_offsets(r_source.shape[1:], transposed, pos, self.conv_grid)
-        # ordered (position, tap, channel): the padding mask then scales runs of O
-        offsets = offsets.reshape(len(pos), o, kh * kw).transpose(0, 2, 1)
         n = r_source.shape[0]
-        patches = xp.take(r_source.reshape(n, -1), xp.asarray(offsets.reshape(-1)), axis=1)
-        patches = patches.reshape(n, len(pos), kh * kw, o)
-        if not inside.all():  # taps outside r_M read a clipped offset: zero them
-            patches *= xp.asarray(inside.reshape(len(pos), kh * kw, 1), dtype=patches.dtype)
-        flipped = w[:, :, ::-1, ::-1].transpose(1, 2, 3, 0).reshape(c, -1)  # C, (k k O)
+        patches = gather_patches(r_source, transposed, pos, self.conv_grid)  # N, P, O, k k
+        flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(c, -1)  # C, (O k k)
         r = (patches.reshape(n * len(pos), -1) @ flipped.T).reshape(n, len(pos), c)
         r = r.transpose(0, 2, 1)  # N, C, P
         for step, at, inside in reversed(trail):
