@@ -942,9 +942,10 @@ class Refiner:
         the average is past the mini-batches' noise, so it is better than the
         last step and fewer epochs reach the same accuracy (measured, rot and
         noise MNIST: 1.5 epochs of 100 with it match or beat 3 epochs of 250
-        without it). A better score is kept as the result, a blow-up (loss above
-        1.5x the best, or not finite) goes back to the kept weights with half the
-        step, and ``patience`` checks with neither a better score nor a lower
+        without it). A better score is kept as the result, a blow-up (held-out
+        loss above 1.5x the best or not finite, or a step's logits not finite:
+        then at once) goes back to the kept weights with half the step, and
+        ``patience`` checks or blow-ups with neither a better score nor a lower
         held-out loss end the schedule.
 
         Where the deepest layer is a convolution whose branch to the next one
@@ -1008,6 +1009,18 @@ class Refiner:
             acts = self.forward(x, needed, on_device=True)
             shape = acts[self.plan.logits].shape
             z = acts[self.plan.logits].reshape(len(y), -1)
+            if step > 1 and not bool(xp.isfinite(z).all()):
+                # the last step blew the weights up: back to the kept state now (each
+                # step until the next check would be NaN), with half the step
+                self.values, weights = dict(kept_values), dict(kept_weights)
+                averaged = {}
+                eta /= 2
+                stale += 1
+                self.progress(f"minibatch step {step}: logits not finite; back to the kept "
+                              f"weights, step halved to {eta:g}")
+                if stale >= cfg.patience:
+                    break
+                continue
             t_logits = label_target(z, xp.asarray(y), 1.0).reshape(shape)
             if step == 1:
                 branch, path, outputs = self._kept_branch(acts, path)

@@ -3,6 +3,7 @@ pipeline (solver normal equations, patching) on real models."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,30 @@ def test_minibatch_step_that_blows_up_is_halved_and_never_written_worse(
         assert all(np.isfinite(v).all() for v in _initializers(tmp_path / "r.onnx"))
         assert result.environment["reverse_pass"] == "numpy (compiled_reverse off)"
     assert any("step halved" in m for m in messages)
+
+
+def test_non_finite_logits_send_the_steps_back_at_once(
+    shared_models: Path, mnist_rot: dict[str, np.ndarray]
+) -> None:
+    """A step so large that the next forward pass overflows: the schedule goes back
+    to the kept weights on that step, not at the next held-out check after steps
+    on NaN weights, and nothing warns about NaN arithmetic. Two such blow-ups
+    exhaust ``patience``: the schedule ends before its first check."""
+    model = shared_models / "mnist_pytorch25_legacy_cnn.onnx"
+    d = mnist_rot
+    messages: list[str] = []
+    config = RefineConfig(learning_rate=1e12, epochs=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        result = refine(model, None, _legacy_prep(d["x_adapt"][:2000]), d["y_adapt"][:2000],
+                        config=config, progress=messages.append)
+    steps = [m for m in messages if m.startswith("minibatch step")]
+    assert steps == [
+        "minibatch step 2: logits not finite; back to the kept weights, step halved to 5e+11",
+        "minibatch step 4: logits not finite; back to the kept weights, step halved to 2.5e+11",
+    ]
+    body = [v for v in result.layers if v.name != "/fc2/Gemm"]
+    assert body and not any(v.accepted for v in body)  # the input body weights kept
 
 
 def test_checks_score_the_running_average_of_the_steps(
