@@ -272,31 +272,38 @@ def _logistic_path(
     (Bohning: the softmax Hessian is at most I/2), one inverse per ``lam``:
 
         W <- argmin ||x W - (x W + 2 (Y - softmax(x W)))||^2 + lam ||W - W0||^2
+           = (G + lam I)^-1 (G W + 2 x^T (Y - softmax(x W + fixed)) + lam W0)
+
+    with ``G = x^T x``. The scores are kept transposed, classes by samples,
+    so that the softmax's max and sum run across rows of samples rather than
+    along rows of 10 (0.85 -> 0.55 ms an iteration on 4,000 x 129 features).
 
     Each ``lam`` starts from the previous optimum and stops once the weights
     settle; a ``lam`` whose iteration is not finite is skipped. The Gram, its
     inverse and the weights are float64; the scores and probabilities of each
-    iteration float32 (1.7 -> 1.1 ms an iteration on 4,000 x 129 features).
-    The iteration runs in ``xp`` (CuPy on a GPU: the features go to the device
-    once); ``W`` is yielded as a NumPy array."""
+    iteration float32. The iteration runs in ``xp`` (CuPy on a GPU: the
+    features go to the device once); ``W`` is yielded as a NumPy array."""
     x = xp.asarray(x, dtype=xp.float32)  # once (one copy to a GPU): each product reads it
-    x64 = x.astype(xp.float64)
-    gram = x64.T @ x64
-    del x64
+    x_t = xp.ascontiguousarray(x.T)
+    gram = (x_t @ x).astype(xp.float64)
     fixed32 = xp.asarray(fixed, dtype=xp.float32)
+    fixed32 = fixed32.reshape(-1, 1) if fixed32.ndim else fixed32  # per class: a column
     scale = float(xp.mean(xp.diag(gram))) or 1.0
-    onehot = xp.eye(w0.shape[1], dtype=xp.float32)[xp.asarray(y)]
+    onehot_t = xp.ascontiguousarray(xp.eye(w0.shape[1], dtype=xp.float32)[xp.asarray(y)].T)
     w_start = xp.asarray(w0, dtype=xp.float64)
     w = w_start.copy()
     for lam_rel in sorted(grid, reverse=True):
         lam = lam_rel * scale
         inverse = spd_inverse(gram + lam * xp.eye(len(gram)))
         for _ in range(iterations):
-            z = x @ w.astype(xp.float32) + fixed32
-            p = xp.exp(z - z.max(axis=1, keepdims=True))
-            p /= p.sum(axis=1, keepdims=True)
-            step = z + 2.0 * (onehot - p)
-            w_next = inverse @ ((x.T @ step).astype(xp.float64) + lam * w_start)
+            p = w.T.astype(xp.float32) @ x_t  # scores, classes x samples
+            p += fixed32
+            p -= p.max(axis=0)
+            xp.exp(p, out=p)
+            p /= p.sum(axis=0)
+            xp.subtract(onehot_t, p, out=p)  # (Y - softmax)^T
+            pull = (p @ x).T.astype(xp.float64)
+            w_next = inverse @ (gram @ w + 2.0 * pull + lam * w_start)
             settled = float(xp.abs(w_next - w).max()) <= 1e-4 * (1.0 + float(xp.abs(w).max()))
             w = w_next
             if settled or not bool(xp.isfinite(w).all()):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -198,6 +199,31 @@ def _initializers(path: Path) -> list[np.ndarray]:
     from onnx import numpy_helper
 
     return [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer]
+
+
+@pytest.mark.parametrize("fixed", [0.0, np.array([0.5, -1.0, 2.0])], ids=["no-bias", "fixed-bias"])
+def test_logistic_path_reaches_the_regularized_optimum(fixed: Any) -> None:
+    """Each lam's weights satisfy the optimality condition of
+    ``sum CE(softmax(x W + fixed), y) + lam / 4 ||W - W0||^2``, i.e.
+    ``lam (W - W0) = 2 x^T (Y - softmax(x W + fixed))``, also with a bias that is
+    not refined (``fixed``) added to the scores."""
+    from onnxfbp.refine import _logistic_path  # noqa: PLC0415
+
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.standard_normal((300, 5)), np.ones((300, 1))], 1).astype(np.float32)
+    y = (x[:, :5] @ rng.standard_normal((5, 3))).argmax(1)
+    w0 = rng.standard_normal((6, 3)) * 0.3
+    x64 = x.astype(np.float64)
+    scale = float(np.mean(np.diag(x64.T @ x64)))
+    got = list(_logistic_path(x, y, w0, fixed, (1.0, 0.1), 5000))
+    assert [lam for lam, _ in got] == [1.0, 0.1]
+    for lam_rel, w in got:
+        z = x64 @ w + fixed
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        pull = 2 * x64.T @ (np.eye(3)[y] - p)
+        gap = lam_rel * scale * (w - w0) - pull
+        assert np.abs(gap).max() <= 1e-2 * np.abs(pull).max() + 1e-3, (lam_rel, np.abs(gap).max())
 
 
 def test_preconditioner_primal_and_woodbury_forms_agree() -> None:
