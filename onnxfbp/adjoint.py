@@ -209,8 +209,7 @@ def _conv(b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str) -> l
     x_shape = b.shape(xs[0])
     g = ConvRule().geometry(node, x_shape)
     (kh, kw), (dh, dw) = g.kernel, g.dilations
-    pads = [dh * (kh - 1) - g.pads[0], dw * (kw - 1) - g.pads[1],
-            dh * (kh - 1) - g.pads[2], dw * (kw - 1) - g.pads[3]]
+    pads = list(g.adjoint_pads())
     if (b.provider == "CPUExecutionProvider" and g.group == 1 and tuple(g.strides) == (1, 1)
             and x_shape[1] >= CONV_FORM_MIN_CHANNELS and min(pads) >= 0):
         # stride 1: J^T r is the correlation of r with the kernel flipped in space and

@@ -171,13 +171,8 @@ class KeptBranch:
         # backward: M's adjoint at the landed positions, then the chain in reverse
         w = xp.asarray(views[self.conv].const(1), dtype=r_source.dtype)  # (O, C, kh, kw)
         g = self.conv_geometry
-        (kh, kw), (dh, dw) = g.kernel, g.dilations
-        pt, pl, pb, pr = g.pads
-        transposed = ConvGeometry(
-            (kh, kw), (1, 1), (dh, dw),
-            (dh * (kh - 1) - pt, dw * (kw - 1) - pl, dh * (kh - 1) - pb, dw * (kw - 1) - pr),
-        )
-        o, c = w.shape[:2]
+        transposed = ConvGeometry(g.kernel, (1, 1), g.dilations, g.adjoint_pads())
+        c = w.shape[1]
         n = r_source.shape[0]
         patches = gather_patches(r_source, transposed, pos, self.conv_grid)  # N, P, O, k k
         flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(c, -1)  # C, (O k k)

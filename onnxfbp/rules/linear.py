@@ -118,6 +118,14 @@ class ConvGeometry:
         ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
         return oh, ow
 
+    def adjoint_pads(self) -> tuple[int, int, int, int]:
+        """Pads ``d (k - 1) - p`` (top, left, bottom, right) under which a stride-1
+        convolution's ``J^T r`` is the correlation of ``r`` with the kernel flipped
+        in space and its channel axes swapped."""
+        (kh, kw), (dh, dw) = self.kernel, self.dilations
+        pt, pl, pb, pr = self.pads
+        return (dh * (kh - 1) - pt, dw * (kw - 1) - pl, dh * (kh - 1) - pb, dw * (kw - 1) - pr)
+
 
 def conv_geometry(
     node: NodeView, in_hw: tuple[int, int], kernel: tuple[int, int], ceil_mode: bool = False
