@@ -21,10 +21,10 @@ from .graph import Layer
 from .rules import Array, NodeView, xp_of
 from .rules.linear import ConvGeometry, ConvRule, dense_weight, im2col
 
-__all__ = ["LayerBlock", "gather_patches", "kept_positions", "patch_offsets"]
+__all__ = ["LayerBlock", "gather_patches", "kept_positions"]
 
 
-def patch_offsets(
+def _patch_offsets(
     chw: tuple[int, int, int], g: ConvGeometry, keep: np.ndarray, out_hw: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Where the im2col rows of the output positions ``keep`` (flat indices into the
@@ -51,13 +51,13 @@ def gather_patches(
     """The im2col patches of ``x`` (N, C, H, W) at the output positions ``keep``
     (flat indices into the ``out_hw`` grid): (N, len(keep), C, kh * kw).
 
-    One ``take`` of flat offsets (:func:`patch_offsets`). Taps in the padding
+    One ``take`` of flat offsets (:func:`_patch_offsets`). Taps in the padding
     read a zero appended to each sample: one copy of ``x`` rather than a mask
     multiplied into the (larger) gathered patches (the shared CNN's conv2 rows
     at 48 positions, 100 samples: 5.4 -> 5.0 ms; conv1's kept branch 8.5 -> 7.6 ms)."""
     xp = xp_of(x)
     n, c, h, w = x.shape
-    offsets, inside = patch_offsets((c, h, w), g, keep, out_hw)
+    offsets, inside = _patch_offsets((c, h, w), g, keep, out_hw)
     flat = x.reshape(n, -1)
     if not inside.all():
         offsets = np.where(inside[:, None], offsets, c * h * w)

@@ -32,7 +32,6 @@ __all__ = [
     "conv_weight",
     "dense_weight",
     "im2col",
-    "pad_input",
 ]
 
 
@@ -167,7 +166,7 @@ def conv_geometry(
     )
 
 
-def pad_input(x: Array, g: ConvGeometry, value: float = 0.0) -> Array:
+def _pad(x: Array, g: ConvGeometry, value: float = 0.0) -> Array:
     """``x`` (N, C, H, W) padded by ``g.pads`` with ``value``, always a new array
     (a filled array and one slice copy: half the time of ``numpy.pad`` here)."""
     xp = xp_of(x)
@@ -181,7 +180,7 @@ def pad_input(x: Array, g: ConvGeometry, value: float = 0.0) -> Array:
 def windows(x: Array, g: ConvGeometry, pad_value: float = 0.0) -> Array:
     """View of shape (N, C, oh, ow, kh, kw): every window of the padded input."""
     xp = xp_of(x)
-    xpad = pad_input(x, g, pad_value)
+    xpad = _pad(x, g, pad_value)
     (kh, kw), (sh, sw), (dh, dw) = g.kernel, g.strides, g.dilations
     span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
     view = xp.lib.stride_tricks.sliding_window_view(xpad, (span_h, span_w), axis=(2, 3))
