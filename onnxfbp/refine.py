@@ -1006,6 +1006,16 @@ class Refiner:
         adjoint: AdjointGraph | None = None
         branch: KeptBranch | None = None  # the deepest conv's residual at its kept positions
         deepest = layers[-1]
+
+        def back_off(why: str) -> None:
+            """A blow-up: back to the kept weights, half the step, one stale count."""
+            nonlocal weights, averaged, eta, stale
+            self.values, weights = dict(kept_values), dict(kept_weights)
+            averaged = {}
+            eta /= 2
+            stale += 1
+            self.progress(f"minibatch step {step}: {why}, step halved to {eta:g}")
+
         for step in range(1, total + 1):
             if not len(queue):
                 queue = rng.permutation(train_idx)
@@ -1017,14 +1027,9 @@ class Refiner:
             shape = acts[self.plan.logits].shape
             z = acts[self.plan.logits].reshape(len(y), -1)
             if step > 1 and not bool(xp.isfinite(z).all()):
-                # the last step blew the weights up: back to the kept state now (each
-                # step until the next check would be NaN), with half the step
-                self.values, weights = dict(kept_values), dict(kept_weights)
-                averaged = {}
-                eta /= 2
-                stale += 1
-                self.progress(f"minibatch step {step}: logits not finite; back to the kept "
-                              f"weights, step halved to {eta:g}")
+                # the last step blew the weights up: back now, not at the next check
+                # (each step until then would be NaN)
+                back_off("logits not finite; back to the kept weights")
                 if stale >= cfg.patience:
                     break
                 continue
@@ -1079,11 +1084,7 @@ class Refiner:
                 self._set_weights(layer, blocks[layer.name], to_numpy(scored[layer.name]))
             loss, correct, _ = self.scores(data, val_idx)
             if not np.isfinite(loss) or loss > 1.5 * best_loss:
-                self.values, weights = dict(kept_values), dict(kept_weights)
-                averaged = {}
-                eta /= 2
-                self.progress(f"minibatch step {step}: held-out loss rose; step halved to {eta:g}")
-                stale += 1
+                back_off("held-out loss rose")
             else:
                 if state.better(loss, correct):
                     kept_values = dict(self.values)
