@@ -31,8 +31,11 @@ output, with nodes
 Positions map forward through the chain (a pool takes ``p`` to its window
 ``q = p // s`` and remembers where in the window ``p`` sits; a position past
 the last whole window gets no residual), then the residual is computed
-backward at those positions only, for every sample and channel. The values
-equal those of the dense pass at the same positions (``tests/test_kept_branch``).
+backward at those positions only, for every sample and channel: M's adjoint
+once per distinct landed position, the pool's first maximum once per window.
+The values equal those of the dense pass at the same positions
+(``tests/test_kept_branch``). :meth:`KeptBranch.draw` picks the positions as
+whole windows of the chain's first pool, so that they share those rows.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .graph import Plan, PlanNode
-from .layers import gather_patches
+from .layers import gather_patches, kept_positions
 from .rules import Array, NodeView, xp_of
 from .rules.linear import ConvGeometry, ConvRule
 from .rules.pool import pool_geometry
@@ -89,6 +92,33 @@ class KeptBranch:
     def grid(self) -> tuple[int, int]:
         """Spatial size of ``start``."""
         return self.steps[0].grid if self.steps else self.conv_grid
+
+    def draw(self, rng: np.random.Generator, count: int) -> tuple[np.ndarray, int]:
+        """Kept positions of ``start``'s grid for one step (flat, sorted), and the
+        number of positions they are drawn from.
+
+        With a MaxPool in the chain: ``ceil(count / 2)`` of its windows, whole
+        (positions outside every window get no residual; they are not drawn). Per
+        sample and channel a window's residual is on its first maximum only, and
+        all its positions share one row of M's adjoint: 24 whole windows cost
+        half the adjoint rows of 48 scattered positions (which fall in 48 windows)
+        and put a residual on twice as many rows per channel. Measured on the shared
+        CNN, seeds 0-7: rotated / noisy MNIST 0.9581 / 0.9696 against 0.9582 /
+        0.9693 with 48 scattered positions, the branch 8.9 instead of 11.4 ms
+        per step (12 windows: 6.1 ms, 0.9575 / 0.9680). Without a pool:
+        ``count`` positions drawn one by one."""
+        h, w = self.grid
+        pools = [s for s in self.steps if s.op == "MaxPool"]
+        if not pools:
+            keep = kept_positions(rng, h * w, count)
+            return (np.arange(h * w) if keep is None else keep), h * w
+        pool = pools[0]  # the steps before it keep the grid
+        (kh, kw), (sh, sw), (oh, ow) = pool.window, pool.stride, pool.pooled
+        picked = rng.choice(oh * ow, size=min(-(-count // 2), oh * ow), replace=False)
+        rows = (picked // ow * sh)[:, None] + np.arange(kh)  # Q, kh
+        cols = (picked % ow * sw)[:, None] + np.arange(kw)  # Q, kw
+        keep = np.sort((rows[:, :, None] * w + cols[:, None, :]).reshape(-1))
+        return keep, oh * ow * kh * kw
 
     @staticmethod
     def find(plan: Plan, start: str, shapes: Mapping[str, tuple[int, ...]]) -> KeptBranch | None:
@@ -174,10 +204,14 @@ class KeptBranch:
         transposed = ConvGeometry(g.kernel, (1, 1), g.dilations, g.adjoint_pads())
         c = w.shape[1]
         n = r_source.shape[0]
-        patches = gather_patches(r_source, transposed, pos, self.conv_grid)  # N, P, O, k k
+        # positions that share a window land on one position of M's input: one row each
+        landed, spread = np.unique(pos, return_inverse=True)
+        patches = gather_patches(r_source, transposed, landed, self.conv_grid)  # N, U, O, k k
         flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(c, -1)  # C, (O k k)
-        r = (patches.reshape(n * len(pos), -1) @ flipped.T).reshape(n, len(pos), c)
-        r = r.transpose(0, 2, 1)  # N, C, P
+        r = (patches.reshape(n * len(landed), -1) @ flipped.T).reshape(n, len(landed), c)
+        r = r.transpose(0, 2, 1)  # N, C, U
+        if not np.array_equal(landed, pos):
+            r = xp.take(r, xp.asarray(spread.reshape(-1)), axis=2)  # N, C, P
         for step, at, inside in reversed(trail):
             if step.op == "MaxPool":
                 r = r * xp.asarray(inside, dtype=r.dtype) * self._first_max(
@@ -206,15 +240,21 @@ class KeptBranch:
         rows = np.minimum((qi * sh)[:, None] + np.arange(kh), step.grid[0] - 1)  # P, kh
         cols = np.minimum((qj * sw)[:, None] + np.arange(kw), width - 1)  # P, kw
         taps = (rows[:, :, None] * width + cols[:, None, :]).reshape(len(pos), -1).T  # K, P
+        # one reduction per window, however many kept positions lie in it
+        windows, first_in, spread = np.unique(
+            qi * (width + 1) + qj, return_index=True, return_inverse=True)
+        taps = taps[:, first_in]  # K, Q
         n, c = x.shape[:2]
-        offsets = np.arange(c)[:, None, None] * (x.shape[2] * x.shape[3]) + taps  # C, K, P
+        offsets = np.arange(c)[:, None, None] * (x.shape[2] * x.shape[3]) + taps  # C, K, Q
         values = xp.take(x.reshape(n, -1), xp.asarray(offsets.reshape(-1)), axis=1)
-        values = values.reshape(n, c, len(taps), len(pos))
+        values = values.reshape(n, c, *taps.shape)
         top = values[:, :, 0]
         for k in range(1, len(taps)):
             top = xp.maximum(top, values[:, :, k])
         first = xp.full(top.shape, len(taps) - 1, dtype=xp.int32)
         for k in reversed(range(len(taps) - 1)):
             first = xp.where(values[:, :, k] == top, k, first)
+        if not np.array_equal(windows, qi * (width + 1) + qj):
+            first = xp.take(first, xp.asarray(spread.reshape(-1)), axis=2)  # N, C, P
         at = np.minimum(i - qi * sh, kh - 1) * kw + np.minimum(j - qj * sw, kw - 1)
         return (first == xp.asarray(at, dtype=xp.int32)).astype(x.dtype)

@@ -44,7 +44,7 @@ from .errors import ConfigError, GateError, UnsupportedModelError
 from .forward import ForwardRunner, choose_providers
 from .graph import Layer, Plan, load_model, plan_model
 from .kept_branch import KeptBranch
-from .layers import LayerBlock, kept_positions
+from .layers import LayerBlock
 from .patch import check_output_path, write_refined
 from .rules import RULES, Array
 from .solve import (
@@ -957,7 +957,9 @@ class Refiner:
 
         Where the deepest layer is a convolution whose branch to the next one
         allows it, its residual is computed at its kept positions only
-        (:mod:`onnxfbp.kept_branch`), from the next convolution's residual.
+        (:mod:`onnxfbp.kept_branch`), from the next convolution's residual; with a
+        MaxPool in that branch its positions are whole pool windows
+        (:meth:`KeptBranch.draw`).
         """
         cfg = self.config
         xp = self.xp
@@ -1050,9 +1052,7 @@ class Refiner:
             st = time.perf_counter()
             for layer in layers:
                 if branch is not None and layer is deepest:
-                    positions = branch.grid[0] * branch.grid[1]
-                    keep = kept_positions(rng, positions, cfg.step_positions)
-                    keep = np.arange(positions) if keep is None else keep
+                    keep, positions = branch.draw(rng, cfg.step_positions)
                     out = branch.residual(acts, residuals[branch.source], self._views, keep)
                     xr, rr = blocks[layer.name].rows_at(
                         acts[layer.input], out, keep, branch.grid, True

@@ -163,7 +163,7 @@ def test_kept_residual_equals_dense_pass_on_small_graphs(
     y = rng.integers(0, 3, 6)
     refiner = Refiner(path, RefineConfig(device="cpu"))
     assert [layer.name for layer in refiner.layers] == ["fc", "conv2", "conv1"]
-    for seed in (None, 0):
+    for seed in (None, 0, 1):
         acts, full_path, dense = refiner.compile_reverse(x)
         branch, short_path, outputs = refiner._kept_branch(acts, full_path)
         assert branch is not None
@@ -172,14 +172,52 @@ def test_kept_residual_equals_dense_pass_on_small_graphs(
         r_logits = (label_target(z, y, 1.0) - z).astype(np.float32)
         partial = refiner._build_adjoint(acts, short_path, outputs)
         assert not isinstance(dense, str) and not isinstance(partial, str)
-        keep = np.arange(169) if seed is None else kept_positions(
-            np.random.default_rng(seed), 169, 16)
+        if seed == 1:  # the schedule's draw: whole pool windows, sharing adjoint rows
+            keep, _ = branch.draw(np.random.default_rng(seed), 16)
+        else:
+            keep = np.arange(169) if seed is None else kept_positions(
+                np.random.default_rng(seed), 169, 16)
         assert keep is not None
         got = branch.residual(acts, partial.run(acts, r_logits, refiner._views)["c2"],
                               refiner._views, keep)
         want = dense.run(acts, r_logits, refiner._views)["t0"].reshape(6, 4, -1)[:, :, keep]
         assert np.count_nonzero(want) > 0
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+
+
+# window (kh, kw), strides and windows (oh, ow) of the first pool on the 13 x 13 grid
+POOLS = {"relu-pool-leftover": ((2, 2), (2, 2), (6, 6)),
+         "leaky-bn-identity": ((2, 2), (2, 2), (6, 6)),
+         "pool-with-gaps": ((2, 2), (3, 3), (4, 4)),
+         "pool-2x3-dilated-conv": ((2, 3), (2, 3), (6, 4)),
+         "no-pool": None}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_draw_takes_whole_pool_windows(form: str, tmp_path: Path) -> None:
+    """``ceil(count / 2)`` whole windows of the first pool, none past the last one,
+    drawn from the positions inside windows; without a pool, ``count`` positions."""
+    chain, conv2 = FORMS[form]
+    path = tmp_path / "m.onnx"
+    onnx.save(_model(chain, conv2), path)
+    refiner = Refiner(path, RefineConfig(device="cpu"))
+    acts, full_path, _ = refiner.compile_reverse(np.zeros((2, 2, 13, 13), np.float32))
+    branch, _, _ = refiner._kept_branch(acts, full_path)
+    assert branch is not None
+    rng = np.random.default_rng(0)
+    for count in (16, 7, 1000):
+        keep, population = branch.draw(rng, count)
+        assert np.array_equal(keep, np.unique(keep))
+        if POOLS[form] is None:
+            assert population == 169 and len(keep) == min(count, 169)
+            continue
+        (kh, kw), (sh, sw), (oh, ow) = POOLS[form]
+        assert population == oh * ow * kh * kw
+        i, j = keep // 13, keep % 13
+        assert ((i % sh < kh) & (j % sw < kw) & (i // sh < oh) & (j // sw < ow)).all()
+        windows, members = np.unique((i // sh) * ow + j // sw, return_counts=True)
+        assert len(windows) == min(-(-count // 2), oh * ow)
+        assert (members == kh * kw).all()
 
 
 @pytest.mark.parametrize(
@@ -227,8 +265,9 @@ def test_second_reader_is_declined(tmp_path: Path) -> None:
 def test_schedule_gives_the_same_weights_with_and_without_the_branch(
     shared_models: Path, mnist_rot: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Three steps on the shared CNN: conv1 (whose branch it is) and every other
-    layer end within float32 rounding of the dense pass's weights. (The held-out
+    """Three steps on the shared CNN, conv1's positions drawn as the dense pass
+    draws them: conv1 (whose branch it is) and every other layer end within
+    float32 rounding of the dense pass's weights. (The held-out
     gate is told every check is better: three steps from the input model score
     lower on these 100 held-out samples, and the schedule would revert them.)"""
     path = shared_models / "mnist_pytorch25_legacy_cnn.onnx"
@@ -247,6 +286,14 @@ def test_schedule_gives_the_same_weights_with_and_without_the_branch(
         refiner.refine(from_arrays(x, y))
         return {k: np.asarray(v) for k, v in refiner.values.items()}
 
+    def scattered(branch: KeptBranch, rng: np.random.Generator, count: int
+                  ) -> tuple[np.ndarray, int]:
+        """The positions the dense pass's rows draw (not whole windows)."""
+        positions = branch.grid[0] * branch.grid[1]
+        keep = kept_positions(rng, positions, count)
+        return (np.arange(positions) if keep is None else keep), positions
+
+    monkeypatch.setattr(KeptBranch, "draw", scattered)
     with_branch = run()
     monkeypatch.setattr(KeptBranch, "find", staticmethod(lambda *args: None))
     dense = run()
