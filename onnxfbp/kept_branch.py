@@ -97,16 +97,18 @@ class KeptBranch:
         """Kept positions of ``start``'s grid for one step (flat, sorted), and the
         number of positions they are drawn from.
 
-        With a MaxPool in the chain: ``ceil(count / 2)`` of its windows, whole
-        (positions outside every window get no residual; they are not drawn). Per
-        sample and channel a window's residual is on its first maximum only, and
-        all its positions share one row of M's adjoint: 24 whole windows cost
-        half the adjoint rows of 48 scattered positions (which fall in 48 windows)
-        and put a residual on twice as many rows per channel. Measured on the shared
-        CNN, seeds 0-7: rotated / noisy MNIST 0.9581 / 0.9696 against 0.9582 /
-        0.9693 with 48 scattered positions, the branch 8.9 instead of 11.4 ms
-        per step (12 windows: 6.1 ms, 0.9575 / 0.9680). Without a pool:
-        ``count`` positions drawn one by one."""
+        With a MaxPool in the chain: whole windows of it, about ``2 count``
+        positions (``ceil(2 count / window area)`` windows; positions outside every
+        window get no residual and are not drawn). Per sample and channel a
+        window's residual is on its first maximum only, and all its positions share
+        one row of M's adjoint. On the shared CNN (2 x 2 pool) 24 whole windows
+        cost half the adjoint rows of 48 scattered positions (which fall in 48
+        windows) and put a residual on twice as many rows per channel; seeds 0-7,
+        rotated / noisy MNIST 0.9581 / 0.9696 against 0.9582 / 0.9693 with 48
+        scattered positions, the branch 8.9 instead of 11.4 ms per step (12
+        windows: 6.1 ms, 0.9575 / 0.9680). The rows of the layer itself grow
+        with the positions, hence about ``2 count`` of them for any window size.
+        Without a pool: ``count`` positions drawn one by one."""
         h, w = self.grid
         pools = [s for s in self.steps if s.op == "MaxPool"]
         if not pools:
@@ -114,7 +116,8 @@ class KeptBranch:
             return (np.arange(h * w) if keep is None else keep), h * w
         pool = pools[0]  # the steps before it keep the grid
         (kh, kw), (sh, sw), (oh, ow) = pool.window, pool.stride, pool.pooled
-        picked = rng.choice(oh * ow, size=min(-(-count // 2), oh * ow), replace=False)
+        wanted = max(1, -(-2 * count // (kh * kw)))
+        picked = rng.choice(oh * ow, size=min(wanted, oh * ow), replace=False)
         rows = (picked // ow * sh)[:, None] + np.arange(kh)  # Q, kh
         cols = (picked % ow * sw)[:, None] + np.arange(kw)  # Q, kw
         keep = np.sort((rows[:, :, None] * w + cols[:, None, :]).reshape(-1))

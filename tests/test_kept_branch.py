@@ -195,7 +195,7 @@ POOLS = {"relu-pool-leftover": ((2, 2), (2, 2), (6, 6)),
 
 @pytest.mark.parametrize("form", list(FORMS))
 def test_draw_takes_whole_pool_windows(form: str, tmp_path: Path) -> None:
-    """``ceil(count / 2)`` whole windows of the first pool, none past the last one,
+    """``ceil(2 count / window area)`` whole windows of the first pool, none past the last one,
     drawn from the positions inside windows; without a pool, ``count`` positions."""
     chain, conv2 = FORMS[form]
     path = tmp_path / "m.onnx"
@@ -216,7 +216,7 @@ def test_draw_takes_whole_pool_windows(form: str, tmp_path: Path) -> None:
         i, j = keep // 13, keep % 13
         assert ((i % sh < kh) & (j % sw < kw) & (i // sh < oh) & (j // sw < ow)).all()
         windows, members = np.unique((i // sh) * ow + j // sw, return_counts=True)
-        assert len(windows) == min(-(-count // 2), oh * ow)
+        assert len(windows) == min(-(-2 * count // (kh * kw)), oh * ow)
         assert (members == kh * kw).all()
 
 
