@@ -260,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minibatch (default): preconditioned least-squares steps on "
                         "mini-batches; jacobi / sequential: full-pass sweeps")
     p.add_argument("--epochs", type=float,
-                   help="minibatch: passes over the training split at most (default 1.25)")
+                   help="minibatch: passes over the training split at most (default 1.25; "
+                        "3 measured +0.2-0.35 points on MNIST shifts in about twice the time)")
     p.add_argument("--sweeps", type=int, help="jacobi / sequential: sweeps at most")
     p.add_argument("--holdout", type=float, help="fraction held out for choices (default 0.2)")
     p.add_argument("--batch-size", type=int, help="samples per forward batch")
