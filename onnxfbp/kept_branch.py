@@ -70,6 +70,14 @@ class _Step:
     pooled: tuple[int, int] = (0, 0)  # MaxPool output size
     alpha: float = 0.0  # LeakyRelu slope
 
+    def window_taps(self, qi: np.ndarray, qj: np.ndarray) -> np.ndarray:
+        """MaxPool: the flat positions on the step's input grid of the windows
+        ``(qi, qj)``, (Q, kh * kw) in window order, clipped to the grid."""
+        (kh, kw), (sh, sw), (h, w) = self.window, self.stride, self.grid
+        rows = np.minimum((qi * sh)[:, None] + np.arange(kh), h - 1)  # Q, kh
+        cols = np.minimum((qj * sw)[:, None] + np.arange(kw), w - 1)  # Q, kw
+        return (rows[:, :, None] * w + cols[:, None, :]).reshape(len(qi), -1)
+
 
 @dataclass(frozen=True)
 class KeptBranch:
@@ -115,12 +123,10 @@ class KeptBranch:
             keep = kept_positions(rng, h * w, count)
             return (np.arange(h * w) if keep is None else keep), h * w
         pool = pools[0]  # the steps before it keep the grid
-        (kh, kw), (sh, sw), (oh, ow) = pool.window, pool.stride, pool.pooled
+        (kh, kw), (oh, ow) = pool.window, pool.pooled
         wanted = max(1, -(-2 * count // (kh * kw)))
         picked = rng.choice(oh * ow, size=min(wanted, oh * ow), replace=False)
-        rows = (picked // ow * sh)[:, None] + np.arange(kh)  # Q, kh
-        cols = (picked % ow * sw)[:, None] + np.arange(kw)  # Q, kw
-        keep = np.sort((rows[:, :, None] * w + cols[:, None, :]).reshape(-1))
+        keep = np.sort(pool.window_taps(picked // ow, picked % ow).reshape(-1))
         return keep, oh * ow * kh * kw
 
     @staticmethod
@@ -212,9 +218,7 @@ class KeptBranch:
         patches = gather_patches(r_source, transposed, landed, self.conv_grid)  # N, U, O, k k
         flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(c, -1)  # C, (O k k)
         r = (patches.reshape(n * len(landed), -1) @ flipped.T).reshape(n, len(landed), c)
-        r = r.transpose(0, 2, 1)  # N, C, U
-        if not np.array_equal(landed, pos):
-            r = xp.take(r, xp.asarray(spread.reshape(-1)), axis=2)  # N, C, P
+        r = xp.take(r.transpose(0, 2, 1), xp.asarray(spread.reshape(-1)), axis=2)  # N, C, P
         for step, at, inside in reversed(trail):
             if step.op == "MaxPool":
                 r = r * xp.asarray(inside, dtype=r.dtype) * self._first_max(
@@ -240,13 +244,10 @@ class KeptBranch:
         (kh, kw), (sh, sw), width = step.window, step.stride, step.grid[1]
         i, j = pos // width, pos % width
         qi, qj = i // sh, j // sw
-        rows = np.minimum((qi * sh)[:, None] + np.arange(kh), step.grid[0] - 1)  # P, kh
-        cols = np.minimum((qj * sw)[:, None] + np.arange(kw), width - 1)  # P, kw
-        taps = (rows[:, :, None] * width + cols[:, None, :]).reshape(len(pos), -1).T  # K, P
         # one reduction per window, however many kept positions lie in it
-        windows, first_in, spread = np.unique(
+        _, first_in, spread = np.unique(
             qi * (width + 1) + qj, return_index=True, return_inverse=True)
-        taps = taps[:, first_in]  # K, Q
+        taps = step.window_taps(qi[first_in], qj[first_in]).T  # K, Q
         n, c = x.shape[:2]
         offsets = np.arange(c)[:, None, None] * (x.shape[2] * x.shape[3]) + taps  # C, K, Q
         values = xp.take(x.reshape(n, -1), xp.asarray(offsets.reshape(-1)), axis=1)
@@ -257,7 +258,6 @@ class KeptBranch:
         first = xp.full(top.shape, len(taps) - 1, dtype=xp.int32)
         for k in reversed(range(len(taps) - 1)):
             first = xp.where(values[:, :, k] == top, k, first)
-        if not np.array_equal(windows, qi * (width + 1) + qj):
-            first = xp.take(first, xp.asarray(spread.reshape(-1)), axis=2)  # N, C, P
+        first = xp.take(first, xp.asarray(spread.reshape(-1)), axis=2)  # N, C, P
         at = np.minimum(i - qi * sh, kh - 1) * kw + np.minimum(j - qj * sw, kw - 1)
         return (first == xp.asarray(at, dtype=xp.int32)).astype(x.dtype)
