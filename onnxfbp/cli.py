@@ -17,6 +17,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -25,7 +26,8 @@ from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USER_ERROR, OnnxfbpErr
 
 __all__ = ["main"]
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / "models"
+# The bundled demo (models/ in a clone, package data in a wheel).
+DEMO_DIR = Path(str(resources.files("onnxfbp") / "demo_data"))
 
 
 def _stderr(message: str) -> None:
