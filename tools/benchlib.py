@@ -359,3 +359,26 @@ def import_onnx2torch() -> ModuleType:
     import onnx2torch
 
     return onnx2torch
+
+
+def train_initializers(net: torch.nn.Module) -> list[str]:
+    """Make the weights onnx2torch keeps as buffers trainable; returns their names.
+
+    onnx2torch turns Conv / Gemm weights into parameters, but the initializers that feed
+    plain MatMul / Add nodes (tf2onnx's Dense layers) become buffers of its
+    ``initializers`` container, which an optimizer over ``net.parameters()`` would never
+    update. Floating-point buffers there with more than one element become parameters;
+    scalar constants, integer shapes and BatchNorm statistics stay buffers.
+    """
+    import torch
+
+    promoted = []
+    for mod_name, mod in net.named_modules():
+        if mod_name.split(".")[-1] != "initializers":
+            continue
+        for name, buf in list(mod.named_buffers(recurse=False)):
+            if buf.is_floating_point() and buf.numel() > 1:
+                delattr(mod, name)
+                mod.register_parameter(name, torch.nn.Parameter(buf.detach().clone()))
+                promoted.append(f"{mod_name}.{name}")
+    return promoted

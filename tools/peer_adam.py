@@ -4,7 +4,9 @@ end-to-end backprop (``tools/matrix.py`` times this process from start to exit).
 Steps: import torch and onnx2torch; convert the model (a dynamic-batch copy, so graphs
 exported with a fixed batch of 1 train on mini-batches); train with Adam, batch 64,
 seeded shuffle, on cross-entropy of the logits (NLL when the graph ends in Softmax /
-LogSoftmax), dropout in train mode, BatchNorm in eval mode (running statistics frozen);
+LogSoftmax), every weight trainable (``benchlib.train_initializers``: also those that
+onnx2torch keeps as buffers), dropout in train mode, BatchNorm in eval mode (running
+statistics frozen);
 ``torch.onnx.export`` (TorchScript exporter, dynamic batch, opset 17), under the input
 and output names of the original graph.
 
@@ -43,6 +45,7 @@ from benchlib import (  # noqa: E402
     import_onnx2torch,
     output_kind,
     peer_loss,
+    train_initializers,
 )
 
 if TYPE_CHECKING:
@@ -91,6 +94,27 @@ def train(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, epo
             after_epoch(epoch)
 
 
+def export(net: torch.nn.Module, example: torch.Tensor, path: Path, in_name: str,
+           out_name: str) -> None:
+    """``torch.onnx.export`` with a dynamic batch, then the graph's input and output
+    renamed to the original model's (the TorchScript exporter rejects names such as
+    ``36`` that the original exporter wrote)."""
+    import onnx
+    import torch
+
+    torch.onnx.export(net, (example,), str(path), input_names=["peer_in"],
+                      output_names=["peer_out"], opset_version=OPSET, dynamo=False,
+                      dynamic_axes={"peer_in": {0: "N"}, "peer_out": {0: "N"}})
+    proto = onnx.load(str(path))
+    rename = {"peer_in": in_name, "peer_out": out_name}
+    for vi in [*proto.graph.input, *proto.graph.output]:
+        vi.name = rename.get(vi.name, vi.name)
+    for node in proto.graph.node:
+        node.input[:] = [rename.get(n, n) for n in node.input]
+        node.output[:] = [rename.get(n, n) for n in node.output]
+    onnx.save(proto, str(path))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", type=Path)
@@ -126,13 +150,14 @@ def main(argv: list[str] | None = None) -> int:
               f"({type(exc).__name__}: {str(exc)[:200]}); the peer has no result for this model",
               file=sys.stderr)
         return 2
+    promoted = train_initializers(net)
     initial = {k: v.clone() for k, v in net.state_dict().items()}
     with np.load(args.data) as z:
         x, y = torch.from_numpy(z["x"]), torch.from_numpy(z["y"].astype(np.int64))
     timings["convert_s"] = time.perf_counter() - t
 
     lr, epochs = args.lr, args.epochs
-    report: dict[str, Any] = {"output_kind": kind}
+    report: dict[str, Any] = {"output_kind": kind, "initializers_trained": promoted}
     t = time.perf_counter()
     if args.tune:
         order = np.random.default_rng(args.seed).permutation(len(y))
@@ -159,9 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     net.eval()
     try:
-        torch.onnx.export(net, (x[:2],), str(args.output), input_names=[in_name],
-                          output_names=[out_name], opset_version=OPSET, dynamo=False,
-                          dynamic_axes={in_name: {0: "N"}, out_name: {0: "N"}})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export(net, x[:2], args.output, in_name, out_name)
     except Exception as exc:
         print(f"peer_adam: error: torch.onnx.export failed for {args.model.name} "
               f"({type(exc).__name__}: {str(exc)[:200]}); the peer has no result for this model",
