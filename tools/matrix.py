@@ -374,7 +374,7 @@ def markdown(result: dict[str, Any]) -> str:
             note = (f"lr {r['lr']:g}, {r['epochs']} ep" if r.get("lr") is not None
                     else "" if r["status"] == "ok" else r["status"])
             if r["status"] == "failed":
-                note = r["stderr_tail"].replace("|", "/")[:120]
+                note = r.get("stderr_tail", "").replace("|", "/")[:120]
             lines.append(
                 f"| {_short(c['model'])} | {c['shift']} | {c['n_adapt']} | {name} | {sh} | "
                 f"{og} | {layers} | {'yes' if r.get('diverged') else 'no'} | "
