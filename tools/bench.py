@@ -60,12 +60,9 @@ Usage (in a virtual environment with ``pip install -e ".[bench]"``)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
-import importlib.util
 import json
 import os
-import platform
 import resource
 import shlex
 import shutil
@@ -77,18 +74,34 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
+
+from benchlib import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    EVAL_BATCH,
+    ROOT,
+    busy_cpu_s,
+    child_env,
+    datasets_module,
+    dynamic_batch,
+    freeze_batchnorm,
+    import_onnx2torch,
+    machine_info,
+    ort_accuracy,
+    ort_run,
+    ort_session,
+    output_kind,
+    peer_loss,
+    versions,
+)
 
 if TYPE_CHECKING:
     import onnx
-    import onnxruntime as ort
     import torch
     from numpy.typing import NDArray
 
-ROOT = Path(__file__).resolve().parent.parent
 PEER = "adam-1"
 RESULT_MARK = "@@BENCH_RESULT@@ "
 
@@ -98,12 +111,9 @@ SWEEP_EPOCHS = 20
 HOLDOUT_FRACTION = 0.2
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 MEMORY_TILES = 10
-EVAL_BATCH = 500
 
 MNIST_MODEL = "mnist_pytorch25_legacy_cnn.onnx"
 CIFAR_MODEL = "cifar10_pytorch18_vnncomp_resnet2b.onnx"
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2471, 0.2435, 0.2616)
 
 
 @dataclass(frozen=True)
@@ -197,23 +207,6 @@ def prepare_data(names: list[str], out_dir: Path) -> None:
         )
 
 
-def datasets_module() -> ModuleType:
-    """``onnxfbp.datasets``; loaded from its file if the package itself does not import
-    (the package is under development; the baselines must not depend on it)."""
-    try:
-        from onnxfbp import datasets
-
-        return datasets
-    except Exception:  # any failure in onnxfbp/__init__.py
-        spec = importlib.util.spec_from_file_location(
-            "onnxfbp_datasets", ROOT / "onnxfbp" / "datasets.py"
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-
 def preprocess(x01: NDArray[Any], dataset: str) -> NDArray[Any]:
     """Shifted images in [0, 1] -> the model's input (MANIFEST.tsv), float32 NCHW."""
     import numpy as np
@@ -226,89 +219,6 @@ def preprocess(x01: NDArray[Any], dataset: str) -> NDArray[Any]:
 
 
 # --------------------------------------------------------------------------- onnxruntime
-
-
-def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
-    """In-memory copy whose batch dimension is symbolic, for graphs exported with a fixed one.
-
-    Input/output dim 0 become ``N``, stale value_info is dropped, and a constant Reshape
-    target that starts with the old fixed batch size (and has no -1) gets -1 there.
-    """
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
-
-    dim0 = model.graph.input[0].type.tensor_type.shape.dim[0]
-    if not dim0.HasField("dim_value"):
-        return model
-    fixed = dim0.dim_value
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for vi in [*m.graph.input, *m.graph.output]:
-        dims = vi.type.tensor_type.shape.dim
-        if dims and dims[0].HasField("dim_value") and dims[0].dim_value == fixed:
-            dims[0].dim_param = "N"
-    del m.graph.value_info[:]
-    inits = {t.name: t for t in m.graph.initializer}
-    consts = {n.output[0]: n for n in m.graph.node if n.op_type == "Constant"}
-    for node in m.graph.node:
-        if node.op_type != "Reshape":
-            continue
-        name = node.input[1]
-        if name in inits:
-            tensor = inits[name]
-        elif name in consts and consts[name].attribute[0].name == "value":
-            tensor = consts[name].attribute[0].t
-        else:
-            continue
-        shape = numpy_helper.to_array(tensor).copy()
-        if shape.size and shape[0] == fixed and not np.any(shape == -1):
-            shape[0] = -1
-            tensor.CopyFrom(numpy_helper.from_array(shape, tensor.name))
-    return m
-
-
-def ort_session(
-    model: str | Path, threads: int, extra_outputs: tuple[str, ...] = ()
-) -> ort.InferenceSession:
-    """onnxruntime CPU session on a dynamic-batch copy, with extra graph outputs if asked."""
-    import onnx
-    import onnxruntime as ort
-
-    proto = dynamic_batch(onnx.load(str(model)))
-    for name in extra_outputs:
-        proto.graph.output.append(onnx.ValueInfoProto(name=name))
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-
-def ort_run(sess: ort.InferenceSession, x: NDArray[Any], output: str | None = None) -> NDArray[Any]:
-    """Batched inference; returns the first graph output, or ``output``."""
-    import numpy as np
-
-    name = output or sess.get_outputs()[0].name
-    feed = sess.get_inputs()[0].name
-    starts = range(0, len(x), EVAL_BATCH)
-    parts = [sess.run([name], {feed: x[i : i + EVAL_BATCH]})[0] for i in starts]
-    return np.concatenate(parts).reshape(len(x), -1)
-
-
-def ort_accuracy(model: str | Path, x: NDArray[Any], y: NDArray[Any], threads: int) -> float:
-    return float((ort_run(ort_session(model, threads), x).argmax(1) == y).mean())
-
-
-def output_kind(model: onnx.ModelProto) -> str:
-    """What the graph outputs: "softmax", "logsoftmax" or "logits" (Identity nodes skipped)."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    node = producer.get(model.graph.output[0].name)
-    while node is not None and node.op_type == "Identity":
-        node = producer.get(node.input[0])
-    if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
-        return node.op_type.lower()
-    return "logits"
 
 
 def last_linear_input(model: onnx.ModelProto) -> str:
@@ -410,16 +320,6 @@ def _refine_extra(result: Any) -> dict[str, Any]:
     return json.loads(json.dumps(report, default=str))
 
 
-def _freeze_batchnorm(net: torch.nn.Module) -> None:
-    import torch
-
-    for mod in net.modules():
-        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) or (
-            type(mod).__name__ == "OnnxBatchNorm"
-        ):
-            mod.eval()
-
-
 def _torch_accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     import torch
 
@@ -430,7 +330,7 @@ def _torch_accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> f
         pred = torch.cat([net(x[i : i + EVAL_BATCH]).argmax(1) for i in starts])
     net.train(was_training)
     if was_training:
-        _freeze_batchnorm(net)
+        freeze_batchnorm(net)
     return float((pred == y).float().mean())
 
 
@@ -471,9 +371,8 @@ def run_peer(
 ) -> dict[str, Any]:
     """End-to-end (or head-only) Adam fine-tuning of the onnx2torch conversion."""
     import onnx
-    import onnx2torch
+    onnx2torch = import_onnx2torch()
     import torch
-    import torch.nn.functional as F
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -484,12 +383,7 @@ def run_peer(
     ye = torch.from_numpy(data["y_eval"]).to(device)
     gen = torch.Generator().manual_seed(args.seed)
 
-    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if kind == "softmax":
-            return F.nll_loss(torch.log(out.clamp_min(1e-12)), target)
-        if kind == "logsoftmax":
-            return F.nll_loss(out, target)
-        return F.cross_entropy(out, target)
+    loss_fn = peer_loss(kind)
 
     if device.type == "cuda":  # CUDA context and kernels loaded before the clock starts
         _warm_up_cuda(onnx2torch.convert(proto).to(device), xe[:BATCH])
@@ -516,7 +410,7 @@ def run_peer(
         note = "trainable: " + ", ".join(name for name, _ in head)
     opt = torch.optim.Adam(params, lr=LR)
     net.train()
-    _freeze_batchnorm(net)
+    freeze_batchnorm(net)
     train_s = 0.0
     curve: list[float] = []
     best = (-1.0, 0, 0.0)  # acc, epoch, seconds to reach it
@@ -664,22 +558,6 @@ def worker(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parent
 
 
-def child_env(quiet_threads: bool = True) -> dict[str, str]:
-    """The children's environment; ``quiet_threads=False`` (``--default-env``) drops the
-    thread-pool settings below, as a user's default shell has them."""
-    env = os.environ.copy()
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    if not quiet_threads:
-        env.pop("OMP_WAIT_POLICY", None)
-        env.pop("OPENBLAS_THREAD_TIMEOUT", None)
-        return env
-    env["OMP_WAIT_POLICY"] = "PASSIVE"
-    # OpenBLAS (numpy, scipy) spins for 2**28 cycles by default; with any other load on a
-    # 2-core box that makes small BLAS calls 10x slower. 2**4 cycles is its PASSIVE.
-    env["OPENBLAS_THREAD_TIMEOUT"] = "4"
-    return env
-
-
 @dataclass
 class ChildResult:
     """What the parent sees of one child process."""
@@ -691,13 +569,6 @@ class ChildResult:
     foreign_cpu: float  # share of all cores busy with other processes meanwhile, 0..1
     stdout: str
     stderr: str
-
-
-def busy_cpu_s() -> float:
-    """Seconds of CPU time spent by all processes on the machine since boot (/proc/stat)."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def run_child(argv: list[str], timeout: float, quiet_threads: bool = True) -> ChildResult:
@@ -872,62 +743,6 @@ def print_tables(summary: dict[str, dict[str, dict[str, Any]]], repeats: int) ->
         for row in table_rows(methods):
             table.add_row(*row)
         console.print(table)
-
-
-def machine_info(device: str = "cpu") -> dict[str, Any]:
-    model = platform.processor()
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(
-            ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")
-        )
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        pass
-    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    info: dict[str, Any] = {
-        "cpu": model,
-        "cores": len(os.sched_getaffinity(0)),
-        "mem_gib": round(mem_gb, 1),
-        "os": platform.platform(),
-    }
-    if device == "cuda":
-        query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
-                 "--format=csv,noheader"]
-        try:
-            info["gpu"] = subprocess.run(query, capture_output=True, text=True,
-                                         check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            info["gpu"] = "unknown (nvidia-smi failed)"
-    return info
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("onnxfbp", "onnxruntime", "onnx", "torch", "onnx2torch", "numpy", "scipy"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    for pkg in ("onnxruntime-gpu", "cupy-cuda12x", "cupy-cuda13x"):  # listed when installed
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            out[pkg] = metadata.version(pkg)
-    try:
-        sha = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        out["onnxfbp"] += f" (source {sha}{'+dirty' if dirty else ''})"
-    except (OSError, subprocess.CalledProcessError):
-        out["onnxfbp"] += " (source tree, no commit)"
-    return out
 
 
 def markdown(summary: dict[str, dict[str, dict[str, Any]]], meta: dict[str, Any]) -> str:
