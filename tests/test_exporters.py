@@ -236,7 +236,7 @@ class SquareHeadNet(nn.Module):
 
 
 DEFAULT = {"sweeps": 1, "max_layers": 2}
-DEEP = {"sweeps": 1, "invert_convs": True}  # targets pass Conv inverses to earlier layers
+DEEP = {"sweeps": 1, "deep": True}  # targets pass Conv inverses to earlier layers
 
 
 @dataclass
@@ -388,7 +388,7 @@ def test_exported_model_refines(name: str, exporter: str, digits: dict[str, np.n
     x_adapt = _layout(digits["x_adapt"], case.layout)
     x_eval = _layout(digits["x_eval"], case.layout)
     result = refine(path, out, x_adapt, digits["y_adapt"],
-                    config=RefineConfig(device="cpu", **case.config),  # type: ignore[arg-type]
+                    config=RefineConfig.of(device="cpu", **case.config),  # type: ignore[arg-type]
                     eval_data=(x_eval, digits["y_eval"]))
     assert len({r.name for r in result.layers}) == case.attempted, result.plan["layers"]
     assert result.environment["reverse_pass"] == "onnxruntime"  # every case compiles
@@ -409,7 +409,7 @@ def test_nothing_refinable_is_a_clear_error(exporter: str, digits: dict[str, np.
     _export(net, digits["x_adapt"][:2, None], path, exporter, fixed=False)
     with pytest.raises(UnsupportedModelError, match="nothing to refine.*Mul"):
         refine(path, tmp_path / "out.onnx", digits["x_adapt"][:200, None],
-               digits["y_adapt"][:200], config=RefineConfig(device="cpu"))
+               digits["y_adapt"][:200], config=RefineConfig.of(device="cpu"))
     assert not (tmp_path / "out.onnx").exists()
     assert isinstance(onnx.load(str(path)), onnx.ModelProto)
 
