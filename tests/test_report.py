@@ -435,7 +435,7 @@ def test_inspect_json_demo_model() -> None:
     default = inspect_json(DEMO_MODEL)
     assert default["refined_layers"] == [
         GEMM3, GEMM1, CONV, "/features/features.0/Conv"]  # minibatch: through conv adjoints
-    assert default["reverse_pass"] == "onnxruntime"  # compiled on a random batch
+    assert default["reverse_pass"] == "onnxruntime"  # every path node has an ONNX adjoint
     assert default["kept_branch"] == "/features/features.0/Conv"  # Relu, MaxPool, Conv
     info = inspect_json(DEMO_MODEL, "--schedule", "jacobi")
     assert info["schedule"] == "jacobi" and info["reverse_pass"] is None

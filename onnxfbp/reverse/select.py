@@ -106,7 +106,7 @@ def plan_level_choice(plan: Plan, path: Sequence[int], compiled: bool = True) ->
     may still decline a form at run time), else ``numpy (no onnx adjoint for OP)``."""
     if not compiled:
         return f"{np.__name__} (compiled_reverse off)"
-    for i in path:
+    for i in reversed(list(path)):  # from the logits back, as the compiler goes
         op = plan.nodes[i].op
         if op not in EMITTERS:
             return f"{np.__name__} (no onnx adjoint for {op})"
