@@ -11,7 +11,7 @@ Mish, Gelu, Elu, ReduceMax, LayerNormalization, self-attention, nodes with no
 inverse). For every export:
 the ops the case is about are in the graph, the plan has the expected
 boundaries, targets reach the layers behind those ops (some cases pass Conv
-inverses: ``invert_convs``), batches run whole (no fixed-size chunks), refine
+inverses: ``deep``), batches run whole (no fixed-size chunks), refine
 gains at least 3 points on held-out rotated digits, and only initializer values
 differ in the written file. A model whose only layer sits before a node with no
 inverse is refused with a clear error. Hand-written graphs check the batch

@@ -209,7 +209,7 @@ def test_logistic_path_reaches_the_regularized_optimum(fixed: Any) -> None:
     ``sum CE(softmax(x W + fixed), y) + lam / 4 ||W - W0||^2``, i.e.
     ``lam (W - W0) = 2 x^T (Y - softmax(x W + fixed))``, also with a bias that is
     not refined (``fixed``) added to the scores."""
-    from onnxfbp.refine import _logistic_path  # noqa: PLC0415
+    from onnxfbp.fit.head import logistic_path as _logistic_path  # noqa: PLC0415
 
     rng = np.random.default_rng(4)
     x = np.concatenate([rng.standard_normal((300, 5)), np.ones((300, 1))], 1).astype(np.float32)

@@ -36,8 +36,9 @@ from onnxfbp import ModelState, RefineConfig, from_arrays  # noqa: E402
 from onnxfbp.datasets import models_dir  # noqa: E402
 from onnxfbp.refine import run_refine  # noqa: E402
 
-PHASES = ("_train_minibatch", "_head_cross_validated", "_polish_head", "scores",
-          "_train_on_split", "refine")
+# innermost first: the schedule's steps and checks, the output-layer solves, sweeps
+PHASES = ("precondition", "take_step", "check", "head_cross_validated", "polish_head",
+          "run_sweeps", "scores", "train_on_split", "run_refine")
 
 
 class StackSampler:
