@@ -35,9 +35,12 @@ its weights, and which layers a refine run would change.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
+
+if TYPE_CHECKING:
+    from .schedules.state import ModelState
 
 __all__ = ["inspect_model", "render_table"]
 
@@ -66,7 +69,7 @@ def _chain_nodes(tensor: str, producer: dict[str, Any], inits: set[str]) -> list
     return out
 
 
-def _reverse_route(state: Any) -> tuple[str | None, str | None]:
+def _reverse_route(state: ModelState) -> tuple[str | None, str | None]:
     """The minibatch run's reverse pass, from the plan (nothing compiled), and the
     layer computed at its kept positions (shapes from one forward pass)."""
     from .reverse.select import kept_route, plan_level_choice  # noqa: PLC0415

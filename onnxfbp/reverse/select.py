@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -19,6 +19,9 @@ from ..adjoint import EMITTERS, AdjointGraph, AdjointUnavailable
 from ..graph import Layer, Plan
 from ..kept_branch import KeptBranch
 from ..rules import Array
+
+if TYPE_CHECKING:
+    from ..schedules.state import ModelState
 
 __all__ = [
     "KeptRoute", "ReverseChoice", "ReverseProbe", "choose_reverse", "compile_reverse", "kept_route",
@@ -124,10 +127,9 @@ class ReverseProbe:
     graph: AdjointGraph
 
 
-def compile_reverse(state: Any, x: np.ndarray) -> ReverseProbe:
-    """Compile the reverse pass of ``state``'s refined layers (a
-    :class:`~onnxfbp.schedules.state.ModelState`) on the batch ``x``, with no kept
-    branch; raises :class:`AdjointUnavailable` if it does not compile."""
+def compile_reverse(state: ModelState, x: np.ndarray) -> ReverseProbe:
+    """Compile the reverse pass of ``state``'s refined layers on the batch ``x``,
+    with no kept branch; raises :class:`AdjointUnavailable` if it does not compile."""
     path, needed = state.reverse_plan(state.layers)
     views = state.views()
     acts = state.forward(x, needed, on_device=True)
