@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 # line); a value already set is kept.
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
+from .config import RefineConfig  # noqa: E402
 from .data import LabelledData, from_arrays, load_data  # noqa: E402
 from .errors import (  # noqa: E402
     DataError,
@@ -30,15 +31,9 @@ from .errors import (  # noqa: E402
     OutputError,
     UnsupportedModelError,
 )
-from .refine import (  # noqa: E402
-    EvalResult,
-    LayerReport,
-    RefineConfig,
-    Refiner,
-    RefineResult,
-    evaluate,
-    refine,
-)
+from .refine import evaluate, refine  # noqa: E402
+from .results import EvalResult, LayerReport, RefineResult  # noqa: E402
+from .schedules.state import ModelState  # noqa: E402
 
 __all__ = [
     "DataError",
@@ -47,11 +42,11 @@ __all__ = [
     "LabelledData",
     "LayerReport",
     "ModelError",
+    "ModelState",
     "OnnxfbpError",
     "OutputError",
     "RefineConfig",
     "RefineResult",
-    "Refiner",
     "UnsupportedModelError",
     "__version__",
     "evaluate",

@@ -685,6 +685,11 @@ def _onnx_type(dtype: Any) -> int:
     return _ONNX_TYPES[np.dtype(dtype)]
 
 
+class AdjointUnavailable(Exception):
+    """The reverse pass does not compile: the message says which node or form,
+    or what onnxruntime declined (the caller falls back to the array pass)."""
+
+
 class AdjointGraph:
     """One onnxruntime session computing the residual ``-dL/dz`` at every
     requested tensor from the logits residual and the forward activations.
@@ -722,10 +727,11 @@ class AdjointGraph:
         threads: int | None = None,
         xp: Any = np,
         avoid: frozenset[str] | None = None,
-    ) -> AdjointGraph | str:
+    ) -> AdjointGraph:
         """The graph for ``path`` (indices into ``plan.nodes``, forward order) that
-        returns the residual at each of ``outputs``; or, if a node on the path has
-        no emitter (or a form it does not cover), the reason as a string.
+        returns the residual at each of ``outputs``; raises
+        :class:`AdjointUnavailable` with the reason if a node on the path has no
+        emitter (or a form it does not cover) or onnxruntime declines the graph.
         ``acts`` is one batch of forward tensors (shapes and dtypes), arrays of
         ``xp`` (NumPy, or CuPy on the CUDA provider: then the run reads and returns
         device arrays). ``avoid``: ops not to emit (default: those the first
@@ -746,20 +752,20 @@ class AdjointGraph:
                 continue
             emit = EMITTERS.get(pn.op)
             if emit is None:
-                return f"no onnx adjoint for {pn.op}"
+                raise AdjointUnavailable(f"no onnx adjoint for {pn.op}")
             b.node = pn
             xs = [pn.inputs[j] for j in pn.data_inputs]
             try:
                 deltas = emit(b, views[pn.name], sums[out], xs, out)
             except (KeyError, ValueError, TypeError) as exc:
-                return f"{pn.op} {pn.name!r}: {exc}"
+                raise AdjointUnavailable(f"{pn.op} {pn.name!r}: {exc}") from exc
             if deltas is None:
-                return f"{pn.op} {pn.name!r}: form not covered"
+                raise AdjointUnavailable(f"{pn.op} {pn.name!r}: form not covered")
             for name, delta in zip(xs, deltas, strict=True):
                 sums[name] = b.op("Add", [sums[name], delta]) if name in sums else delta
         missing = [name for name in outputs if name not in sums]
         if missing:
-            return f"no residual reaches {missing[0]}"
+            raise AdjointUnavailable(f"no residual reaches {missing[0]}")
         fed = {R_LOGITS, *b.activations, *b.statics}
         output_names = []
         for name in outputs:  # a graph input cannot be an output too: copy it
@@ -772,7 +778,8 @@ class AdjointGraph:
             r_logits = xp.zeros_like(acts[plan.logits])
             graph.run(acts, r_logits, views)  # a form that fails only when run
         except Exception as exc:  # a form onnxruntime declines: use NumPy
-            return f"onnxruntime declines the adjoint graph: {str(exc).splitlines()[0][:200]}"
+            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise AdjointUnavailable(f"onnxruntime declines the adjoint graph: {first}") from exc
         return graph
 
     def feeds(

@@ -43,17 +43,17 @@ def _progress(quiet: bool) -> Any:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from .refine import RefineConfig  # noqa: PLC0415
+    from .config import RefineConfig  # noqa: PLC0415
 
-    config = RefineConfig(device=args.device, seed=args.seed)
-    for key in ("max_layers", "sweeps", "holdout", "min_gain", "batch_size", "schedule", "epochs"):
-        value = getattr(args, key, None)
-        if value is not None:
-            setattr(config, key, value)
-    config.allow_worse = bool(getattr(args, "allow_worse", False))
-    config.invert_convs = bool(getattr(args, "deep", False))
-    config.output_name = getattr(args, "output_name", None)
-    return config
+    settings = {key: getattr(args, key, None) for key in (
+        "max_layers", "sweeps", "holdout", "min_gain", "batch_size", "schedule", "epochs")}
+    return RefineConfig.of(
+        device=args.device, seed=args.seed,
+        **{key: value for key, value in settings.items() if value is not None},
+        allow_worse=bool(getattr(args, "allow_worse", False)),
+        deep=bool(getattr(args, "deep", False)),
+        output_name=getattr(args, "output_name", None),
+    )
 
 
 def _print_result(result: Any, stream: Any = sys.stdout) -> None:
@@ -196,7 +196,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .refine import RefineConfig, evaluate, refine  # noqa: PLC0415
+    from .config import RefineConfig  # noqa: PLC0415
+    from .refine import evaluate, refine  # noqa: PLC0415
 
     model = DEMO_DIR / "demo_mnist_cnn.onnx"
     if not model.is_file():
@@ -210,7 +211,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           "(models/demo_adapt.npz)...")
     start = time.perf_counter()
     result = refine(
-        model, out, DEMO_DIR / "demo_adapt.npz", config=RefineConfig(device=args.device),
+        model, out, DEMO_DIR / "demo_adapt.npz", config=RefineConfig.of(device=args.device),
         eval_data=DEMO_DIR / "demo_eval.npz", force=True, progress=_progress(args.quiet),
     )
     clean_before = evaluate(model, DEMO_DIR / "demo_clean.npz", device=args.device)

@@ -18,10 +18,8 @@ folder) -> ``plan_model`` (onnx-graphsurgeon view of the graph) -> ``Plan``:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +29,7 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from .errors import ModelError, UnsupportedModelError
+from .loading import load_model
 from .rules import RULES, NodeView
 
 __all__ = [
@@ -50,181 +49,6 @@ _OUTPUT_ACTIVATIONS = {
     "LogSoftmax": "log-probabilities",
     "Sigmoid": "sigmoid-probabilities",
 }
-
-
-def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
-    """Read a model and its external data; refuse what onnxfbp cannot use safely.
-
-    Raises :class:`ModelError` (one line: what is wrong, what to do) for a missing,
-    unreadable, truncated or non-ONNX file, external data that is missing, short or
-    outside the model's folder, and an IR version or opset onnxruntime cannot run.
-    """
-    import onnxruntime as ort  # noqa: PLC0415
-
-    path = Path(path)
-    if path.is_dir():
-        raise ModelError(f"model {path} is a folder; pass the .onnx file inside it")
-    if not path.is_file():
-        raise ModelError(f"model file {path} does not exist; check the path")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise ModelError(
-            f"cannot read model {path}: {exc.strerror or exc}; check its permissions"
-        ) from exc
-    if not raw:
-        raise ModelError(
-            f"model file {path} is empty; pass the .onnx file exported by your framework"
-        )
-    try:
-        model = onnx.load_model_from_string(raw)
-    except Exception as exc:  # protobuf DecodeError and friends
-        raise ModelError(
-            f"{path} is not a readable ONNX model ({type(exc).__name__}: truncated, corrupt or "
-            "another format); pass the .onnx file exported by your framework"
-        ) from exc
-    del raw
-    if not model.graph.node:
-        raise ModelError(
-            f"{path} has no graph nodes: it is not an ONNX model, or an empty one; "
-            "pass the .onnx file exported by your framework"
-        )
-
-    # IR version and opsets: a one-Identity-node probe with the same header is loaded
-    # by onnxruntime (milliseconds), so an unsupported opset is named before any work.
-    probes: dict[tuple[tuple[str, int], ...], bool] = {}
-    ir = int(model.ir_version)
-
-    def accepts(opsets: tuple[tuple[str, int], ...]) -> bool:
-        if opsets not in probes:
-            vi = onnx.helper.make_tensor_value_info
-            graph = onnx.helper.make_graph(
-                [onnx.helper.make_node("Identity", ["x"], ["y"])], "probe",
-                [vi("x", onnx.TensorProto.FLOAT, [1])], [vi("y", onnx.TensorProto.FLOAT, [1])],
-            )
-            probe = onnx.helper.make_model(
-                graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets])
-            probe.ir_version = ir
-            options = ort.SessionOptions()
-            options.log_severity_level = 4
-            try:
-                ort.InferenceSession(probe.SerializeToString(), options,
-                                     providers=["CPUExecutionProvider"])
-                probes[opsets] = True
-            except Exception:
-                probes[opsets] = False
-        return probes[opsets]
-
-    imports = tuple(sorted((o.domain or "", int(o.version)) for o in model.opset_import))
-    if not imports:
-        raise ModelError(
-            f"{path} declares no opset: it is truncated or not a complete ONNX export; "
-            "pass the .onnx file exported by your framework"
-        )
-    if not accepts(imports):
-        if not accepts((("", 13),)):
-            raise ModelError(
-                f"{path.name} has ONNX IR version {ir}, which onnxruntime {ort.__version__} cannot "
-                "load; re-export the model with an older exporter or upgrade onnxruntime"
-            )
-        main_version = next((v for d, v in imports if d in ("", "ai.onnx")), 13)
-        for domain, version in imports:
-            if domain in ("", "ai.onnx"):
-                base_probe: tuple[tuple[str, int], ...] = (("", version),)
-            else:
-                base_probe = (("", main_version), (domain, version))
-            if accepts(base_probe):
-                continue
-            lo, hi = 0, version - 1  # the newest version onnxruntime accepts, by bisection
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if accepts(tuple((d, mid if d == domain else v) for d, v in base_probe)):
-                    lo = mid
-                else:
-                    hi = mid - 1
-            name = domain or "ai.onnx"
-            runs = f"it runs {name} up to opset {lo}" if lo else f"it has no {name} domain"
-            raise ModelError(
-                f"{path.name} uses opset {version} of {name}, which onnxruntime "
-                f"{ort.__version__} cannot run ({runs}); re-export the model with an older "
-                "opset or upgrade onnxruntime"
-            )
-        listed = ", ".join(f"{d or 'ai.onnx'}:{v}" for d, v in imports)
-        raise ModelError(
-            f"onnxruntime {ort.__version__} cannot load {path.name} (IR version {ir}, opsets "
-            f"{listed}); re-export the model with an older exporter or upgrade onnxruntime"
-        )
-
-    base = path.resolve().parent
-    for tensor in _external_tensors(model):
-        info = {e.key: e.value for e in tensor.external_data}
-        location = info.get("location", "")
-        target = (base / location).resolve()
-        if not location:
-            raise ModelError(
-                f"weight {tensor.name!r} is stored as external data without a file name; "
-                "re-export the model (onnx.save_model(..., save_as_external_data=True))"
-            )
-        if Path(location).is_absolute() or location.startswith(("/", "\\")):
-            raise ModelError(
-                f"external data of {tensor.name!r} has an absolute location ({location}); "
-                "refusing it: keep the data file next to the model, named relative to it"
-            )
-        if base != target and base not in target.parents:
-            raise ModelError(
-                f"external data of {tensor.name!r} points outside the model folder "
-                f"({location}); refusing it: keep the data file next to the model"
-            )
-        if not target.is_file():
-            raise ModelError(
-                f"external data file {location} for {tensor.name!r} is missing; "
-                f"copy it next to {path.name}"
-            )
-        try:
-            offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
-        except ValueError:
-            raise ModelError(
-                f"external data of {tensor.name!r} has a malformed offset or length; "
-                "re-export the model"
-            ) from None
-        size = target.stat().st_size
-        if offset < 0 or offset > size or (length >= 0 and offset + length > size):
-            raise ModelError(
-                f"external data file {location} is shorter than {path.name} expects "
-                f"({size} bytes; {tensor.name!r} needs bytes {offset}..{offset + max(length, 0)}): "
-                "it is truncated or from another export; copy the complete file"
-            )
-    try:
-        onnx.load_external_data_for_model(model, str(base))
-    except Exception as exc:
-        raise ModelError(
-            f"cannot read external data of {path.name} ({exc}); "
-            "copy the complete data files next to it"
-        ) from exc
-    t = onnx.TensorProto
-    itemsize = {t.FLOAT: 4, t.DOUBLE: 8, t.FLOAT16: 2, t.BFLOAT16: 2, t.INT8: 1, t.UINT8: 1,
-                t.INT16: 2, t.UINT16: 2, t.INT32: 4, t.UINT32: 4, t.INT64: 8, t.UINT64: 8,
-                t.BOOL: 1}
-    for tensor in model.graph.initializer:
-        if not tensor.HasField("raw_data") or tensor.data_type not in itemsize:
-            continue
-        expected = int(np.prod(tensor.dims, dtype=np.int64)) * itemsize[tensor.data_type]
-        if len(tensor.raw_data) != expected:
-            raise ModelError(
-                f"weight {tensor.name!r} of {path.name} holds {len(tensor.raw_data)} bytes but "
-                f"its shape {list(tensor.dims)} needs {expected}: the model or its data file is "
-                "truncated or corrupt; copy the complete files"
-            )
-    return model
-
-
-def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    return [
-        t
-        for t in model.graph.initializer
-        if t.HasField("data_location") and t.data_location == onnx.TensorProto.EXTERNAL
-    ]
 
 
 def opset_version(model: onnx.ModelProto) -> int:
@@ -377,14 +201,62 @@ def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
             f"the model has {len(graph_inputs)} data inputs; onnxfbp refines single-input models"
         )
     input_tensor = graph_inputs[0]
+    nodes = list(graph.nodes)
+    static, static_nodes, static_node_names = _statics(model, graph, nodes)
+    producer = {t.name: n for n in nodes for t in n.outputs}
+    consumers: dict[str, list[gs.Node]] = {}
+    for n in nodes:
+        for t in n.inputs:
+            consumers.setdefault(t.name, []).append(n)
+    output_name, logits, kind, n_classes = _score_output(graph, producer, consumers, output_name)
 
-    # Static (constant) vs dynamic tensors, in topological order.
+    # Values of the constants that feed computing nodes (weights through chains too).
+    needed_static = {
+        t.name for n in nodes if n.name not in static_node_names for t in n.inputs
+        if t.name in static and t.name
+    }
+    static_values = _static_values(model, needed_static, static_nodes)
+    walk = _Walk(producer, consumers, static, static_values, opset)
+    walk.run(logits)
+    plan_nodes = [walk.plan_node(node) for node in nodes if node.name in walk.on_path]
+    layers = [
+        _layer(node, producer, consumers, static, static_values, init_names, walk.on_path)
+        for node in nodes
+        if node.op in ("Conv", "Gemm", "MatMul") and node.name in walk.on_path
+    ]
+    status = walk.status
+    for node in nodes:
+        if node.name in walk.on_path or node.name in walk.absorbed:
+            status[node.name] = "rule"
+        constant = all(t.name in static for t in node.outputs)
+        status.setdefault(node.name, "constant" if constant else "not on the reverse path")
+    return Plan(
+        model=model,
+        input_name=input_tensor.name,
+        input_shape=list(input_tensor.shape or []),
+        output_name=output_name,
+        logits=logits,
+        output_kind=kind,
+        n_classes=n_classes,
+        nodes=plan_nodes,
+        layers=layers,
+        boundaries=walk.boundaries,
+        all_nodes=[(n.name, n.op, status[n.name]) for n in nodes],
+        static_values=static_values,
+        opset=opset,
+    )
+
+
+def _statics(
+    model: onnx.ModelProto, graph: gs.Graph, nodes: list[gs.Node]
+) -> tuple[set[str], list[onnx.NodeProto], set[str]]:
+    """Static (constant) tensors, the nodes that compute them (topological order)
+    and their names; unnamed nodes are named ``#i`` on the way."""
     static: set[str] = {name for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
     static |= {""}
     static_nodes: list[onnx.NodeProto] = []
     static_node_names: set[str] = set()
     proto_by_name = {n.name or f"#{i}": n for i, n in enumerate(model.graph.node)}
-    nodes = list(graph.nodes)
     for i, node in enumerate(nodes):
         if not node.name:
             node.name = f"#{i}"
@@ -393,13 +265,17 @@ def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
             static.update(t.name for t in node.outputs)
             static_nodes.append(proto_by_name[node.name])
             static_node_names.add(node.name)
-    producer = {t.name: n for n in nodes for t in n.outputs}
-    consumers: dict[str, list[gs.Node]] = {}
-    for n in nodes:
-        for t in n.inputs:
-            consumers.setdefault(t.name, []).append(n)
+    return static, static_nodes, static_node_names
 
-    # Class-score output and the logits tensor.
+
+def _score_output(
+    graph: gs.Graph,
+    producer: dict[str, gs.Node],
+    consumers: dict[str, list[gs.Node]],
+    output_name: str | None,
+) -> tuple[str, str, str, int | None]:
+    """The class-score output, the logits tensor (before a monotone output
+    activation), the output kind and the class count."""
     outputs = [t.name for t in graph.outputs]
     if output_name is None:
         output_name = _pick_score_output(graph)
@@ -420,107 +296,90 @@ def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
         break
     out_shape = next(t.shape for t in graph.outputs if t.name == output_name)
     n_classes = out_shape[-1] if out_shape and isinstance(out_shape[-1], int) else None
+    return output_name, logits, kind, n_classes
 
-    # Values of the constants that feed computing nodes (weights through chains too).
-    needed_static = {
-        t.name for n in nodes if n.name not in static_node_names for t in n.inputs
-        if t.name in static and t.name
-    }
-    static_values = _static_values(model, needed_static, static_nodes)
 
-    # Reverse walk from the logits through data inputs.
-    on_path: set[str] = set()
-    boundaries: list[str] = []
-    status: dict[str, str] = {}
-    fused: dict[str, tuple[str, dict[str, Any], str]] = {}  # Mul node -> (op, attrs, input)
-    absorbed: set[str] = set()  # nodes computed inside a fused activation
-    stack = [logits]
-    seen_tensors: set[str] = set()
-    while stack:
-        tname = stack.pop()
-        if tname in seen_tensors or tname not in producer:
-            continue
-        seen_tensors.add(tname)
-        node = producer[tname]
-        if node.name in on_path or node.name in status:
-            continue
-        gated = _fused_activation(node, producer, consumers, static_values)
+class _Walk:
+    """The reverse walk from the logits through data inputs: the nodes on the path,
+    the boundaries where targets stop (with the reason), fused activations."""
+
+    def __init__(
+        self,
+        producer: dict[str, gs.Node],
+        consumers: dict[str, list[gs.Node]],
+        static: set[str],
+        static_values: dict[str, np.ndarray],
+        opset: int,
+    ) -> None:
+        self.producer, self.consumers = producer, consumers
+        self.static, self.static_values, self.opset = static, static_values, opset
+        self.on_path: set[str] = set()
+        self.boundaries: list[str] = []
+        self.status: dict[str, str] = {}
+        self.fused: dict[str, tuple[str, dict[str, Any], str]] = {}  # Mul -> (op, attrs, input)
+        self.absorbed: set[str] = set()  # nodes computed inside a fused activation
+
+    def run(self, logits: str) -> None:
+        stack = [logits]
+        seen_tensors: set[str] = set()
+        while stack:
+            tname = stack.pop()
+            if tname in seen_tensors or tname not in self.producer:
+                continue
+            seen_tensors.add(tname)
+            node = self.producer[tname]
+            if node.name in self.on_path or node.name in self.status:
+                continue
+            stack.extend(self._visit(node))
+
+    def _visit(self, node: gs.Node) -> list[str]:
+        """Mark ``node``; the tensors the walk goes on to."""
+        gated = _fused_activation(node, self.producer, self.consumers, self.static_values)
         if gated is not None:
-            fused[node.name] = gated[:3]
-            absorbed.update(gated[3])
-            on_path.add(node.name)
-            stack.append(gated[2])
-            continue
-        dynamic = tuple(i for i, t in enumerate(node.inputs) if t.name not in static)
+            self.fused[node.name] = gated[:3]
+            self.absorbed.update(gated[3])
+            self.on_path.add(node.name)
+            return [gated[2]]
         rule = RULES.get(node.op)
         if (node.domain or "") not in ("", "ai.onnx") or rule is None:
-            why = "no inverse rule"
-            status[node.name] = why
-            boundaries.append(f"{node.op} (opset {opset}) {node.name!r}: {why}")
-            continue
-        view = _view(node, dynamic, static, opset, static_values)
+            self._boundary(node, "no inverse rule")
+            return []
+        view = self._view(node)
         reason = rule.check(view)
         if reason is None and node.op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze") \
                 and len(node.outputs) != 1:
             reason = "unexpected outputs"
         if reason is not None:
-            status[node.name] = reason
-            boundaries.append(f"{node.op} (opset {opset}) {node.name!r}: {reason}")
-            continue
-        on_path.add(node.name)
-        for i in rule.data_inputs(view):
-            stack.append(node.inputs[i].name)
+            self._boundary(node, reason)
+            return []
+        self.on_path.add(node.name)
+        return [node.inputs[i].name for i in rule.data_inputs(view)]
 
+    def _boundary(self, node: gs.Node, why: str) -> None:
+        self.status[node.name] = why
+        self.boundaries.append(f"{node.op} (opset {self.opset}) {node.name!r}: {why}")
 
-    plan_nodes: list[PlanNode] = []
-    for node in nodes:
-        if node.name not in on_path:
-            continue
-        if node.name in fused:
-            op, attrs, x_name = fused[node.name]
-            plan_nodes.append(PlanNode(
+    def _view(self, node: gs.Node) -> NodeView:
+        dynamic = tuple(i for i, t in enumerate(node.inputs) if t.name not in self.static)
+        return _view(node, dynamic, self.static, self.opset, self.static_values)
+
+    def plan_node(self, node: gs.Node) -> PlanNode:
+        """The :class:`PlanNode` of a node on the path."""
+        if node.name in self.fused:
+            op, attrs, x_name = self.fused[node.name]
+            return PlanNode(
                 name=node.name, op=op, inputs=[x_name], outputs=[t.name for t in node.outputs],
-                view=NodeView(op, node.name, attrs, {}, (0,), 1, opset), data_inputs=(0,),
+                view=NodeView(op, node.name, attrs, {}, (0,), 1, self.opset), data_inputs=(0,),
                 static_names={},
-            ))
-            continue
-        dynamic = tuple(i for i, t in enumerate(node.inputs) if t.name not in static)
-        view = _view(node, dynamic, static, opset, static_values)
-        plan_nodes.append(
-            PlanNode(
-                name=node.name, op=node.op,
-                inputs=[t.name for t in node.inputs], outputs=[t.name for t in node.outputs],
-                view=view, data_inputs=RULES[node.op].data_inputs(view),
-                static_names={i: t.name for i, t in enumerate(node.inputs)
-                              if t.name in static and t.name},
             )
+        view = self._view(node)
+        return PlanNode(
+            name=node.name, op=node.op,
+            inputs=[t.name for t in node.inputs], outputs=[t.name for t in node.outputs],
+            view=view, data_inputs=RULES[node.op].data_inputs(view),
+            static_names={i: t.name for i, t in enumerate(node.inputs)
+                          if t.name in self.static and t.name},
         )
-
-    layers = [
-        _layer(node, producer, consumers, static, static_values, init_names, on_path)
-        for node in nodes
-        if node.op in ("Conv", "Gemm", "MatMul") and node.name in on_path
-    ]
-    for node in nodes:
-        if node.name in on_path or node.name in absorbed:
-            status[node.name] = "rule"
-        constant = all(t.name in static for t in node.outputs)
-        status.setdefault(node.name, "constant" if constant else "not on the reverse path")
-    return Plan(
-        model=model,
-        input_name=input_tensor.name,
-        input_shape=list(input_tensor.shape or []),
-        output_name=output_name,
-        logits=logits,
-        output_kind=kind,
-        n_classes=n_classes,
-        nodes=plan_nodes,
-        layers=layers,
-        boundaries=boundaries,
-        all_nodes=[(n.name, n.op, status[n.name]) for n in nodes],
-        static_values=static_values,
-        opset=opset,
-    )
 
 
 def _view(

@@ -6,12 +6,14 @@ its weights, and which layers a refine run would change.
 - ``model``, ``producer``, ``opset``, ``input`` {name, shape}, ``output`` {name,
   kind, logits, classes}, ``batch`` (``dynamic`` or ``fixed N``);
 - ``reverse_pass``: with ``--schedule minibatch``, how residuals would be carried
-  back: ``onnxruntime`` (compiled; on a GPU also whether CuPy arrays stay on the
-  device) or ``numpy (the op or form that prevents it)``,
-  found by compiling the reverse pass on a random batch; null otherwise;
+  back, from the plan alone (nothing is compiled): ``onnxruntime`` if every node
+  on the reverse path has an ONNX adjoint (onnxruntime may still decline a form
+  at run time; the report's ``environment.reverse_pass`` says what ran), or
+  ``numpy (no onnx adjoint for OP)``; null otherwise;
 - ``kept_branch``: with ``--schedule minibatch``, the deepest layer whose
   residual would be computed at its kept positions only
-  (:mod:`onnxfbp.kept_branch`), or null;
+  (:mod:`onnxfbp.kept_branch`, found from the tensor shapes of one forward pass
+  on a random batch), or null;
 - ``refined_layers``: the node names a refine run with the same ``--schedule``
   and ``--deep`` would change, in the order it visits them (from the output back);
 - ``layers``: every Conv/Gemm/MatMul on the reverse path, with ``kind``,
@@ -33,9 +35,12 @@ its weights, and which layers a refine run would change.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
+
+if TYPE_CHECKING:
+    from .schedules.state import ModelState
 
 __all__ = ["inspect_model", "render_table"]
 
@@ -64,15 +69,38 @@ def _chain_nodes(tensor: str, producer: dict[str, Any], inits: set[str]) -> list
     return out
 
 
+def _reverse_route(state: ModelState) -> tuple[str | None, str | None]:
+    """The minibatch run's reverse pass, from the plan (nothing compiled), and the
+    layer computed at its kept positions (shapes from one forward pass)."""
+    from .reverse.select import kept_route, plan_level_choice  # noqa: PLC0415
+
+    if not state.layers:
+        return None, None
+    path, needed = state.reverse_plan(state.layers)
+    route, kept = plan_level_choice(state.plan, path), None
+    probe = state.runner.probe(2)
+    if probe is None:
+        return route, "decided at run time (the sample shape is symbolic)"
+    try:
+        acts = state.forward(probe, needed)
+    except Exception as exc:  # a random batch the model rejects: say so, go on
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        return route, f"decided at run time (a random batch failed: {reason})"
+    if kept_route(state.plan, state.layers, acts, path).branch is not None:
+        kept = state.layers[-1].name
+    return route, kept
+
+
 def inspect_model(
     path: str | os.PathLike[str], deep: bool = False, schedule: str = "minibatch"
 ) -> dict[str, Any]:
     """A JSON-able description of the model as onnxfbp sees it (see the module doc)."""
-    from .refine import RefineConfig, Refiner  # noqa: PLC0415
+    from .config import RefineConfig  # noqa: PLC0415
+    from .schedules.state import ModelState  # noqa: PLC0415
 
-    refiner = Refiner(path, RefineConfig(device="cpu", invert_convs=deep, schedule=schedule))
-    model, plan = refiner.model, refiner.plan
-    refined = [layer.name for layer in refiner.layers]
+    state = ModelState(path, RefineConfig.of(device="cpu", deep=deep, schedule=schedule))
+    model, plan = state.model, state.plan
+    refined = [layer.name for layer in state.layers]
     inits = {t.name: [int(d) for d in t.dims] for t in model.graph.initializer}
     float_inits = {t.name for t in model.graph.initializer
                    if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
@@ -93,7 +121,7 @@ def inspect_model(
                     "add_node": layer.bias_add_node}
         why_not = None
         if layer.name not in refined:
-            why_not = layer.reason or refiner.skipped.get(layer.name) or "not refined"
+            why_not = layer.reason or state.skipped.get(layer.name) or "not refined"
         layers.append({
             "name": layer.name, "op": layer.op, "kind": layer.kind,
             "weight": {"initializer": layer.weight.initializer,
@@ -123,17 +151,7 @@ def inspect_model(
             "weight_of": weight_of.get(node.name),
             "note": note,
         })
-    reverse_pass = kept_branch = None
-    if schedule == "minibatch" and refiner.layers:
-        probe = refiner.runner.probe(2)
-        reverse_pass = "decided at run time (the sample shape is symbolic)"
-        if probe is not None:
-            try:
-                reverse_pass = refiner.reverse_pass_for(probe)
-                kept_branch = refiner.kept_branch
-            except Exception as exc:  # a random batch the model rejects: say so, go on
-                reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-                reverse_pass = f"decided at run time (a random batch failed: {reason})"
+    reverse_pass, kept_branch = _reverse_route(state) if schedule == "minibatch" else (None, None)
     return {
         "model": str(path),
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
@@ -141,7 +159,7 @@ def inspect_model(
         "input": {"name": plan.input_name, "shape": plan.input_shape},
         "output": {"name": plan.output_name, "kind": plan.output_kind, "logits": plan.logits,
                    "classes": plan.n_classes},
-        "batch": "dynamic" if refiner.runner.chunk is None else f"fixed {refiner.runner.chunk}",
+        "batch": "dynamic" if state.runner.chunk is None else f"fixed {state.runner.chunk}",
         "deep": deep,
         "schedule": schedule,
         "reverse_pass": reverse_pass,

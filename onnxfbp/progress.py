@@ -1,9 +1,9 @@
 """Progress on stderr for long runs: a live rich display on a terminal, plain
 lines otherwise, nothing when quiet.
 
-:class:`ProgressDisplay` is a ``Callable[[str], None]``, so it plugs into
-``refine(..., progress=...)`` as it is: the pipeline calls it once per layer
-visit with a line such as::
+:class:`ProgressDisplay` is a ``Callable[[Event], None]`` (:mod:`onnxfbp.events`),
+so it plugs into ``refine(..., progress=...)`` as it is, and renders each event
+as one line (:func:`render`); a layer visit reads::
 
     sweep 1 Gemm /fc2/Gemm: kept, held-out acc 0.8816, lam 0.01, 2.37s
 
@@ -15,6 +15,8 @@ visit with a line such as::
 - stderr is not a terminal (a log file, CI): the line is printed as it is,
   indented by two spaces, and flushed.
 - ``quiet=True``: nothing at all.
+
+A plain string is shown as it is (a :class:`Message`).
 
 Finer-grained progress: :meth:`ProgressDisplay.task` opens a bar for a phase
 with a known amount of work (samples of a forward pass, ridge values of a
@@ -33,11 +35,10 @@ in a log). Callers that may receive a plain function use
 
 from __future__ import annotations
 
-import re
 import sys
 import weakref
 from types import TracebackType
-from typing import IO, Any
+from typing import IO
 
 from rich.console import Console, RenderableType
 from rich.progress import (
@@ -52,32 +53,34 @@ from rich.progress import (
 )
 from rich.text import Text
 
-__all__ = ["ProgressDisplay", "ProgressTask", "parse_layer_line"]
+from .events import Event, LayerVisited, Message, StepBackedOff, StepChecked
+from .results import LayerReport
 
-_LAYER_LINE = re.compile(
-    r"^sweep (?P<sweep>\d+) (?P<op>\S+) (?P<name>.+?): (?P<outcome>kept|reverted), "
-    r"held-out acc (?P<acc>[-+0-9.eE]+|nan), lam (?P<lam>\S+), (?P<seconds>[-+0-9.eE]+)s$"
-)
+__all__ = ["ProgressDisplay", "ProgressTask", "render"]
 
 
-def parse_layer_line(message: str) -> dict[str, Any] | None:
-    """The fields of a per-layer progress line, or None if ``message`` is another line."""
-    m = _LAYER_LINE.match(message.strip())
-    if m is None:
-        return None
-    lam = m["lam"]
-    return {
-        "sweep": int(m["sweep"]), "op": m["op"], "name": m["name"],
-        "kept": m["outcome"] == "kept", "heldout_accuracy": float(m["acc"]),
-        "lam": None if lam == "None" else _float_or_none(lam), "seconds": float(m["seconds"]),
-    }
+def _layer_outcome(report: LayerReport) -> str:
+    """What follows ``name: `` on a layer line, from ``kept``/``reverted`` on."""
+    acc = "n/a" if report.heldout_accuracy is None else f"{report.heldout_accuracy:.4f}"
+    return (f"{'kept' if report.accepted else 'reverted'}, held-out acc {acc}, "
+            f"lam {report.lam}, {report.seconds:.2f}s")
 
 
-def _float_or_none(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
+def render(event: Event | str) -> str:
+    """One line of text for ``event``."""
+    if isinstance(event, str):
+        return event
+    if isinstance(event, Message):
+        return event.text
+    if isinstance(event, LayerVisited):
+        r = event.report
+        return f"sweep {r.sweep + 1} {r.op} {r.name}: {_layer_outcome(r)}"
+    if isinstance(event, StepChecked):
+        return (f"minibatch step {event.step}/{event.total}: held-out acc "
+                f"{event.accuracy:.4f}, loss {event.loss:.4f}")
+    if isinstance(event, StepBackedOff):
+        return f"minibatch step {event.step}: {event.why}, step halved to {event.lr:g}"
+    raise TypeError(f"not a progress event: {event!r}")
 
 
 class _BarColumn(BarColumn):
@@ -167,16 +170,17 @@ class ProgressDisplay:
             parts.append(f"held-out acc {self._accuracy:.4f}")
         return " · ".join(parts)
 
-    def __call__(self, message: str) -> None:
+    def __call__(self, event: Event | str) -> None:
         if self.quiet:
             return
+        message = render(event)
         self.lines.append(message)
-        fields = parse_layer_line(message)
-        if fields is not None:
+        report = event.report if isinstance(event, LayerVisited) else None
+        if report is not None:
             self.visits += 1
-            self._sweep = fields["sweep"]
-            if fields["kept"]:
-                self._accuracy = fields["heldout_accuracy"]
+            self._sweep = report.sweep + 1
+            if report.accepted:
+                self._accuracy = report.heldout_accuracy
         if self._progress is None:
             stream = self._stream or sys.stderr
             # One write: a signal between text and newline would leave the
@@ -185,21 +189,20 @@ class ProgressDisplay:
             stream.flush()
             return
         assert self.console is not None and self._main is not None
-        self.console.print(self._styled(message, fields))
+        self.console.print(self._styled(message, report))
         self._progress.update(self._main, description=self._describe())
 
     @staticmethod
-    def _styled(message: str, fields: dict[str, Any] | None) -> Text:
-        if fields is None:
+    def _styled(message: str, report: LayerReport | None) -> Text:
+        if report is None:
             return Text(f"  {message}")
         text = Text("  ")
-        text.append(f"sweep {fields['sweep']} ", style="dim")
-        text.append(f"{fields['op']} ", style="cyan")
-        text.append(f"{fields['name']}: ", style="bold")
-        text.append("kept" if fields["kept"] else "reverted",
-                    style="green" if fields["kept"] else "yellow")
-        rest = message.split(": kept" if fields["kept"] else ": reverted", 1)[-1]
-        text.append(rest)
+        text.append(f"sweep {report.sweep + 1} ", style="dim")
+        text.append(f"{report.op} ", style="cyan")
+        text.append(f"{report.name}: ", style="bold")
+        text.append("kept" if report.accepted else "reverted",
+                    style="green" if report.accepted else "yellow")
+        text.append("," + _layer_outcome(report).split(",", 1)[1])
         return text
 
     def task(self, description: str, total: float | None = None) -> ProgressTask:

@@ -11,7 +11,7 @@ Mish, Gelu, Elu, ReduceMax, LayerNormalization, self-attention, nodes with no
 inverse). For every export:
 the ops the case is about are in the graph, the plan has the expected
 boundaries, targets reach the layers behind those ops (some cases pass Conv
-inverses: ``invert_convs``), batches run whole (no fixed-size chunks), refine
+inverses: ``deep``), batches run whole (no fixed-size chunks), refine
 gains at least 3 points on held-out rotated digits, and only initializer values
 differ in the written file. A model whose only layer sits before a node with no
 inverse is refused with a clear error. Hand-written graphs check the batch
@@ -236,7 +236,7 @@ class SquareHeadNet(nn.Module):
 
 
 DEFAULT = {"sweeps": 1, "max_layers": 2}
-DEEP = {"sweeps": 1, "invert_convs": True}  # targets pass Conv inverses to earlier layers
+DEEP = {"sweeps": 1, "deep": True}  # targets pass Conv inverses to earlier layers
 
 
 @dataclass
@@ -388,7 +388,7 @@ def test_exported_model_refines(name: str, exporter: str, digits: dict[str, np.n
     x_adapt = _layout(digits["x_adapt"], case.layout)
     x_eval = _layout(digits["x_eval"], case.layout)
     result = refine(path, out, x_adapt, digits["y_adapt"],
-                    config=RefineConfig(device="cpu", **case.config),  # type: ignore[arg-type]
+                    config=RefineConfig.of(device="cpu", **case.config),  # type: ignore[arg-type]
                     eval_data=(x_eval, digits["y_eval"]))
     assert len({r.name for r in result.layers}) == case.attempted, result.plan["layers"]
     assert result.environment["reverse_pass"] == "onnxruntime"  # every case compiles
@@ -409,7 +409,7 @@ def test_nothing_refinable_is_a_clear_error(exporter: str, digits: dict[str, np.
     _export(net, digits["x_adapt"][:2, None], path, exporter, fixed=False)
     with pytest.raises(UnsupportedModelError, match="nothing to refine.*Mul"):
         refine(path, tmp_path / "out.onnx", digits["x_adapt"][:200, None],
-               digits["y_adapt"][:200], config=RefineConfig(device="cpu"))
+               digits["y_adapt"][:200], config=RefineConfig.of(device="cpu"))
     assert not (tmp_path / "out.onnx").exists()
     assert isinstance(onnx.load(str(path)), onnx.ModelProto)
 

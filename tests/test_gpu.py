@@ -15,8 +15,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from onnxfbp import RefineConfig, Refiner, load_data
+from onnxfbp import ModelState, RefineConfig, load_data
 from onnxfbp.backend import cupy_or_none, to_numpy
+from onnxfbp.refine import run_refine
+from onnxfbp.reverse.arrays import reverse
+from onnxfbp.reverse.select import compile_reverse
 from onnxfbp.rules import RULES, NodeView
 from onnxfbp.solve import NormalEquations, Preconditioner, PreconditionerSums, ridge_solve
 from onnxfbp.targets import label_target
@@ -73,10 +76,10 @@ def test_refine_on_gpu_matches_cpu() -> None:
     data = load_data(MODELS / "demo_adapt.npz", "input")
     results = {}
     for device in ("cpu", "cuda"):
-        config = RefineConfig(device=device, schedule="jacobi", sweeps=1)
-        refiner = Refiner(MODELS / "demo_mnist_cnn.onnx", config)
+        config = RefineConfig.of(device=device, schedule="jacobi", sweeps=1)
+        refiner = ModelState(MODELS / "demo_mnist_cnn.onnx", config)
         assert (refiner.xp is np) == (device == "cpu")
-        result = refiner.refine(data)
+        result = run_refine(refiner, data)
         results[device] = (result.heldout_after.accuracy, refiner.values)
     acc_cpu, w_cpu = results["cpu"]
     acc_gpu, w_gpu = results["cuda"]
@@ -90,7 +93,7 @@ def test_refine_on_gpu_matches_cpu() -> None:
 def test_cupy_output_layer_path_matches_numpy() -> None:
     """The output layer's logistic-regression path iterates on the GPU with CuPy
     (features copied once) and yields the NumPy path's weights."""
-    from onnxfbp.refine import _logistic_path
+    from onnxfbp.fit.head import logistic_path as _logistic_path
 
     cp = cupy_or_none()
     assert cp is not None
@@ -156,14 +159,15 @@ def test_compiled_reverse_on_gpu_reads_and_writes_device_arrays() -> None:
     x = x + np.random.default_rng(0).normal(0.0, 0.05, x.shape).astype(x.dtype)
     logits = {}
     for device in ("cpu", "cuda"):
-        refiner = Refiner(MODELS / "demo_mnist_cnn.onnx", RefineConfig(device=device))
-        acts, path, built = refiner.compile_reverse(x)
-        assert not isinstance(built, str), built
+        refiner = ModelState(MODELS / "demo_mnist_cnn.onnx", RefineConfig.of(device=device))
+        probe = compile_reverse(refiner, x)
+        acts, path, built = probe.acts, probe.path, probe.graph
         xp = refiner.xp
         z = acts[refiner.plan.logits]
         t_logits = label_target(z.reshape(len(y), -1), xp.asarray(y), 1.0).reshape(z.shape)
-        array_pass, _ = refiner._reverse(acts, t_logits, path, linearized=True)
-        residuals = built.run(acts, (t_logits - z).astype(z.dtype), refiner._views)
+        array_pass, _ = reverse(refiner.plan, acts, t_logits, path, probe.views, 1.0,
+                                linearized=True)
+        residuals = built.run(acts, (t_logits - z).astype(z.dtype), probe.views)
         if device == "cuda":
             assert built.on_device
             assert all(isinstance(r, cp.ndarray) for r in residuals.values())
@@ -182,8 +186,8 @@ def test_minibatch_schedule_on_gpu_runs_compiled() -> None:
     data = load_data(MODELS / "demo_adapt.npz", "input")
     results = {}
     for device in ("cpu", "cuda"):
-        refiner = Refiner(MODELS / "demo_mnist_cnn.onnx", RefineConfig(device=device))
-        result = refiner.refine(data)
+        refiner = ModelState(MODELS / "demo_mnist_cnn.onnx", RefineConfig.of(device=device))
+        result = run_refine(refiner, data)
         results[device] = (result, refiner.reverse_pass)
     cpu, cpu_pass = results["cpu"]
     gpu, gpu_pass = results["cuda"]

@@ -12,7 +12,6 @@ against the dense reverse pass it replaces:
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +22,23 @@ from onnx import TensorProto, helper, numpy_helper
 from test_adjoint import _corpus_batch, corpus_data  # noqa: F401 (fixture)
 from test_models import MODELS
 
-from onnxfbp import RefineConfig, from_arrays
+from onnxfbp import ModelState, RefineConfig, from_arrays
+from onnxfbp.adjoint import AdjointGraph
 from onnxfbp.kept_branch import KeptBranch
 from onnxfbp.layers import kept_positions
-from onnxfbp.refine import Refiner
+from onnxfbp.refine import run_refine
+from onnxfbp.reverse.select import ReverseProbe, compile_reverse, kept_route
+from onnxfbp.schedules.state import Score
 from onnxfbp.targets import label_target
+
+CPU = RefineConfig.of(device="cpu")
+
+
+def _partial(state: ModelState, probe: ReverseProbe, path: list[int],
+             outputs: list[str]) -> AdjointGraph:
+    """The compiled reverse pass of ``path`` giving the residuals at ``outputs``."""
+    return AdjointGraph.build(state.plan, path, outputs, probe.acts, probe.views,
+                              state.providers, None, state.xp)
 
 # corpus models whose deepest refined convolution has a branch (the rest decline:
 # no convolution, a skip connection or a strided next convolution)
@@ -39,27 +50,26 @@ WITH_BRANCH = {
 
 
 def _dense_and_kept(
-    refiner: Refiner, x: np.ndarray, y: np.ndarray, seed: int = 0
+    state: ModelState, x: np.ndarray, y: np.ndarray, seed: int = 0
 ) -> tuple[KeptBranch | None, np.ndarray, np.ndarray]:
-    """The branch of ``refiner``'s deepest layer and its residual at random kept
+    """The branch of ``state``'s deepest layer and its residual at random kept
     positions, with the dense compiled pass's residual at the same positions."""
-    acts, path, dense = refiner.compile_reverse(x)
-    assert not isinstance(dense, str), dense
-    z = acts[refiner.plan.logits]
+    probe = compile_reverse(state, x)
+    acts, views, dense = probe.acts, probe.views, probe.graph
+    z = acts[state.plan.logits]
     r_logits = (label_target(z.reshape(len(y), -1), y, 1.0).reshape(z.shape) - z).astype(z.dtype)
-    branch, short_path, outputs = refiner._kept_branch(acts, path)
+    route = kept_route(state.plan, state.layers, acts, probe.path)
+    branch = route.branch
     if branch is None:
         return None, np.zeros(0), np.zeros(0)
-    assert len(short_path) < len(path)
-    partial = refiner._build_adjoint(acts, short_path, outputs)
-    assert not isinstance(partial, str), partial
+    assert len(route.path) < len(probe.path)
+    partial = _partial(state, probe, route.path, route.outputs)
     positions = branch.grid[0] * branch.grid[1]
     keep = kept_positions(np.random.default_rng(seed), positions, 16)
     keep = np.arange(positions) if keep is None else keep
-    got = branch.residual(acts, partial.run(acts, r_logits, refiner._views)[branch.source],
-                          refiner._views, keep)
-    deepest = refiner.layers[-1].output
-    full = dense.run(acts, r_logits, refiner._views)[deepest]
+    got = branch.residual(acts, partial.run(acts, r_logits, views)[branch.source], views, keep)
+    deepest = state.layers[-1].output
+    full = dense.run(acts, r_logits, views)[deepest]
     want = full.reshape(*full.shape[:2], -1)[:, :, keep]
     return branch, np.asarray(got), want
 
@@ -69,8 +79,7 @@ def test_kept_residual_equals_dense_pass_on_corpus(
     name: str, shared_models: Path, corpus_data: dict[str, dict[str, np.ndarray]]  # noqa: F811
 ) -> None:
     path, x, y = _corpus_batch(name, corpus_data, 64)
-    refiner = Refiner(path, RefineConfig(device="cpu"))
-    branch, got, want = _dense_and_kept(refiner, x, y)
+    branch, got, want = _dense_and_kept(ModelState(path, CPU), x, y)
     if name not in WITH_BRANCH:
         assert branch is None
         return
@@ -161,26 +170,26 @@ def test_kept_residual_equals_dense_pass_on_small_graphs(
         x = np.round(x) / 2
         x[:, :, 2:9, 3:10] = 0.5
     y = rng.integers(0, 3, 6)
-    refiner = Refiner(path, RefineConfig(device="cpu"))
-    assert [layer.name for layer in refiner.layers] == ["fc", "conv2", "conv1"]
+    state = ModelState(path, CPU)
+    assert [layer.name for layer in state.layers] == ["fc", "conv2", "conv1"]
     for seed in (None, 0, 1):
-        acts, full_path, dense = refiner.compile_reverse(x)
-        branch, short_path, outputs = refiner._kept_branch(acts, full_path)
+        probe = compile_reverse(state, x)
+        acts, views, dense = probe.acts, probe.views, probe.graph
+        route = kept_route(state.plan, state.layers, acts, probe.path)
+        branch = route.branch
         assert branch is not None
         assert [s.op for s in branch.steps] == [op for op, _ in chain]
         z = acts["logits"]
         r_logits = (label_target(z, y, 1.0) - z).astype(np.float32)
-        partial = refiner._build_adjoint(acts, short_path, outputs)
-        assert not isinstance(dense, str) and not isinstance(partial, str)
+        partial = _partial(state, probe, route.path, route.outputs)
         if seed == 1:  # the schedule's draw: whole pool windows, sharing adjoint rows
             keep, _ = branch.draw(np.random.default_rng(seed), 16)
         else:
             keep = np.arange(169) if seed is None else kept_positions(
                 np.random.default_rng(seed), 169, 16)
         assert keep is not None
-        got = branch.residual(acts, partial.run(acts, r_logits, refiner._views)["c2"],
-                              refiner._views, keep)
-        want = dense.run(acts, r_logits, refiner._views)["t0"].reshape(6, 4, -1)[:, :, keep]
+        got = branch.residual(acts, partial.run(acts, r_logits, views)["c2"], views, keep)
+        want = dense.run(acts, r_logits, views)["t0"].reshape(6, 4, -1)[:, :, keep]
         assert np.count_nonzero(want) > 0
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
 
@@ -200,9 +209,9 @@ def test_draw_takes_whole_pool_windows(form: str, tmp_path: Path) -> None:
     chain, conv2 = FORMS[form]
     path = tmp_path / "m.onnx"
     onnx.save(_model(chain, conv2), path)
-    refiner = Refiner(path, RefineConfig(device="cpu"))
-    acts, full_path, _ = refiner.compile_reverse(np.zeros((2, 2, 13, 13), np.float32))
-    branch, _, _ = refiner._kept_branch(acts, full_path)
+    state = ModelState(path, CPU)
+    probe = compile_reverse(state, np.zeros((2, 2, 13, 13), np.float32))
+    branch = kept_route(state.plan, state.layers, probe.acts, probe.path).branch
     assert branch is not None
     rng = np.random.default_rng(0)
     for count in (16, 7, 1000):
@@ -235,11 +244,11 @@ def test_chains_not_covered_are_declined(
 ) -> None:
     path = tmp_path / "m.onnx"
     onnx.save(_model(chain, conv2), path)
-    refiner = Refiner(path, RefineConfig(device="cpu"))
+    state = ModelState(path, CPU)
     x = np.random.default_rng(0).standard_normal((2, 2, 13, 13)).astype(np.float32)
-    acts, full_path, _ = refiner.compile_reverse(x)
-    branch, short_path, _ = refiner._kept_branch(acts, full_path)
-    assert branch is None and short_path == full_path
+    probe = compile_reverse(state, x)
+    route = kept_route(state.plan, state.layers, probe.acts, probe.path)
+    assert route.branch is None and route.path == probe.path
 
 
 def test_second_reader_is_declined(tmp_path: Path) -> None:
@@ -255,11 +264,11 @@ def test_second_reader_is_declined(tmp_path: Path) -> None:
     g.output.append(helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3]))
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
-    refiner = Refiner(path, RefineConfig(device="cpu"))
+    state = ModelState(path, CPU)
     x = np.random.default_rng(0).standard_normal((2, 2, 13, 13)).astype(np.float32)
-    acts, full_path, _ = refiner.compile_reverse(x)
-    assert refiner.layers[-1].name == "conv1"
-    assert refiner._kept_branch(acts, full_path)[0] is None
+    probe = compile_reverse(state, x)
+    assert state.layers[-1].name == "conv1"
+    assert kept_route(state.plan, state.layers, probe.acts, probe.path).branch is None
 
 
 def test_schedule_gives_the_same_weights_with_and_without_the_branch(
@@ -275,16 +284,15 @@ def test_schedule_gives_the_same_weights_with_and_without_the_branch(
         pytest.skip(f"{path.name} is not in {shared_models}")
     x = MODELS[path.name].prep(mnist_rot["x_adapt"][:500])
     y = mnist_rot["y_adapt"][:500]
-    config = RefineConfig(device="cpu", min_heldout_for_depth=0, epochs=0.75,
-                          checks_per_epoch=1, minibatch_size=100, average=0.0)
+    config = RefineConfig.of(device="cpu", min_heldout_for_depth=0, epochs=0.75,
+                             checks_per_epoch=1, step_batch=100, average=0.0)
 
-    refine_module = sys.modules["onnxfbp.refine"]  # (the package exports a function refine)
-    monkeypatch.setattr(refine_module._Score, "better", lambda *args, **kwargs: True)
+    monkeypatch.setattr(Score, "better", lambda *args, **kwargs: True)
 
     def run() -> dict[str, np.ndarray]:
-        refiner = Refiner(path, config)
-        refiner.refine(from_arrays(x, y))
-        return {k: np.asarray(v) for k, v in refiner.values.items()}
+        state = ModelState(path, config)
+        run_refine(state, from_arrays(x, y))
+        return {k: np.asarray(v) for k, v in state.values.items()}
 
     def scattered(branch: KeptBranch, rng: np.random.Generator, count: int
                   ) -> tuple[np.ndarray, int]:
@@ -297,7 +305,7 @@ def test_schedule_gives_the_same_weights_with_and_without_the_branch(
     with_branch = run()
     monkeypatch.setattr(KeptBranch, "find", staticmethod(lambda *args: None))
     dense = run()
-    original = Refiner(path, config).values
+    original = ModelState(path, config).values
     assert set(with_branch) == set(dense) == set(original)
     for name, value in dense.items():
         assert not np.array_equal(value, original[name])  # every weight and bias stepped

@@ -61,8 +61,8 @@ class Corpus:
     config: dict[str, Any] = field(default_factory=dict)  # overrides of CONFIG
 
 
-CONFIG: dict[str, Any] = {"schedule": "sequential", "step": 5.0, "sweeps": 2, "max_layers": 2,
-                          "device": "cpu"}
+CONFIG: dict[str, Any] = {"schedule": "sequential", "target_step": 5.0, "sweeps": 2,
+                          "max_layers": 2, "device": "cpu"}
 
 MODELS = {
     "mnist_pytorch25_legacy_cnn.onnx": Corpus(lambda x: ((x - 0.5) / 0.5)[:, None]),
@@ -108,7 +108,8 @@ def refine_model(name: str, data: dict[str, np.ndarray], out: Path,
     spec = MODELS[name]
     model = models_dir() / name
     prep = spec.prep
-    config = RefineConfig(device="cpu") if defaults else RefineConfig(**{**CONFIG, **spec.config})
+    settings = {"device": "cpu"} if defaults else {**CONFIG, **spec.config}
+    config = RefineConfig.of(**settings)
     t = time.perf_counter()
     result = refine(model, out, prep(data["x_adapt"]), data["y_adapt"], config=config,
                     eval_data=(prep(data["x_eval"]), data["y_eval"]))

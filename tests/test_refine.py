@@ -13,6 +13,7 @@ from graphcheck import changed_initializers
 
 from onnxfbp import RefineConfig, evaluate, refine
 from onnxfbp.layers import LayerBlock
+from onnxfbp.progress import render
 from onnxfbp.rules.linear import ConvGeometry, im2col
 from onnxfbp.solve import (
     NormalEquations,
@@ -70,7 +71,7 @@ def test_noise_is_recovered_through_the_convolutions(
     d = mnist_noise
     x, y = _legacy_prep(d["x_adapt"]), d["y_adapt"]
     xe, ye = _legacy_prep(d["x_eval"]), d["y_eval"]
-    head = refine(model, tmp_path / "head.onnx", x, y, config=RefineConfig(max_layers=1))
+    head = refine(model, tmp_path / "head.onnx", x, y, config=RefineConfig.of(max_layers=1))
     head_acc = evaluate(tmp_path / "head.onnx", xe, ye).accuracy
     out = tmp_path / "all.onnx"
     result = refine(model, out, x, y)
@@ -97,10 +98,11 @@ def test_minibatch_step_that_blows_up_is_halved_and_never_written_worse(
     model = shared_models / "mnist_pytorch25_legacy_cnn.onnx"
     d = mnist_rot
     messages: list[str] = []
-    config = RefineConfig(learning_rate=300.0, epochs=0.5, sweeps=1, compiled_reverse=False)
+    config = RefineConfig.of(lr=300.0, epochs=0.5, sweeps=1, compiled_reverse=False)
     try:
         result = refine(model, tmp_path / "r.onnx", _legacy_prep(d["x_adapt"][:2000]),
-                        d["y_adapt"][:2000], config=config, progress=messages.append)
+                        d["y_adapt"][:2000], config=config,
+                        progress=lambda e: messages.append(render(e)))
     except Exception as exc:  # the gate may keep the input model: nothing written
         assert type(exc).__name__ == "GateError"
         assert not (tmp_path / "r.onnx").exists()
@@ -121,11 +123,11 @@ def test_non_finite_logits_send_the_steps_back_at_once(
     model = shared_models / "mnist_pytorch25_legacy_cnn.onnx"
     d = mnist_rot
     messages: list[str] = []
-    config = RefineConfig(learning_rate=1e12, epochs=0.5)
+    config = RefineConfig.of(lr=1e12, epochs=0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         result = refine(model, None, _legacy_prep(d["x_adapt"][:2000]), d["y_adapt"][:2000],
-                        config=config, progress=messages.append)
+                        config=config, progress=lambda e: messages.append(render(e)))
     steps = [m for m in messages if m.startswith("minibatch step")]
     assert steps == [
         "minibatch step 2: logits not finite; back to the kept weights, step halved to 5e+11",
@@ -147,7 +149,7 @@ def test_checks_score_the_running_average_of_the_steps(
     body = ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "fc1.weight", "fc1.bias")
 
     def kept(average: float, epochs: float) -> dict[str, np.ndarray]:
-        config = RefineConfig(average=average, epochs=epochs, minibatch_size=900,
+        config = RefineConfig.of(average=average, epochs=epochs, step_batch=900,
                               checks_per_epoch=1, allow_worse=True)
         out = tmp_path / f"r{average}-{epochs}.onnx"
         result = refine(model, out, x, y, config=config)
@@ -207,7 +209,7 @@ def test_logistic_path_reaches_the_regularized_optimum(fixed: Any) -> None:
     ``sum CE(softmax(x W + fixed), y) + lam / 4 ||W - W0||^2``, i.e.
     ``lam (W - W0) = 2 x^T (Y - softmax(x W + fixed))``, also with a bias that is
     not refined (``fixed``) added to the scores."""
-    from onnxfbp.refine import _logistic_path  # noqa: PLC0415
+    from onnxfbp.fit.head import logistic_path as _logistic_path  # noqa: PLC0415
 
     rng = np.random.default_rng(4)
     x = np.concatenate([rng.standard_normal((300, 5)), np.ones((300, 1))], 1).astype(np.float32)
@@ -323,7 +325,7 @@ def test_fixed_batch_model_runs_any_sample_count(
     result = evaluate(model, x[:777, None], y[:777])
     assert result.n == 777 and result.accuracy > 0.9
     out = tmp_path / "r.onnx"
-    refine(model, out, x[:600, None], y[:600], config=RefineConfig(max_layers=1, sweeps=1))
+    refine(model, out, x[:600, None], y[:600], config=RefineConfig.of(max_layers=1, sweeps=1))
     assert changed_initializers(model, out)
 
 
@@ -341,7 +343,7 @@ def test_output_layer_refit_reports_the_score_before_it(
     runs = {}
     for refit in (False, True):
         out = tmp_path / f"refit{refit}.onnx"
-        config = RefineConfig(max_layers=1, refit_head=refit)
+        config = RefineConfig.of(max_layers=1, refit=refit)
         runs[refit] = refine(model, out, x, y, config=config, eval_data=(xe, ye))
     plain, refitted = runs[False], runs[True]
     before, after = refitted.heldout_after, plain.heldout_after

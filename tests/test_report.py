@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ import pytest
 from rich.console import Console
 
 from onnxfbp.cli import _progress, main
-from onnxfbp.progress import ProgressDisplay, parse_layer_line
+from onnxfbp.events import LayerVisited, Message, StepBackedOff, StepChecked
+from onnxfbp.progress import ProgressDisplay, render
 from onnxfbp.report import (
     EVAL_SCHEMA,
     LAYER_SCHEMA,
@@ -32,6 +34,7 @@ from onnxfbp.report import (
     render_html,
     validate_report,
 )
+from onnxfbp.results import LayerReport
 
 PROJECT = Path(__file__).resolve().parent.parent
 MODELS = PROJECT / "models"
@@ -320,34 +323,38 @@ def test_report_renders_in_headless_chromium(rendered: tuple[dict[str, Any], Pat
 # ---------------------------------------------------------------------------- progress
 
 LINE = "sweep 1 Gemm /fc2/Gemm: kept, held-out acc 0.8816, lam 0.01, 2.37s"
+KEPT = LayerVisited(LayerReport(0, "/fc2/Gemm", "Gemm", [10, 64], True, "", lam=0.01,
+                                heldout_accuracy=0.8816, seconds=2.37))
 
 
-def test_progress_lines_parse() -> None:
-    assert parse_layer_line(LINE) == {
-        "sweep": 1, "op": "Gemm", "name": "/fc2/Gemm", "kept": True, "heldout_accuracy": 0.8816,
-        "lam": 0.01, "seconds": 2.37}
-    fields = parse_layer_line(
-        "sweep 3 Conv a: b/Conv: reverted, held-out acc 0.0000, lam None, 0.10s")
-    assert fields is not None and fields["name"] == "a: b/Conv" and fields["lam"] is None
-    assert parse_layer_line("loading model") is None
+def test_progress_events_render() -> None:
+    assert render(KEPT) == LINE
+    reverted = LayerReport(2, "a: b/Conv", "Conv", [4], False, "", seconds=0.1)
+    assert render(LayerVisited(reverted)) == (
+        "sweep 3 Conv a: b/Conv: reverted, held-out acc n/a, lam None, 0.10s")
+    assert render(StepChecked(3, 40, 0.91234, 0.3)) == (
+        "minibatch step 3/40: held-out acc 0.9123, loss 0.3000")
+    assert render(StepBackedOff(2, "held-out loss rose", 0.15)) == (
+        "minibatch step 2: held-out loss rose, step halved to 0.15")
+    assert render(Message("loading model")) == "loading model"
 
 
 def test_progress_plain_quiet_and_cli(capsys: pytest.CaptureFixture[str]) -> None:
     buf = io.StringIO()
     plain = ProgressDisplay(stream=buf)
-    plain(LINE)
-    plain("something else")
+    plain(KEPT)
+    plain(Message("something else"))
     assert buf.getvalue() == f"  {LINE}\n  something else\n"
     assert not plain.live and plain.visits == 1
 
     quiet = ProgressDisplay(quiet=True, stream=buf)
-    quiet(LINE)
+    quiet(KEPT)
     with quiet.task("forward", total=3) as bar:
         bar.advance(3)
     assert buf.getvalue().count("\n") == 2 and quiet.lines == []
 
-    _progress(True)(LINE)
-    _progress(False)(LINE)  # stderr is captured, not a terminal: plain lines
+    _progress(True)(KEPT)
+    _progress(False)(KEPT)  # stderr is captured, not a terminal: plain lines
     assert capsys.readouterr().err == f"  {LINE}\n"
 
 
@@ -356,8 +363,8 @@ def test_progress_live_on_a_terminal() -> None:
     console = Console(file=buf, force_terminal=True, width=120, color_system="standard")
     with ProgressDisplay(console=console) as progress:
         assert progress.live
-        progress(LINE)
-        progress(LINE.replace("kept", "reverted").replace("sweep 1", "sweep 2"))
+        progress(KEPT)
+        progress(LayerVisited(replace(KEPT.report, sweep=1, accepted=False)))
         with progress.task("sweep 2 Conv c: forward", total=4) as bar:
             for _ in range(4):
                 bar.advance()
@@ -370,17 +377,16 @@ def test_progress_live_on_a_terminal() -> None:
     assert "\x1b[32mkept" in buf.getvalue()  # coloured
 
 
-def test_real_refine_progress_lines_parse(mnist_rot: dict[str, np.ndarray]) -> None:
-    """The lines refine() really emits are the ones the display understands."""
+def test_real_refine_progress_events(mnist_rot: dict[str, np.ndarray]) -> None:
+    """refine() tells the display of every layer visit with a typed event."""
     from onnxfbp import RefineConfig, refine  # noqa: PLC0415
 
     buf = io.StringIO()
     progress = ProgressDisplay(stream=buf)
     refine(DEMO_MODEL, None, mnist_rot["x_adapt"][:600, None], mnist_rot["y_adapt"][:600],
-           config=RefineConfig(device="cpu", sweeps=1, allow_worse=True), progress=progress)
+           config=RefineConfig.of(device="cpu", sweeps=1, allow_worse=True), progress=progress)
     layer_lines = [line for line in progress.lines if line.startswith("sweep ")]
-    assert layer_lines and all(parse_layer_line(line) for line in layer_lines), progress.lines
-    assert progress.visits == len(layer_lines)
+    assert layer_lines and progress.visits == len(layer_lines), progress.lines
 
 
 @pytest.mark.skipif(not hasattr(os, "openpty") or sys.platform == "win32", reason="needs a pty")
@@ -429,7 +435,7 @@ def test_inspect_json_demo_model() -> None:
     default = inspect_json(DEMO_MODEL)
     assert default["refined_layers"] == [
         GEMM3, GEMM1, CONV, "/features/features.0/Conv"]  # minibatch: through conv adjoints
-    assert default["reverse_pass"] == "onnxruntime"  # compiled on a random batch
+    assert default["reverse_pass"] == "onnxruntime"  # every path node has an ONNX adjoint
     assert default["kept_branch"] == "/features/features.0/Conv"  # Relu, MaxPool, Conv
     info = inspect_json(DEMO_MODEL, "--schedule", "jacobi")
     assert info["schedule"] == "jacobi" and info["reverse_pass"] is None

@@ -13,10 +13,10 @@ Methods
     none            the input model, evaluated with onnxruntime
     onnxfbp         ``refine(model, out, x, y)`` with defaults (seed = the repeat index);
                     out evaluated with onnxruntime
-    onnxfbp-last    the same with ``RefineConfig(max_layers=1)``
-    onnxfbp-jacobi  the same with ``RefineConfig(schedule="jacobi")``: full-pass sweeps
+    onnxfbp-last    the same with ``max_layers=1``
+    onnxfbp-jacobi  the same with ``schedule="jacobi"``: full-pass sweeps
                     (the default before the minibatch schedule)
-    onnxfbp-3ep     the same with ``RefineConfig(epochs=3)``: how far more steps go (the
+    onnxfbp-3ep     the same with ``epochs=3``: how far more steps go (the
                     stretch target is adam-5's accuracy)
     adam-K          THE PEER: onnx2torch.convert, end-to-end Adam (lr 1e-3, batch 64,
                     seeded shuffle), cross-entropy on the logits (NLL on log-probabilities if
@@ -273,7 +273,7 @@ def run_onnxfbp(
             settings["schedule"] = "jacobi"
         elif variant == "3ep":
             settings["epochs"] = 3.0
-        kwargs: dict[str, Any] = {"config": RefineConfig(**settings)}
+        kwargs: dict[str, Any] = {"config": RefineConfig.of(**settings)}
         if args.device == "cuda":
             _warm_up_onnxfbp_cuda(model, data["x_adapt"][:BATCH])
         before = rss_mb()

@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import onnx  # noqa: E402
 from make_resnet18 import build  # noqa: E402
 
-from onnxfbp import RefineConfig, Refiner, from_arrays  # noqa: E402
+from onnxfbp import ModelState, RefineConfig, from_arrays  # noqa: E402
 from onnxfbp.forward import choose_providers, inference_session  # noqa: E402
+from onnxfbp.refine import run_refine  # noqa: E402
 
 
 def main() -> None:
@@ -60,7 +61,7 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         inference = statistics.median(times)
 
-        config = RefineConfig(
+        config = RefineConfig.of(
             device=args.device,
             schedule=args.schedule,
             epochs=args.epochs,
@@ -69,9 +70,9 @@ def main() -> None:
             allow_worse=True,
         )
         start = time.perf_counter()
-        refiner = Refiner(path, config)
+        refiner = ModelState(path, config)
         setup = time.perf_counter() - start
-        result = refiner.refine(from_arrays(x, y))
+        result = run_refine(refiner, from_arrays(x, y))
         total = time.perf_counter() - start
     print(
         json.dumps(

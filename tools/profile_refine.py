@@ -1,6 +1,6 @@
 """Where a refine spends its wall time: stack sampling of one benchmark scenario.
 
-Runs ``Refiner.refine`` with defaults on a ``tools/bench.py`` scenario ``--runs``
+Runs ``onnxfbp.refine.run_refine`` with defaults on a ``tools/bench.py`` scenario ``--runs``
 times in one process and samples the main thread's stack every 2 ms during the
 last run (the earlier ones warm up CUDA, CuPy's kernel cache and onnxruntime's
 sessions). Prints each run's time and timings, then the share of samples per
@@ -32,11 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # noqa: E402
 
-from onnxfbp import RefineConfig, Refiner, from_arrays  # noqa: E402
+from onnxfbp import ModelState, RefineConfig, from_arrays  # noqa: E402
 from onnxfbp.datasets import models_dir  # noqa: E402
+from onnxfbp.refine import run_refine  # noqa: E402
 
-PHASES = ("_train_minibatch", "_head_cross_validated", "_polish_head", "scores",
-          "_train_on_split", "refine")
+# innermost first: the schedule's steps and checks, the output-layer solves, sweeps
+PHASES = ("precondition", "take_step", "check", "head_cross_validated", "polish_head",
+          "run_sweeps", "scores", "train_on_split", "run_refine")
 
 
 class StackSampler:
@@ -106,13 +108,13 @@ def main() -> None:
     main_thread = threading.get_ident()
     sampler = StackSampler(main_thread)
     for run in range(args.runs):
-        refiner = Refiner(model, RefineConfig(device=args.device, seed=run))
+        refiner = ModelState(model, RefineConfig.of(device=args.device, seed=run))
         started = time.perf_counter()
         if run == args.runs - 1:
             with sampler:
-                result = refiner.refine(from_arrays(x, y))
+                result = run_refine(refiner, from_arrays(x, y))
         else:
-            result = refiner.refine(from_arrays(x, y))
+            result = run_refine(refiner, from_arrays(x, y))
         seconds = time.perf_counter() - started
         timings = {k: round(v, 3) for k, v in result.timings.items()}
         print(f"{args.device} run {run}: refine {seconds:.2f} s, held-out "

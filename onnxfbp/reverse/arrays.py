@@ -1,0 +1,68 @@
+"""The reference reverse pass: the inverse rules (or their linearizations) node
+by node, on arrays of NumPy or CuPy."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..graph import Layer, Plan
+from ..rules import RULES, Array
+
+__all__ = ["reverse", "reverse_target"]
+
+
+def reverse(
+    plan: Plan,
+    acts: Mapping[str, Array],
+    t_logits: Array,
+    path: list[int],
+    views: Mapping[str, Any],
+    mu: float,
+    linearized: bool = False,
+) -> tuple[dict[str, Array], dict[str, int]]:
+    """Carry the logits target back through the nodes ``path`` (indices into
+    plan.nodes, forward order) with the inverse rules (proximal weight ``mu``).
+    Returns, per tensor, the summed target residuals of its consumers and their
+    count (targets average).
+
+    ``linearized``: each rule's :meth:`vjp` instead, and the residuals of several
+    consumers add up (count 1): the residual at each tensor is ``-dL/dx`` for
+    the loss whose negative gradient at the logits is the logits residual."""
+    sums: dict[str, Array] = {plan.logits: t_logits - acts[plan.logits]}
+    counts: dict[str, int] = {plan.logits: 1}
+    for i in reversed(path):
+        pn = plan.nodes[i]
+        out = pn.outputs[0]
+        if out not in sums:
+            continue
+        o0 = acts[out]
+        xs = [acts[pn.inputs[j]] for j in pn.data_inputs]
+        if linearized:
+            deltas = RULES[pn.op].vjp(views[pn.name], sums[out], xs, o0)
+        else:
+            t = o0 + sums[out] / counts[out]
+            new = RULES[pn.op].inverse(views[pn.name], t, xs, o0, mu)
+            deltas = [x_t - x0 for x_t, x0 in zip(new, xs, strict=True)]
+        for j, delta in zip(pn.data_inputs, deltas, strict=True):
+            name = pn.inputs[j]
+            sums[name] = sums.get(name, 0) + delta
+            counts[name] = 1 if linearized else counts.get(name, 0) + 1
+    return sums, counts
+
+
+def reverse_target(
+    plan: Plan,
+    acts: Mapping[str, Array],
+    t_logits: Array,
+    layer: Layer,
+    path: list[int],
+    views: Mapping[str, Any],
+    mu: float,
+) -> Array:
+    """The target at ``layer.output`` carried back from the logits target
+    (the mean of its consumers' targets)."""
+    sums, counts = reverse(plan, acts, t_logits, path, views, mu)
+    if layer.output not in sums:
+        raise RuntimeError(f"no target reached {layer.output}")
+    return acts[layer.output] + sums[layer.output] / counts[layer.output]

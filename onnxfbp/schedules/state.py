@@ -1,0 +1,308 @@
+"""The model being refined: plan, onnxruntime runner, current weights.
+
+:class:`ModelState` is what every schedule reads and changes: the current
+initializer values, the node views they give, forward passes and held-out
+scores with them, and :meth:`ModelState.set_weights` to write a layer's solved
+block back. :class:`RunContext` is one run's data split, random generator,
+best held-out score, reports and progress callback.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..backend import array_module, cupy_or_none
+from ..config import RefineConfig
+from ..data import LabelledData
+from ..device import run_to_device
+from ..events import LayerVisited, Progress
+from ..forward import ForwardRunner, choose_providers
+from ..graph import Layer, Plan, load_model, plan_model
+from ..layers import LayerBlock
+from ..results import EvalResult, LayerReport, eval_result
+from ..targets import cross_entropy
+
+__all__ = ["Clock", "ModelState", "RunContext", "Score", "nodes_after", "select_layers"]
+
+Views = dict[str, Any]
+
+
+@dataclass
+class Clock:
+    """Seconds spent in forward passes (with targets) and in solves."""
+
+    forward: float = 0.0
+    solve: float = 0.0
+
+
+@dataclass
+class Score:
+    """Best held-out score so far: summed cross-entropy and correct count."""
+
+    loss: float
+    correct: int
+
+    def better(self, loss: float, correct: int, commit: bool = True) -> bool:
+        """More correct, or as many with lower loss; records it when ``commit``."""
+        ok = correct > self.correct or (correct == self.correct and loss < self.loss)
+        if ok and commit:
+            self.loss, self.correct = loss, correct
+        return ok
+
+
+@dataclass
+class RunContext:
+    """One run's split of the labelled data and what it collects."""
+
+    data: LabelledData
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    rng: np.random.Generator
+    score: Score
+    progress: Progress
+    reports: list[LayerReport] = field(default_factory=list)
+
+    def record(self, report: LayerReport) -> None:
+        """Keep ``report`` and tell the progress callback."""
+        self.reports.append(report)
+        self.announce(report)
+
+    def announce(self, report: LayerReport) -> None:
+        self.progress(LayerVisited(report))
+
+
+def nodes_after(plan: Plan, tensor: str, through_convs: bool) -> list[int] | None:
+    """Indices (into plan.nodes, forward order) of the path nodes through which a
+    target reaches ``tensor`` from the logits; ``None`` if none does. Without
+    ``through_convs`` a target never passes a Conv (routes around it, residual
+    shortcuts, count)."""
+    reach = {tensor}
+    out = []
+    for i, pn in enumerate(plan.nodes):
+        if pn.op == "Conv" and not through_convs:
+            continue
+        if any(pn.inputs[j] in reach for j in pn.data_inputs):
+            out.append(i)
+            reach.update(pn.outputs)
+    if plan.logits not in reach:
+        return None
+    return out
+
+
+def through_convs(config: RefineConfig) -> bool:
+    """Targets pass Conv nodes: the minibatch schedule (Conv adjoints are cheap) or
+    ``deep`` (Conv inverses in the sweeps)."""
+    return config.layers.deep or config.schedule == "minibatch"
+
+
+def select_layers(plan: Plan, config: RefineConfig) -> tuple[list[Layer], dict[str, str]]:
+    """The layers a run refines, from the output back, and why the others are not."""
+    skipped: dict[str, str] = {}
+    layers: list[Layer] = []
+    convs = through_convs(config)
+    limit = config.layers.max_layers
+    for layer in reversed(plan.refinable):
+        if nodes_after(plan, layer.output, convs) is None:
+            skipped[layer.name] = "its target would pass a Conv inverse (enable: --deep)"
+        elif limit is not None and len(layers) >= limit:
+            skipped[layer.name] = f"beyond --max-layers {limit}"
+        else:
+            layers.append(layer)
+    return layers, skipped
+
+
+class ModelState:
+    """A loaded model with its plan, runner and current weights.
+
+    ``layers`` are the layers the run refines (from the output back);
+    ``downstream[name]`` the path nodes that carry targets back to each."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        config: RefineConfig,
+        layers: bool = True,
+    ) -> None:
+        self.config = config
+        self.model_path = Path(model_path)
+        self.timings: dict[str, float] = {}
+        self.clock = Clock()
+        start = time.perf_counter()
+        self.model: onnx.ModelProto = load_model(self.model_path)
+        self.plan: Plan = plan_model(self.model, config.layers.output_name)
+        self.timings["plan"] = time.perf_counter() - start
+        self.providers = choose_providers(config.run.device)
+        device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        if device == "cuda" and config.run.device == "auto":
+            self.xp: Any = cupy_or_none() or np  # CUDA forward, NumPy solves without CuPy
+        else:
+            self.xp = array_module(device) if device == "cuda" else np
+        self.device = device
+        self.layers, self.skipped = select_layers(self.plan, config) if layers else ([], {})
+        self.runner = ForwardRunner(
+            self.model, self.plan.input_name, self._weight_inputs(), self._extra_outputs(),
+            self.providers, config.run.batch_size, config.run.threads,
+        )
+        self.values: dict[str, np.ndarray] = dict(self.runner.initial_weights)
+        self.original = {k: v.copy() for k, v in self.values.items()}
+        convs = through_convs(config)
+        self.downstream = {
+            layer.name: nodes_after(self.plan, layer.output, convs) or [] for layer in self.layers
+        }
+        # how the minibatch schedule carried residuals back, and its kept branch
+        self.reverse_pass: str | None = None
+        self.kept_branch: str | None = None
+
+    def _weight_inputs(self) -> list[str]:
+        names = set()
+        for layer in self.layers:
+            names.add(layer.weight.initializer)
+            if layer.bias is not None:
+                names.add(layer.bias.initializer)
+        return sorted(names)
+
+    def _extra_outputs(self) -> list[str]:
+        extra = {self.plan.logits}
+        for pn in self.plan.nodes:
+            extra.update(pn.inputs[i] for i in pn.data_inputs)
+            extra.update(pn.outputs[:1])
+        for layer in self.layers:
+            extra.add(layer.input)
+        extra.discard(self.plan.input_name)
+        return sorted(extra)
+
+    # ------------------------------------------------------------ weights
+
+    def tensor_values(self) -> dict[str, np.ndarray]:
+        """Current values of weight tensors as the graph sees them (after chains)."""
+        out = dict(self.values)
+        for layer in self.layers:
+            out[layer.weight_tensor] = layer.weight.apply(self.values[layer.weight.initializer])
+            if layer.bias is not None and layer.bias_tensor is not None:
+                out[layer.bias_tensor] = layer.bias.apply(self.values[layer.bias.initializer])
+        return out
+
+    def views(self) -> Views:
+        """Node views with the current weights."""
+        return self.plan.node_views(self.tensor_values())
+
+    def block(self, layer: Layer, views: Views | None = None) -> LayerBlock:
+        """``layer``'s weight block with the current weights (``views``: those of
+        :meth:`views`, when already at hand)."""
+        values = self.tensor_values()
+        view = (views if views is not None else self.plan.node_views(values))[layer.name]
+        bias_value = (
+            values[layer.bias_tensor] if layer.bias is not None and layer.bias_tensor else None
+        )
+        fixed = None
+        if bias_value is None:
+            if (
+                layer.kind == "dense"
+                and layer.op == "Gemm"
+                and 2 in view.static
+                and view.static[2].size
+            ):
+                c = np.asarray(view.static[2], dtype=np.float64) * float(view.attr("beta", 1.0))
+                fixed = np.broadcast_to(
+                    c.reshape(-1), (view.static[1].shape[0 if view.attr("transB", 0) else 1],)
+                )
+            elif layer.kind == "conv" and 2 in view.static and view.static[2].size:
+                fixed = np.asarray(view.static[2], dtype=np.float64)
+        return LayerBlock(layer, view, bias_value, fixed)
+
+    def set_weights(self, layer: Layer, block: LayerBlock, new_w: np.ndarray) -> None:
+        """Write the solved block ``new_w`` back into ``layer``'s initializers."""
+        weight_value, bias_value = block.split(new_w)
+        init = layer.weight.initializer
+        self.values[init] = layer.weight.write_back(np.asarray(weight_value), self.values[init])
+        if bias_value is not None and layer.bias is not None:
+            binit = layer.bias.initializer
+            self.values[binit] = layer.bias.write_back(np.asarray(bias_value), self.values[binit])
+
+    def patched_model(self) -> onnx.ModelProto:
+        """The input model with refined initializer values; nothing else changed."""
+        from ..patch import with_initializers  # noqa: PLC0415
+
+        changed = {k: v for k, v in self.values.items() if not np.array_equal(v, self.original[k])}
+        return with_initializers(self.model, changed)
+
+    # ------------------------------------------------------------ forward
+
+    def forward(self, x: np.ndarray, outputs: list[str], on_device: bool = False) -> dict[str, Any]:
+        """Named activations for the batch ``x`` (the input itself included); with
+        ``on_device`` they are arrays of the solver's array module (CuPy on GPU)."""
+        names = [o for o in outputs if o != self.plan.input_name]
+        if on_device and self.xp is not np:
+            acts = run_to_device(self.runner, x, names, self.values, self.xp)
+            acts[self.plan.input_name] = self.xp.asarray(x, dtype=self.xp.float32)
+            return acts
+        acts = self.runner.run(x, names, self.values)
+        acts[self.plan.input_name] = np.asarray(x, dtype=np.float32)
+        return acts
+
+    def frozen_forward(self, outputs: list[str]) -> Callable[[np.ndarray], dict[str, Any]]:
+        """Like :meth:`forward` (NumPy arrays), for many batches with the current
+        weights (see :meth:`ForwardRunner.frozen`)."""
+        names = [o for o in outputs if o != self.plan.input_name]
+        run = self.runner.frozen(self.values, names) if names else None
+
+        def forward(x: np.ndarray) -> dict[str, Any]:
+            acts = run(x) if run is not None else {}
+            acts[self.plan.input_name] = np.asarray(x, dtype=np.float32)
+            return acts
+
+        return forward
+
+    def scores(self, data: LabelledData, idx: np.ndarray) -> tuple[float, int, np.ndarray]:
+        """Summed cross-entropy, correct count and predictions on ``data[idx]``."""
+        loss, correct, preds = 0.0, 0, []
+        forward = self.frozen_forward([self.plan.logits])
+        for x, y in data.batches(idx, self.config.run.batch_size):
+            z = forward(x)[self.plan.logits]
+            z = z.reshape(len(y), -1)
+            batch_loss, batch_correct = cross_entropy(z, y)
+            loss += batch_loss
+            correct += batch_correct
+            preds.append(z.argmax(axis=1))
+        return loss, correct, np.concatenate(preds) if preds else np.zeros(0, np.int64)
+
+    def evaluate(self, data: LabelledData, idx: np.ndarray | None = None) -> EvalResult:
+        """Accuracy, loss, per-class accuracy and confusion on ``data[idx]``."""
+        idx = np.arange(len(data)) if idx is None else idx
+        loss, correct, preds = self.scores(data, idx)
+        return self.result(loss, correct, preds, data.labels(idx))
+
+    def result(
+        self, loss: float, correct: int, preds: np.ndarray, labels: np.ndarray
+    ) -> EvalResult:
+        return eval_result(loss, correct, preds, labels, self.plan.n_classes)
+
+    # ------------------------------------------------------------ reverse paths
+
+    def needed(self, layer: Layer, downstream: dict[str, list[int]] | None = None) -> list[str]:
+        """The tensors the reverse rules read to carry a target back to ``layer``."""
+        names = {self.plan.logits, layer.input, layer.output}
+        for i in (downstream or self.downstream)[layer.name]:
+            pn = self.plan.nodes[i]
+            names.update(pn.inputs[j] for j in pn.data_inputs)
+            names.add(pn.outputs[0])
+        return sorted(names)
+
+    def reverse_plan(
+        self, layers: list[Layer], downstream: dict[str, list[int]] | None = None
+    ) -> tuple[list[int], list[str]]:
+        """The path nodes (indices into plan.nodes, forward order) that carry targets
+        back to ``layers``, and the tensors their rules read."""
+        paths = downstream or self.downstream
+        path = sorted({i for layer in layers for i in paths[layer.name]})
+        needed = sorted({n for layer in layers for n in self.needed(layer, paths)})
+        return path, needed
+
