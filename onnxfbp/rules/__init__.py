@@ -60,6 +60,7 @@ __all__ = [
     "decode",
     "emitter_for",
     "fills",
+    "onnx_default",
     "register",
     "rule_for",
 ]
@@ -102,11 +103,7 @@ class NodeView:
             return self.attrs[key]
         if default is not _TABLE:
             return default
-        rule = RULES.get(self.op_type)
-        defaults = rule.defaults.get(self.op_type, {}) if rule is not None else {}
-        if key not in defaults:
-            raise self.missing(f"default for attribute {key!r}")
-        return defaults[key]
+        return onnx_default(self.op_type, key, self.opset, self.name)
 
     def missing(self, slot: str) -> MissingSlot:
         """The error for a slot this node's op does not fill."""
@@ -221,6 +218,16 @@ def register(cls: type[InverseRule]) -> type[InverseRule]:
 
 def rule_for(op_type: str) -> InverseRule | None:
     return RULES.get(op_type)
+
+
+def onnx_default(op_type: str, key: str, opset: int = 0, node: str = "") -> Any:
+    """The op table's ONNX default of attribute ``key`` of ``op_type``
+    (:class:`MissingSlot` if it lists none)."""
+    rule = RULES.get(op_type)
+    defaults = rule.defaults.get(op_type, {}) if rule is not None else {}
+    if key not in defaults:
+        raise MissingSlot(f"default for attribute {key!r}", op_type, opset, node)
+    return defaults[key]
 
 
 def fills(rule: InverseRule, slot: str) -> bool:

@@ -318,10 +318,8 @@ class AveragePoolRule(InverseRule):
     def inverse(
         self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
     ) -> list[Array]:
-        xp = xp_of(t)
-        x0 = xs[0]
+        x0, r, xp = xs[0], t - o0, xp_of(t)
         g = pool_geometry(node, x0.shape)
-        r = t - o0
         vals = xp.ascontiguousarray(xp.broadcast_to(r[..., None, None], (*r.shape, *g.kernel)))
         spread = _scatter_windows(vals, x0.shape, g, "add")
         cover = _scatter_windows(xp.ones_like(vals), x0.shape, g, "add")
