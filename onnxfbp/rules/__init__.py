@@ -46,6 +46,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from ..errors import UnsupportedModelError
+
 if TYPE_CHECKING:
     from ..adjoint import AdjointBuilder
 
@@ -66,12 +68,15 @@ __all__ = [
 ]
 
 
-class MissingSlot(NotImplementedError):
+class MissingSlot(UnsupportedModelError, NotImplementedError):
     """A slot of the op table (a default, a reverse step, an emitter...) that the
-    op's rule does not fill: the message names the slot, op, opset and node."""
+    op's rule does not fill: the message names the slot, op, opset and node. (A
+    missing attribute default means the node lacks a required attribute.)"""
 
     def __init__(self, slot: str, op_type: str, opset: int, node: str) -> None:
-        super().__init__(f"{op_type} (opset {opset}), node {node!r}: the op table has no {slot}")
+        super().__init__(
+            f"{op_type} (opset {opset}), node {node!r}: the op table has no {slot}; "
+            "check the model with onnx.checker, or report the op to onnxfbp")
         self.slot, self.op_type, self.opset, self.node = slot, op_type, opset, node
 
 
