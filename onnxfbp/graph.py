@@ -30,7 +30,7 @@ from onnx.reference import ReferenceEvaluator
 
 from .errors import ModelError, UnsupportedModelError
 from .loading import load_model
-from .rules import RULES, NodeView
+from .rules import RULES, NodeView, onnx_default
 
 __all__ = [
     "Layer",
@@ -433,8 +433,10 @@ def _fused_activation(
                     return "Swish", {"alpha": float(beta)}, x, [sig.name, scale.name]
         hard = only(gate, "HardSigmoid")
         if hard is not None and hard.inputs[0].name == x \
-                and abs(float(hard.attrs.get("alpha", 0.2)) - 1 / 6) < 1e-6 \
-                and abs(float(hard.attrs.get("beta", 0.5)) - 0.5) < 1e-6:
+                and abs(float(hard.attrs.get("alpha", onnx_default("HardSigmoid", "alpha")))
+                        - 1 / 6) < 1e-6 \
+                and abs(float(hard.attrs.get("beta", onnx_default("HardSigmoid", "beta")))
+                        - 0.5) < 1e-6:
             return "HardSwish", {}, x, [hard.name]
         tanh = only(gate, "Tanh")
         soft = only(tanh.inputs[0].name, "Softplus") if tanh is not None else None
@@ -533,7 +535,7 @@ def _out_channels(node: gs.Node, values: dict[str, np.ndarray]) -> int:
     assert w is not None
     if node.op == "Conv":
         return int(w.shape[0])
-    if node.op == "Gemm" and node.attrs.get("transB", 0):
+    if node.op == "Gemm" and node.attrs.get("transB", onnx_default("Gemm", "transB")):
         return int(w.shape[0])
     return int(w.shape[-1])
 

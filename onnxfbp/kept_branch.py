@@ -9,28 +9,18 @@ pass's 13.5 ms per 100 samples, to give 16 (now 48) of conv1's 784 positions.
 
 :class:`KeptBranch` covers a chain from ``L``'s output to the next
 convolution ``M`` in which every tensor has one reader and is not a graph
-output, with nodes
+output, whose every node has a sparse form in the op table
+(:meth:`InverseRule.sparse_vjp`: ``J^T r`` at a few spatial positions, the same
+math as its dense ``vjp``; today Relu, LeakyRelu with ``alpha > 0``, inference
+BatchNormalization, Identity, Dropout and MaxPool with disjoint windows),
+ending at ``M``, a 2-D ``Conv`` with stride 1 and one group, whose output
+residual ``r_M`` the dense pass computes anyway (its sparse form: one im2col
+row of ``r_M`` per kept position in the transposed geometry, times the
+flipped kernel).
 
-- ``Relu``, ``LeakyRelu`` (``alpha > 0``): ``J^T r = r [o0 > 0]``, ``r`` or
-  ``alpha r`` by the sign of ``o0``;
-- ``BatchNormalization`` (inference form): ``J^T r = r g / sqrt(v + eps)`` per
-  channel;
-- ``Identity``, ``Dropout``: ``J^T r = r``;
-- ``MaxPool`` with disjoint windows (kernel <= strides, no padding, no
-  dilation): ``J^T r`` puts ``r[q]`` on the first maximum of window ``q``;
-- ending at ``M``, a 2-D ``Conv`` with stride 1 and one group, whose output
-  residual ``r_M`` the dense pass computes anyway:
-
-      J^T r_M [n, c, i, j] = sum_{o, a, b} W[o, c, a, b]
-                             r_M[n, o, i + p_t - a d_h, j + p_l - b d_w]
-
-  (terms outside ``r_M`` are zero): at a kept position this is one im2col
-  row of ``r_M`` in the transposed geometry (pads ``d (k - 1) - p``) times
-  ``W`` flipped in space with its channel axes swapped.
-
-Positions map forward through the chain (a pool takes ``p`` to its window
-``q = p // s`` and remembers where in the window ``p`` sits; a position past
-the last whole window gets no residual), then the residual is computed
+Positions map forward through the chain (:meth:`InverseRule.land`: a pool takes
+``p`` to its window ``q = p // s``; a position past the last whole window gets
+no residual), then the residual is computed
 backward at those positions only, for every sample and channel: M's adjoint
 once per distinct landed position, the pool's first maximum once per window.
 The values equal those of the dense pass at the same positions
@@ -46,37 +36,25 @@ from dataclasses import dataclass
 import numpy as np
 
 from .graph import Plan, PlanNode
-from .layers import gather_patches, kept_positions
-from .rules import Array, NodeView, xp_of
-from .rules.linear import ConvGeometry, ConvRule
-from .rules.pool import pool_geometry
+from .layers import kept_positions
+from .rules import RULES, Array, NodeView, fills
+from .rules.linear import ConvGeometry
+from .rules.pool import pool_geometry, window_taps
 
 __all__ = ["KeptBranch"]
-
-PASS_THROUGH = ("Identity", "Dropout")
 
 
 @dataclass(frozen=True)
 class _Step:
-    """One node of the chain: ``op``, the node's name, and the forward tensor it
-    reads (``Relu``/``LeakyRelu``: its output; ``MaxPool``: its input)."""
+    """One node of the chain: ``op``, the node's name, the forward tensor its
+    sparse form reads (``""``: none), the spatial size of its input, and for a
+    pool (a step that moves positions) its window geometry."""
 
     op: str
     node: str
-    tensor: str = ""  # (none for the others)
-    grid: tuple[int, int] = (0, 0)  # spatial size of the step's input
-    window: tuple[int, int] = (1, 1)  # MaxPool kernel
-    stride: tuple[int, int] = (1, 1)  # MaxPool strides
-    pooled: tuple[int, int] = (0, 0)  # MaxPool output size
-    alpha: float = 0.0  # LeakyRelu slope
-
-    def window_taps(self, qi: np.ndarray, qj: np.ndarray) -> np.ndarray:
-        """MaxPool: the flat positions on the step's input grid of the windows
-        ``(qi, qj)``, (Q, kh * kw) in window order, clipped to the grid."""
-        (kh, kw), (sh, sw), (h, w) = self.window, self.stride, self.grid
-        rows = np.minimum((qi * sh)[:, None] + np.arange(kh), h - 1)  # Q, kh
-        cols = np.minimum((qj * sw)[:, None] + np.arange(kw), w - 1)  # Q, kw
-        return (rows[:, :, None] * w + cols[:, None, :]).reshape(len(qi), -1)
+    tensor: str = ""
+    grid: tuple[int, int] = (0, 0)
+    pool: ConvGeometry | None = None
 
 
 @dataclass(frozen=True)
@@ -87,7 +65,6 @@ class KeptBranch:
     start: str  # the deepest convolution's output
     source: str  # M's output: its residual comes from the dense pass
     conv: str  # M's node name
-    conv_geometry: ConvGeometry  # M's geometry on its input
     conv_grid: tuple[int, int]  # M's input size
     steps: tuple[_Step, ...]  # forward order
 
@@ -118,22 +95,24 @@ class KeptBranch:
         with the positions, hence about ``2 count`` of them for any window size.
         Without a pool: ``count`` positions drawn one by one."""
         h, w = self.grid
-        pools = [s for s in self.steps if s.op == "MaxPool"]
+        pools = [s for s in self.steps if s.pool is not None]
         if not pools:
             keep = kept_positions(rng, h * w, count)
             return (np.arange(h * w) if keep is None else keep), h * w
         pool = pools[0]  # the steps before it keep the grid
-        (kh, kw), (oh, ow) = pool.window, pool.pooled
+        assert pool.pool is not None
+        (kh, kw), (oh, ow) = pool.pool.kernel, pool.pool.out_size(*pool.grid)
         wanted = max(1, -(-2 * count // (kh * kw)))
         picked = rng.choice(oh * ow, size=min(wanted, oh * ow), replace=False)
-        keep = np.sort(pool.window_taps(picked // ow, picked % ow).reshape(-1))
+        keep = np.sort(window_taps(pool.pool, pool.grid, picked // ow, picked % ow).reshape(-1))
         return keep, oh * ow * kh * kw
 
     @staticmethod
     def find(plan: Plan, start: str, shapes: Mapping[str, tuple[int, ...]]) -> KeptBranch | None:
         """The branch from ``start`` (a convolution's output), or None where the
-        chain has another node, a second reader, a graph output, a pool whose
-        windows overlap or a next convolution with strides or groups."""
+        chain has a node without a sparse form (or a form it does not cover: a
+        pool whose windows overlap, a next convolution with strides or groups), a
+        second reader or a graph output."""
         readers: dict[str, int] = {}
         for n in plan.model.graph.node:
             for name in set(n.input):
@@ -146,42 +125,24 @@ class KeptBranch:
         steps: list[_Step] = []
         tensor = start
         while True:
-            found = by_input.get(tensor)
-            if found is None or readers.get(tensor) != 1 or tensor in outputs:
+            pn = by_input.get(tensor)
+            if pn is None or readers.get(tensor) != 1 or tensor in outputs:
                 return None
-            pn = found
             if tensor not in shapes or len(shapes[tensor]) != 4 or pn.data_inputs != (0,):
                 return None
-            grid = (int(shapes[tensor][2]), int(shapes[tensor][3]))
-            view = pn.view
-            if pn.op == "Conv":
-                g = ConvRule().geometry(view, shapes[tensor])
-                if g.group != 1 or tuple(g.strides) != (1, 1) or 1 not in pn.static_names:
-                    return None
-                return KeptBranch(start, pn.outputs[0], pn.name, g, grid, tuple(steps))
-            if pn.op in ("Relu", "LeakyRelu"):
-                alpha = float(view.attr("alpha", 0.01)) if pn.op == "LeakyRelu" else 0.0
-                if pn.op == "LeakyRelu" and alpha <= 0:
-                    return None
-                steps.append(_Step(pn.op, pn.name, pn.outputs[0], grid, alpha=alpha))
-            elif pn.op == "BatchNormalization":
-                if len([o for o in pn.outputs if o]) != 1 or view.attr("training_mode", 0):
-                    return None
-                steps.append(_Step(pn.op, pn.name, "", grid))
-            elif pn.op in PASS_THROUGH:
-                steps.append(_Step(pn.op, pn.name, "", grid))
-            elif pn.op == "MaxPool":
-                if int(view.attr("storage_order", 0)):
-                    return None
-                g = pool_geometry(view, shapes[tensor])
-                disjoint = (all(k <= s for k, s in zip(g.kernel, g.strides, strict=True))
-                            and not any(g.pads) and tuple(g.dilations) == (1, 1))
-                if not disjoint:
-                    return None
-                pooled = g.out_size(*grid)
-                steps.append(_Step(pn.op, pn.name, tensor, grid, g.kernel, g.strides, pooled))
-            else:
+            rule = RULES.get(pn.op)
+            if (rule is None or not fills(rule, "sparse_vjp")
+                    or len([o for o in pn.outputs if o]) != 1
+                    or rule.sparse_check(pn.view, shapes[tensor]) is not None):
                 return None
+            grid = (int(shapes[tensor][2]), int(shapes[tensor][3]))
+            if pn.op == "Conv":
+                if 1 not in pn.static_names:
+                    return None
+                return KeptBranch(start, pn.outputs[0], pn.name, grid, tuple(steps))
+            reads = {"input": tensor, "output": pn.outputs[0], "": ""}[rule.sparse_reads]
+            pool = pool_geometry(pn.view, shapes[tensor]) if fills(rule, "land") else None
+            steps.append(_Step(pn.op, pn.name, reads, grid, pool))
             tensor = pn.outputs[0]
 
     def residual(
@@ -190,74 +151,15 @@ class KeptBranch:
     ) -> Array:
         """``-dL/d start`` at the flat positions ``keep`` of its grid: (N, C, len(keep)),
         from the dense residual ``r_source`` at M's output (N, O, H', W')."""
-        xp = xp_of(r_source)
         # forward: where each kept position lands, step by step
-        pos, valid = np.asarray(keep, np.int64), np.ones(len(keep), bool)
-        trail = []  # (step, positions on its input grid, whether they lie in a window)
+        pos = np.asarray(keep, np.int64)
+        trail = []  # (step, positions on its input grid)
         for step in self.steps:
-            if step.op != "MaxPool":
-                trail.append((step, pos, valid))
-                continue
-            width = step.grid[1]
-            (sh, sw), (oh, ow) = step.stride, step.pooled
-            i, j = pos // width, pos % width
-            qi, qj = i // sh, j // sw
-            # past the last whole window, or between windows (kernel < stride)
-            valid = valid & (qi < oh) & (qj < ow)
-            valid &= (i - qi * sh < step.window[0]) & (j - qj * sw < step.window[1])
-            trail.append((step, pos, valid))
-            pos = np.minimum(qi, oh - 1) * ow + np.minimum(qj, ow - 1)
+            trail.append((step, pos))
+            pos = RULES[step.op].land(views[step.node], step.grid, pos)[0]
         # backward: M's adjoint at the landed positions, then the chain in reverse
-        w = xp.asarray(views[self.conv].const(1), dtype=r_source.dtype)  # (O, C, kh, kw)
-        g = self.conv_geometry
-        transposed = ConvGeometry(g.kernel, (1, 1), g.dilations, g.adjoint_pads())
-        c = w.shape[1]
-        n = r_source.shape[0]
-        # positions that share a window land on one position of M's input: one row each
-        landed, spread = np.unique(pos, return_inverse=True)
-        patches = gather_patches(r_source, transposed, landed, self.conv_grid)  # N, U, O, k k
-        flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(c, -1)  # C, (O k k)
-        r = (patches.reshape(n * len(landed), -1) @ flipped.T).reshape(n, len(landed), c)
-        r = xp.take(r.transpose(0, 2, 1), xp.asarray(spread.reshape(-1)), axis=2)  # N, C, P
-        for step, at, inside in reversed(trail):
-            if step.op == "MaxPool":
-                r = r * xp.asarray(inside, dtype=r.dtype) * self._first_max(
-                    acts[step.tensor], step, at)
-            elif step.op in ("Relu", "LeakyRelu"):
-                o0 = xp.take(acts[step.tensor].reshape(n, acts[step.tensor].shape[1], -1),
-                             xp.asarray(at), axis=2)
-                r = r * (o0 > 0) if step.op == "Relu" else xp.where(o0 >= 0, r, step.alpha * r)
-            elif step.op == "BatchNormalization":
-                view = views[step.node]
-                gamma, var = (xp.asarray(view.const(i), dtype=xp.float64) for i in (1, 4))
-                scale = gamma / xp.sqrt(var + float(view.attr("epsilon", 1e-5)))
-                r = r * scale.astype(r.dtype)[None, :, None]
+        r = RULES["Conv"].sparse_vjp(views[self.conv], r_source, pos, self.conv_grid, None)
+        for step, at in reversed(trail):
+            fwd = acts[step.tensor] if step.tensor else None
+            r = RULES[step.op].sparse_vjp(views[step.node], r, at, step.grid, fwd)
         return r
-
-    @staticmethod
-    def _first_max(x: Array, step: _Step, pos: np.ndarray) -> Array:
-        """1 where the position ``pos`` (flat, on the pool's input grid) is the first
-        maximum of its window, per sample and channel: (N, C, P). The window's
-        taps are gathered at once and reduced slice by slice (an ``argmax`` over
-        windows of 4 took twice as long)."""
-        xp = xp_of(x)
-        (kh, kw), (sh, sw), width = step.window, step.stride, step.grid[1]
-        i, j = pos // width, pos % width
-        qi, qj = i // sh, j // sw
-        # one reduction per window, however many kept positions lie in it
-        _, first_in, spread = np.unique(
-            qi * (width + 1) + qj, return_index=True, return_inverse=True)
-        taps = step.window_taps(qi[first_in], qj[first_in]).T  # K, Q
-        n, c = x.shape[:2]
-        offsets = np.arange(c)[:, None, None] * (x.shape[2] * x.shape[3]) + taps  # C, K, Q
-        values = xp.take(x.reshape(n, -1), xp.asarray(offsets.reshape(-1)), axis=1)
-        values = values.reshape(n, c, *taps.shape)
-        top = values[:, :, 0]
-        for k in range(1, len(taps)):
-            top = xp.maximum(top, values[:, :, k])
-        first = xp.full(top.shape, len(taps) - 1, dtype=xp.int32)
-        for k in reversed(range(len(taps) - 1)):
-            first = xp.where(values[:, :, k] == top, k, first)
-        first = xp.take(first, xp.asarray(spread.reshape(-1)), axis=2)  # N, C, P
-        at = np.minimum(i - qi * sh, kh - 1) * kw + np.minimum(j - qj * sw, kw - 1)
-        return (first == xp.asarray(at, dtype=xp.int32)).astype(x.dtype)

@@ -1,7 +1,8 @@
 """The reverse pass compiled for onnxruntime (``onnxfbp.adjoint``) against the
 NumPy one it replaces:
 
-1. per op: every rule spec with an emitter gives the rule's own ``vjp``;
+1. per op: the forms of MaxPool and Conv emitted for each provider give the
+   rule's own ``vjp`` (every other spec: ``test_ops_contract``);
 2. per model: every corpus model compiles, and on real data the residual at
    each layer output equals the NumPy reverse pass;
 3. a node without an emitter is named (the NumPy pass then runs); every op with
@@ -40,11 +41,6 @@ def _close(got: np.ndarray, want: np.ndarray, rtol: float = 1e-4) -> None:
     assert got.shape == want.shape
     scale = max(float(np.abs(want).max()), 1e-6)
     np.testing.assert_allclose(got, want, rtol=0, atol=rtol * scale)
-
-
-@pytest.mark.parametrize("spec", COVERED, ids=[s.id for s in COVERED])
-def test_emitted_vjp_matches_rule(spec: Spec) -> None:
-    _check_emitter(spec, frozenset())
 
 
 MAXPOOLS = [s for s in COVERED if s.op == "MaxPool"]
@@ -147,10 +143,6 @@ def test_op_without_emitter_is_named() -> None:
     x = _inputs(spec)[0]
     with pytest.raises(AdjointUnavailable, match="^no onnx adjoint for MadeUpOp$"):
         AdjointGraph.build(plan, [0], ["in0"], {"in0": x, "out": x}, {view.name: view}, CPU)
-
-
-def test_every_rule_has_an_emitter() -> None:
-    assert set(RULES) <= set(EMITTERS)
 
 
 @pytest.fixture(scope="module")

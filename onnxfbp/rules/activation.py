@@ -12,15 +12,24 @@ function is flat the current input is moved only as far as needed:
 - Clip:       x* = t inside (lo, hi); min(x0, lo) where t <= lo; max(x0, hi) where t >= hi
 - Softmax:    x* = log t + c,  c per row so that mean(x*) = mean(x0) (shift is free)
 - LogSoftmax: x* = t + c,      same shift
+
+Reverse steps ``J^T r`` (NumPy and ONNX alike): Relu ``r [x0 > 0]``, LeakyRelu /
+PRelu ``r`` or ``alpha r`` by the sign of ``x0``, Sigmoid ``r o0 (1 - o0)``, Tanh
+``r (1 - o0^2)``, Clip ``r [lo < x0 < hi]``, Softmax ``o0 (r - sum(o0 r))``,
+LogSoftmax ``r - exp(o0) sum(r)`` (sums along the axis).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import Array, InverseRule, NodeView, register, xp_of
+
+if TYPE_CHECKING:
+    from ..adjoint import AdjointBuilder
 
 EPS = 1e-4
 
@@ -31,9 +40,31 @@ class ReluRule(InverseRule):
 
     op_types = ("Relu",)
     elementwise = True
+    sparse_reads = "output"  # o0 > 0 exactly where x0 > 0
+
+    def slope(self, node: NodeView, x: Array) -> Array:
+        return x > 0
 
     def vjp(self, node: NodeView, r: Array, xs: Sequence[Array], o0: Array) -> list[Array]:
-        return [(r * (xs[0] > 0)).astype(xs[0].dtype, copy=False)]
+        return [(r * self.slope(node, xs[0])).astype(xs[0].dtype, copy=False)]
+
+    def sparse_check(self, node: NodeView, x_shape: tuple[int, ...]) -> str | None:
+        return None
+
+    def sparse_vjp(
+        self, node: NodeView, r: Array, pos: np.ndarray, grid: tuple[int, int],
+        fwd: Array | None,
+    ) -> Array:
+        return r * self.slope(node, _at(fwd, pos))
+
+    def emit_adjoint(
+        self, b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str
+    ) -> list[str] | None:
+        if o in b.premasked:
+            return [r]  # masked by the MaxPool it feeds
+        # Mul by a 0/1 mask: Where is slower on large maps
+        mask = b.op("Greater", [b.act(xs[0]), b.const(0.0)])
+        return [b.op("Mul", [r, b.as_float(mask)])]
 
     def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
         return xp_of(xs[0]).maximum(xs[0], 0)
@@ -50,16 +81,38 @@ class LeakyReluRule(InverseRule):
     """``o = x`` if ``x >= 0`` else ``alpha x``; ``x* = t`` or ``t / alpha``."""
 
     op_types = ("LeakyRelu",)
+    defaults = {"LeakyRelu": {"alpha": 0.01}}
     elementwise = True
+    sparse_reads = "output"  # o0 >= 0 exactly where x0 >= 0 (alpha > 0)
 
     def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
-        x, alpha = xs[0], node.attr("alpha", 0.01)
+        x, alpha = xs[0], node.attr("alpha")
         return xp_of(x).where(x >= 0, x, alpha * x)
+
+    def slope(self, node: NodeView, x: Array) -> Array:
+        return xp_of(x).where(x >= 0, 1.0, float(node.attr("alpha")))
+
+    def sparse_check(self, node: NodeView, x_shape: tuple[int, ...]) -> str | None:
+        return None if float(node.attr("alpha")) > 0 else "alpha <= 0"
+
+    def sparse_vjp(
+        self, node: NodeView, r: Array, pos: np.ndarray, grid: tuple[int, int],
+        fwd: Array | None,
+    ) -> Array:
+        o0 = _at(fwd, pos)
+        return xp_of(r).where(o0 >= 0, r, float(node.attr("alpha")) * r)
+
+    def emit_adjoint(
+        self, b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str
+    ) -> list[str] | None:
+        mask = b.op("GreaterOrEqual", [b.act(xs[0]), b.const(0.0)])
+        alpha = float(node.attr("alpha"))
+        return [b.op("Where", [mask, r, b.op("Mul", [r, b.const(alpha)])])]
 
     def inverse(
         self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
     ) -> list[Array]:
-        xp, alpha = xp_of(t), node.attr("alpha", 0.01)
+        xp, alpha = xp_of(t), node.attr("alpha")
         if alpha <= 0:
             return [xp.where(t > 0, t, xp.minimum(xs[0], 0)).astype(xs[0].dtype)]
         return [xp.where(t >= 0, t, t / alpha).astype(xs[0].dtype)]
@@ -79,6 +132,16 @@ class PReluRule(InverseRule):
         xp = xp_of(xs[0])
         slope = xp.asarray(node.const(1), dtype=xs[0].dtype)
         return xp.where(xs[0] >= 0, xs[0], slope * xs[0])
+
+    def slope(self, node: NodeView, x: Array) -> Array:
+        xp = xp_of(x)
+        return xp.where(x >= 0, 1.0, xp.asarray(node.const(1), dtype=x.dtype))
+
+    def emit_adjoint(
+        self, b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str
+    ) -> list[str] | None:
+        mask = b.op("GreaterOrEqual", [b.act(xs[0]), b.const(0.0)])
+        return [b.op("Where", [mask, r, b.op("Mul", [r, b.static(1)])])]
 
     def inverse(
         self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
@@ -101,6 +164,16 @@ class SigmoidRule(InverseRule):
         xp = xp_of(xs[0])
         return 1.0 / (1.0 + xp.exp(-xs[0]))
 
+    def slope(self, node: NodeView, x: Array) -> Array:
+        s = self.forward(node, [x])
+        return s * (1.0 - s)
+
+    def emit_adjoint(
+        self, b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str
+    ) -> list[str] | None:
+        y = b.act(o)
+        return [b.op("Mul", [r, b.op("Mul", [y, b.op("Sub", [b.const(1.0), y])])])]
+
     def inverse(
         self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
     ) -> list[Array]:
@@ -119,6 +192,15 @@ class TanhRule(InverseRule):
     def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
         return xp_of(xs[0]).tanh(xs[0])
 
+    def slope(self, node: NodeView, x: Array) -> Array:
+        return 1.0 - xp_of(x).tanh(x) ** 2
+
+    def emit_adjoint(
+        self, b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str
+    ) -> list[str] | None:
+        y = b.act(o)
+        return [b.op("Mul", [r, b.op("Sub", [b.const(1.0), b.op("Mul", [y, y])])])]
+
     def inverse(
         self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
     ) -> list[Array]:
@@ -128,8 +210,8 @@ class TanhRule(InverseRule):
 
 def clip_bounds(node: NodeView) -> tuple[float, float]:
     """Clip's ``(lo, hi)``: attributes before opset 11, constant inputs after."""
-    lo = node.attr("min", -np.inf)
-    hi = node.attr("max", np.inf)
+    lo = node.attr("min")
+    hi = node.attr("max")
     if 1 in node.static and node.static[1].size:
         lo = float(node.static[1])
     if 2 in node.static and node.static[2].size:
@@ -142,11 +224,21 @@ class ClipRule(InverseRule):
     """``o = min(max(x, lo), hi)``; exact inside, one-sided where saturated."""
 
     op_types = ("Clip",)
+    defaults = {"Clip": {"min": -np.inf, "max": np.inf}}  # attributes before opset 11
     elementwise = True
 
     def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
         lo, hi = clip_bounds(node)
         return xp_of(xs[0]).clip(xs[0], lo, hi)
+
+    def slope(self, node: NodeView, x: Array) -> Array:
+        lo, hi = clip_bounds(node)
+        return (x > lo) & (x < hi)
+
+    def emit_adjoint(
+        self, b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str
+    ) -> list[str] | None:
+        return [b.op("Mul", [r, b.inside(b.act(xs[0]), *clip_bounds(node))])]
 
     def inverse(
         self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
@@ -159,6 +251,7 @@ class ClipRule(InverseRule):
 
 
 def _softmax_axis(node: NodeView, ndim: int) -> int:
+    """Softmax's axis: ONNX's default is -1 from opset 13, 1 before."""
     default = -1 if node.opset >= 13 else 1
     axis = int(node.attr("axis", default))
     return axis % ndim
@@ -200,6 +293,21 @@ class SoftmaxRule(InverseRule):
             d = rr - p * rr.sum(axis=axis, keepdims=True)
         return [d.reshape(xs[0].shape).astype(xs[0].dtype, copy=False)]
 
+    def emit_adjoint(
+        self, b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str
+    ) -> list[str] | None:
+        rank = len(b.shape(xs[0]))
+        axis = _softmax_axis(node, rank)
+        if node.opset < 13 and axis != rank - 1:
+            return None  # coerced to 2-D at axis: rows span several dims
+        axes = b.const([axis], np.int64)
+        y = b.act(o)
+        if node.op_type == "Softmax":
+            dot = b.op("ReduceSum", [b.op("Mul", [r, y]), axes], keepdims=1)
+            return [b.op("Mul", [y, b.op("Sub", [r, dot])])]
+        total = b.op("ReduceSum", [r, axes], keepdims=1)
+        return [b.op("Sub", [r, b.op("Mul", [b.op("Exp", [y]), total])])]
+
     def inverse(
         self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
     ) -> list[Array]:
@@ -209,3 +317,10 @@ class SoftmaxRule(InverseRule):
         logits = xp.log(xp.clip(tr, 1e-12, None)) if node.op_type == "Softmax" else tr
         shift = x0.mean(axis=axis, keepdims=True) - logits.mean(axis=axis, keepdims=True)
         return [(logits + shift).reshape(xs[0].shape).astype(xs[0].dtype)]
+
+
+def _at(fwd: Array | None, pos: np.ndarray) -> Array:
+    """``fwd`` (N, C, H, W) at the flat spatial positions ``pos``: (N, C, len(pos))."""
+    assert fwd is not None
+    xp = xp_of(fwd)
+    return xp.take(fwd.reshape(*fwd.shape[:2], -1), xp.asarray(pos), axis=2)

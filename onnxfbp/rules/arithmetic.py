@@ -17,13 +17,24 @@ With one constant operand ``c`` the inverse is exact:
 With two activations (residual Add, Sub) the residual r = t - o0 is split
 evenly, the minimum-norm solution: x1* = x1 + r/2, x2* = x2 +- r/2 (summed over
 broadcast axes when an operand was broadcast).
+
+Reverse steps ``J^T r`` (NumPy and ONNX alike): Add ``r``, Sub ``r`` / ``-r``,
+Mul ``c r``, Div ``r / c`` (summed over broadcast axes); BatchNormalization
+``r g / sqrt(v + eps)`` per channel; LayerNormalization
+``(u - mean(u) - z mean(u z)) / s`` with ``u = g r`` over the normalized axes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from . import Array, InverseRule, NodeView, register, unbroadcast, xp_of
+
+if TYPE_CHECKING:
+    from ..adjoint import AdjointBuilder
 
 
 def _operand(node: NodeView, xs: Sequence[Array], index: int) -> Array:
@@ -97,6 +108,33 @@ class BinaryAffineRule(InverseRule):
             out.append(unbroadcast(d, tuple(x0.shape), xp.sum).astype(x0.dtype, copy=False))
         return out
 
+    def emit_adjoint(
+        self, b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str
+    ) -> list[str] | None:
+        """As :meth:`vjp`; and Div of a constant by an activation ``-r o0 / x1``."""
+        op = node.op_type
+        out_shape = b.shape(o)
+
+        def operand(index: int) -> str:
+            if index in node.static:
+                return b.static(index)
+            return b.act(xs[node.dynamic.index(index)])
+
+        deltas = []
+        for index, name in zip(node.dynamic, xs, strict=True):
+            if op == "Add" or (op == "Sub" and index == 0):
+                d = r
+            elif op == "Sub":
+                d = b.op("Neg", [r])
+            elif op == "Mul":
+                d = b.op("Mul", [r, operand(1 - index)])
+            elif index == 0:
+                d = b.op("Div", [r, operand(1)])
+            else:  # d(a / x)/dx = -(a / x) / x
+                d = b.op("Neg", [b.op("Div", [b.op("Mul", [r, b.act(o)]), operand(1)])])
+            deltas.append(b.unbroadcast(d, out_shape, b.shape(name)))
+        return deltas
+
     def inverse(
         self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
     ) -> list[Array]:
@@ -126,6 +164,7 @@ class BatchNormRule(InverseRule):
     """Inference BatchNormalization: exact per-channel affine inverse."""
 
     op_types = ("BatchNormalization",)
+    defaults = {"BatchNormalization": {"epsilon": 1e-5, "training_mode": 0}}
 
     def check(self, node: NodeView) -> str | None:
         if not all(i in node.static for i in (1, 2, 3, 4)):
@@ -136,8 +175,27 @@ class BatchNormRule(InverseRule):
         xp = xp_of(x)
         shape = (1, -1) + (1,) * (x.ndim - 2)
         g, b, m, v = (xp.asarray(node.const(i), dtype=xp.float64) for i in (1, 2, 3, 4))
-        scale = g / xp.sqrt(v + node.attr("epsilon", 1e-5))
+        scale = g / xp.sqrt(v + node.attr("epsilon"))
         return scale.reshape(shape), (b - m * scale).reshape(shape)
+
+    def sparse_check(self, node: NodeView, x_shape: tuple[int, ...]) -> str | None:
+        return "training mode" if node.attr("training_mode") else None
+
+    def sparse_vjp(
+        self, node: NodeView, r: Array, pos: np.ndarray, grid: tuple[int, int],
+        fwd: Array | None,
+    ) -> Array:
+        scale, _ = self._affine(node, r)  # r: (N, C, P), scale: (1, C, 1)
+        return r * scale.astype(r.dtype)
+
+    def emit_adjoint(
+        self, b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str
+    ) -> list[str] | None:
+        rank = len(b.shape(xs[0]))
+        eps = b.const(float(node.attr("epsilon")))
+        scale = b.op("Div", [b.static(1), b.op("Sqrt", [b.op("Add", [b.static(4), eps])])])
+        scale = b.op("Reshape", [scale, b.const([-1] + [1] * (rank - 2), np.int64)])
+        return [b.op("Mul", [r, scale])]
 
     def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
         scale, shift = self._affine(node, xs[0])
@@ -162,6 +220,7 @@ class LayerNormRule(InverseRule):
     """LayerNormalization (opset 17): keep each row's mean and scale, invert the affine part."""
 
     op_types = ("LayerNormalization",)
+    defaults = {"LayerNormalization": {"axis": -1, "epsilon": 1e-5}}
 
     def check(self, node: NodeView) -> str | None:
         if 1 not in node.static or (node.has_input(2) and 2 not in node.static):
@@ -171,12 +230,12 @@ class LayerNormRule(InverseRule):
     def _parts(self, node: NodeView, x: Array) -> tuple[Array, Array, Array, Array]:
         """Normalized x, row mean, row scale, and (g, b) broadcast: (z, m, s, (g, b))."""
         xp = xp_of(x)
-        axis = int(node.attr("axis", -1)) % x.ndim
+        axis = int(node.attr("axis")) % x.ndim
         axes = tuple(range(axis, x.ndim))
         x64 = x.astype(xp.float64)
         m = x64.mean(axis=axes, keepdims=True)
         s = xp.sqrt(((x64 - m) ** 2).mean(axis=axes, keepdims=True)
-                    + float(node.attr("epsilon", 1e-5)))
+                    + float(node.attr("epsilon")))
         g = xp.asarray(node.const(1), dtype=xp.float64)
         b = xp.asarray(node.static[2], dtype=xp.float64) if 2 in node.static else xp.zeros(())
         return (x64 - m) / s, m, s, (g, b)
@@ -188,11 +247,31 @@ class LayerNormRule(InverseRule):
     def vjp(self, node: NodeView, r: Array, xs: Sequence[Array], o0: Array) -> list[Array]:
         """``(u - mean(u) - z mean(u z)) / s`` with ``u = g r`` over the normalized axes."""
         z, _, s, (g, _) = self._parts(node, xs[0])
-        axis = int(node.attr("axis", -1)) % z.ndim
+        axis = int(node.attr("axis")) % z.ndim
         axes = tuple(range(axis, z.ndim))
         u = r * g
         d = (u - u.mean(axis=axes, keepdims=True) - z * (u * z).mean(axis=axes, keepdims=True))
         return [(d / s).astype(xs[0].dtype, copy=False)]
+
+    def emit_adjoint(
+        self, b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str
+    ) -> list[str] | None:
+        rank = len(b.shape(xs[0]))
+        axes = list(range(int(node.attr("axis")) % rank, rank))
+        if 0 in axes:
+            return None  # the batch axis stays symbolic
+
+        def mean(v: str) -> str:
+            return b.op("ReduceMean", [v], axes=axes, keepdims=1)
+
+        x = b.act(xs[0])
+        centered = b.op("Sub", [x, mean(x)])
+        spread = b.op("Sqrt", [b.op("Add", [mean(b.op("Mul", [centered, centered])),
+                                            b.const(float(node.attr("epsilon")))])])
+        z = b.op("Div", [centered, spread])
+        u = b.op("Mul", [r, b.static(1)])
+        d = b.op("Sub", [b.op("Sub", [u, mean(u)]), b.op("Mul", [z, mean(b.op("Mul", [u, z]))])])
+        return [b.op("Div", [d, spread])]
 
     def inverse(
         self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float
@@ -203,7 +282,7 @@ class LayerNormRule(InverseRule):
         u = xp.where(ok, (t.astype(xp.float64) - b) / xp.where(ok, g, 1.0), z0)
         x = (m + s * u).astype(x0.dtype)
         # keep x0 in rows where the proposal does not bring the output closer to t
-        axis = int(node.attr("axis", -1)) % x0.ndim
+        axis = int(node.attr("axis")) % x0.ndim
         axes = tuple(range(axis, x0.ndim))
         new_err = ((self.forward(node, [x]) - t) ** 2).sum(axis=axes, keepdims=True)
         old_err = ((o0 - t) ** 2).sum(axis=axes, keepdims=True)

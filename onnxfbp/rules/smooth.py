@@ -15,16 +15,28 @@ on its own side of the minimum when both sides reach ``t``.
 - HardSigmoid: x* = (t - beta) / alpha on the ramp, t clamped to [0, 1]
 - HardSwish:   x* = (-3 +- sqrt(9 + 24 t)) / 2 on the ramp, x* = t above 3
 - Gelu, Mish, Swish: safeguarded Newton steps on each side of the minimum
+
+Reverse step ``J^T r = r f'(x0)`` in closed form (NumPy and ONNX alike): Elu
+``gamma r`` for ``x > 0``, else ``gamma alpha e^x r``; Softplus ``sigma(x)``;
+HardSigmoid ``alpha [0 < alpha x + beta < 1]``; HardSwish ``x / 3 + 1/2`` on
+``(-3, 3)``, 1 above; Swish ``s + alpha x s (1 - s)``, ``s = sigma(alpha x)``; Mish
+``t + x sigma(x) (1 - t^2)``, ``t = tanh(softplus x)``; Gelu ``Phi(x) + x phi(x)``
+(tanh form: ``(1 + t) / 2 + x (1 - t^2) c (1 + 3 k x^2) / 2``,
+``t = tanh(c (x + k x^3))``, ``c = sqrt(2 / pi)``, ``k = 0.044715``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import cache, partial
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import Array, InverseRule, NodeView, register, xp_of
+from . import Array, InverseRule, NodeView, decode, register, xp_of
+
+if TYPE_CHECKING:
+    from ..adjoint import AdjointBuilder
 
 Fn = Callable[[Array], Array]
 
@@ -111,6 +123,7 @@ def _argmin(kind: str, approx: str = "none", alpha: float = 1.0) -> tuple[float,
 
 
 _TANH_C = float(np.sqrt(2.0 / np.pi))
+_TANH_K = 0.044715  # Gelu's tanh form: tanh(c (x + k x^3))
 
 
 def _gelu(x: Array) -> Array:
@@ -123,12 +136,12 @@ def _gelu_d(x: Array) -> Array:
 
 
 def _gelu_tanh(x: Array) -> Array:
-    return 0.5 * x * (1.0 + xp_of(x).tanh(_TANH_C * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1.0 + xp_of(x).tanh(_TANH_C * (x + _TANH_K * x**3)))
 
 
 def _gelu_tanh_d(x: Array) -> Array:
-    th = xp_of(x).tanh(_TANH_C * (x + 0.044715 * x**3))
-    return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th**2) * _TANH_C * (1.0 + 3 * 0.044715 * x**2)
+    th = xp_of(x).tanh(_TANH_C * (x + _TANH_K * x**3))
+    return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th**2) * _TANH_C * (1.0 + 3 * _TANH_K * x**2)
 
 
 def _mish(x: Array) -> Array:
@@ -196,13 +209,14 @@ class EluRule(_Elementwise):
     """Elu and Selu: monotone, range (-alpha (* gamma), inf); closed-form inverse."""
 
     op_types = ("Elu", "Selu")
+    defaults = {"Elu": {"alpha": 1.0},
+                "Selu": {"alpha": 1.67326319217681884765625,
+                         "gamma": 1.05070102214813232421875}}
 
     def params(self, node: NodeView) -> tuple[float, float]:
-        """``(alpha, gamma)``: Selu's defaults, or Elu's ``alpha`` with ``gamma = 1``."""
-        if node.op_type == "Selu":
-            return float(node.attr("alpha", 1.67326319217681884765625)), float(
-                node.attr("gamma", 1.05070102214813232421875))
-        return float(node.attr("alpha", 1.0)), 1.0
+        """``(alpha, gamma)``: Elu's gamma is 1."""
+        gamma = float(node.attr("gamma")) if node.op_type == "Selu" else 1.0
+        return float(node.attr("alpha")), gamma
 
     def check(self, node: NodeView) -> str | None:
         if self.params(node)[0] <= 0:
@@ -222,6 +236,21 @@ class EluRule(_Elementwise):
         alpha, gamma = self.params(node)
         return [_elu_inverse(t / gamma, alpha)]
 
+    def slope(self, node: NodeView, x: Array) -> Array:
+        alpha, gamma = self.params(node)
+        xp = xp_of(x)
+        return gamma * xp.where(x > 0, 1.0, alpha * xp.exp(xp.minimum(x, 0)))
+
+    def emit_adjoint(
+        self, b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str
+    ) -> list[str] | None:
+        alpha, gamma = self.params(node)
+        x = b.act(xs[0])
+        negative = b.op("Mul", [b.op("Exp", [b.op("Min", [x, b.const(0.0)])]),
+                                b.const(alpha)])
+        slope = b.op("Where", [b.op("Greater", [x, b.const(0.0)]), b.const(1.0), negative])
+        return [b.op("Mul", [r, slope if gamma == 1.0 else b.op("Mul", [slope, b.const(gamma)])])]
+
 
 @register
 class SoftplusRule(_Elementwise):
@@ -237,6 +266,14 @@ class SoftplusRule(_Elementwise):
         tc = xp.maximum(t, 1e-12)
         return [tc + xp.log(-xp.expm1(-tc))]
 
+    def slope(self, node: NodeView, x: Array) -> Array:
+        return _sigmoid(x)
+
+    def emit_adjoint(
+        self, b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str
+    ) -> list[str] | None:
+        return [b.op("Mul", [r, b.op("Sigmoid", [b.act(xs[0])])])]
+
 
 @register
 class HardSigmoidRule(_Elementwise):
@@ -244,10 +281,11 @@ class HardSigmoidRule(_Elementwise):
     it already gives the clamped target."""
 
     op_types = ("HardSigmoid",)
+    defaults = {"HardSigmoid": {"alpha": 0.2, "beta": 0.5}}
 
     def params(self, node: NodeView) -> tuple[float, float]:
-        """``(alpha, beta)`` with ONNX's defaults."""
-        return float(node.attr("alpha", 0.2)), float(node.attr("beta", 0.5))
+        """``(alpha, beta)``."""
+        return float(node.attr("alpha")), float(node.attr("beta"))
 
     def check(self, node: NodeView) -> str | None:
         if self.params(node)[0] == 0:
@@ -261,6 +299,18 @@ class HardSigmoidRule(_Elementwise):
     def candidates(self, node: NodeView, t: Array, x0: Array) -> list[Array]:
         alpha, beta = self.params(node)
         return [(xp_of(t).clip(t, 0.0, 1.0) - beta) / alpha]
+
+    def slope(self, node: NodeView, x: Array) -> Array:
+        alpha, beta = self.params(node)
+        z = alpha * x + beta
+        return alpha * ((z > 0.0) & (z < 1.0))
+
+    def emit_adjoint(
+        self, b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str
+    ) -> list[str] | None:
+        alpha, beta = self.params(node)
+        z = b.op("Add", [b.op("Mul", [b.act(xs[0]), b.const(alpha)]), b.const(beta)])
+        return [b.op("Mul", [r, b.op("Mul", [b.inside(z, 0.0, 1.0), b.const(alpha)])])]
 
 
 @register
@@ -279,6 +329,18 @@ class HardSwishRule(_Elementwise):
         left = (-3.0 - xp.minimum(root, 3.0)) / 2.0  # x in [-3, -3/2], t in [-3/8, 0]
         return [right, left]
 
+    def slope(self, node: NodeView, x: Array) -> Array:
+        return (x / 3.0 + 0.5) * ((x > -3.0) & (x < 3.0)) + (x > 3.0)
+
+    def emit_adjoint(
+        self, b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str
+    ) -> list[str] | None:
+        x = b.act(xs[0])
+        ramp = b.op("Add", [b.op("Mul", [x, b.const(1.0 / 3.0)]), b.const(0.5)])
+        above = b.as_float(b.op("Greater", [x, b.const(3.0)]))
+        slope = b.op("Add", [b.op("Mul", [ramp, b.inside(x, -3.0, 3.0)]), above])
+        return [b.op("Mul", [r, slope])]
+
 
 @register
 class DipRule(_Elementwise):
@@ -286,11 +348,12 @@ class DipRule(_Elementwise):
     Newton on each side."""
 
     op_types = ("Gelu", "Mish", "Swish")
+    defaults = {"Gelu": {"approximate": "none"}, "Swish": {"alpha": 1.0}}
 
     def _key(self, node: NodeView) -> tuple[str, str, float]:
-        approx = node.attr("approximate", b"none")
-        approx = approx.decode() if isinstance(approx, bytes) else str(approx)
-        alpha = float(node.attr("alpha", 1.0)) if node.op_type == "Swish" else 1.0
+        """``(op, approximate, alpha)``: Gelu's form, Swish's alpha (else 1)."""
+        approx = decode(node.attr("approximate")) if node.op_type == "Gelu" else "none"
+        alpha = float(node.attr("alpha")) if node.op_type == "Swish" else 1.0
         return node.op_type, approx, alpha
 
     def check(self, node: NodeView) -> str | None:
@@ -323,3 +386,33 @@ class DipRule(_Elementwise):
         left[there] = _newton(f, df, tl, xp.clip(xf[there], far, x_min), xp.full_like(tl, far),
                               xp.full_like(tl, x_min), increasing=False)
         return [right.reshape(t.shape), left.reshape(t.shape)]
+
+    def slope(self, node: NodeView, x: Array) -> Array:
+        return _fns(*self._key(node))[1](x)
+
+    def emit_adjoint(
+        self, b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str
+    ) -> list[str] | None:
+        x = b.act(xs[0])
+        kind, approx, alpha = self._key(node)
+        mul, add, sub = (lambda *a: b.op("Mul", list(a))), (lambda *a: b.op("Add", list(a))), (
+            lambda *a: b.op("Sub", list(a)))
+        one = b.const(1.0)
+        if kind == "Swish":
+            sig = b.op("Sigmoid", [mul(x, b.const(alpha))])
+            slope = add(sig, mul(mul(x, b.const(alpha)), mul(sig, sub(one, sig))))
+        elif kind == "Mish":
+            t = b.op("Tanh", [b.op("Softplus", [x])])
+            slope = add(t, mul(mul(x, b.op("Sigmoid", [x])), sub(one, mul(t, t))))
+        elif approx == "tanh":
+            c, k = _TANH_C, _TANH_K
+            x2 = mul(x, x)
+            t = b.op("Tanh", [mul(b.const(c), add(x, mul(b.const(k), mul(x2, x))))])
+            inner = mul(b.const(c), add(one, mul(b.const(3.0 * k), x2)))
+            slope = mul(b.const(0.5), add(add(one, t), mul(mul(x, sub(one, mul(t, t))), inner)))
+        else:
+            cdf = mul(b.const(0.5), add(one, b.op("Erf", [mul(x, b.const(1.0 / np.sqrt(2.0)))])))
+            pdf = mul(b.const(1.0 / np.sqrt(2.0 * np.pi)),
+                      b.op("Exp", [mul(b.const(-0.5), mul(x, x))]))
+            slope = add(cdf, mul(x, pdf))
+        return [mul(r, slope)]
