@@ -57,7 +57,8 @@ def _config(args: argparse.Namespace) -> Any:
     return config
 
 
-def _print_result(result: Any, stream: Any = sys.stdout) -> None:
+def _print_result(result: Any, stream: Any = None) -> None:
+    stream = sys.stdout if stream is None else stream
     hb, ha = result.heldout_before, result.heldout_after
     print(f"held-out accuracy: {hb.accuracy:.4f} -> {ha.accuracy:.4f} (n={hb.n})", file=stream)
     if result.eval_before is not None and result.eval_after is not None:
@@ -118,6 +119,8 @@ def _run_paths(model: Path, output: Path | None, report: Path | None, force: boo
         model_files,
     )
 
+    if model.is_dir():
+        raise ModelError(f"model {model} is a folder; pass the .onnx file inside it")
     check_input_file(model, "model file", ModelError)
     for path, what in data:
         if path is not None:
@@ -148,8 +151,8 @@ def _check_holdout(args: argparse.Namespace) -> None:
     from .data import count_samples  # noqa: PLC0415
     from .errors import ConfigError  # noqa: PLC0415
 
-    if args.holdout is None:
-        return
+    if args.holdout is None or not 0 <= args.holdout < 1:
+        return  # out of [0, 1): the settings check names it
     n = count_samples(args.data)
     held = round(n * args.holdout)
     if held < MIN_SPLIT or n - held < MIN_SPLIT:

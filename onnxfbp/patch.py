@@ -52,8 +52,10 @@ def check_output_path(input_path: Path, output: Path, force: bool) -> None:
     input model or one of its external data files (also through a link).
     """
     output, input_path = Path(output), Path(input_path)
+    if output.name in ("", ".", "..") or output.is_dir():
+        raise OutputError(f"output {output} is a folder; give a file name such as refined.onnx")
     data_file = output.with_name(output.name + ".data")
-    if output.name not in ("", ".", "..") and any(
+    if any(
             os.path.lexists(p) for p in (output, data_file)):
         protected = model_files(input_path)
         if _same(output, input_path):

@@ -114,7 +114,10 @@ def check_destination(path: str | os.PathLike[str], what: str, force: bool,
         st = None
     except (OSError, ValueError) as exc:
         if isinstance(exc, OSError) and exc.errno == errno.ENOTDIR:
-            raise OutputError(f"cannot write {what} {path}: a parent is a file, not a folder; "
+            probe = path.parent
+            while probe != probe.parent and not probe.is_file():
+                probe = probe.parent
+            raise OutputError(f"cannot write {what} {path}: {probe} is a file, not a folder; "
                               f"{advice}") from None
         raise OutputError(f"cannot write {what} {path} ({_os_reason(exc)}); {advice}") from None
     if st is not None:
@@ -169,12 +172,12 @@ def check_distinct(destinations: Sequence[tuple[Path, str]],
     for i, (dest, what) in enumerate(destinations):
         for src, src_what in sources:
             if _same(dest, src):
-                raise OutputError(f"{what} {dest} would overwrite {src_what}; "
-                                  "choose another path")
+                raise OutputError(f"{what} {dest} is also the model, data or output path "
+                                  f"(it would overwrite {src_what}); give it its own file name")
         for other, other_what in destinations[:i]:
             if _same(dest, other):
-                raise OutputError(f"{what} {dest} is also {other_what}; "
-                                  "give each file its own name")
+                raise OutputError(f"{what} {dest} is also the model, data or output path "
+                                  f"({other_what}); give it its own file name")
 
 
 def model_files(model: Path) -> list[tuple[Path, str]]:
