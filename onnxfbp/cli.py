@@ -298,7 +298,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
     out = Path(args.output)
     report = Path(args.report) if args.report else None
-    _run_paths(model, out, report, True)  # the demo overwrites its own files
+    bundled = [(str(DEMO_DIR / f"demo_{k}.npz"), "bundled demo data") for k in
+               ("adapt", "eval", "clean")]
+    _run_paths(model, out, report, True, data=bundled)  # the demo overwrites its own files
     remove_stale_staging([out, *([report] if report else [])])
     print("onnxfbp demo: a small MNIST CNN (models/demo_mnist_cnn.onnx) meets digits rotated "
           "by up to 45 degrees;\nrefining it on 2,000 labelled rotated digits "
@@ -478,6 +480,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Called in-process (tests, notebooks), it restores the signal handlers and the
     warning filters it changed."""
+    from . import _early  # noqa: PLC0415
+
+    if signal.getsignal(signal.SIGINT) is _early._early_exit:  # KeyboardInterrupt from here on
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     previous: dict[int, Any] = {}
     for sig in _SIGNALS:
         with suppress(ValueError, OSError):  # not the main thread: keeps its handler

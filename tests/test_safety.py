@@ -629,3 +629,27 @@ def test_10_misleading_messages_are_fixed(capsys: pytest.CaptureFixture[str],
     code, _, err = run(capsys, "inspect", "/dev/zero")
     one_error(code, err, "character device")
     assert "does not exist" not in err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP"])
+def test_10_signal_during_the_imports_exits_130(tmp_path: Path, signum: int) -> None:
+    """The console script receives a signal while NumPy is being imported (the first
+    heavy import, long before main() runs): exit 130 and one line, not -15 or a
+    traceback."""
+    code = (
+        "import builtins, os, sys\n"
+        "sys.argv = ['/usr/bin/onnxfbp', 'eval', 'm.onnx', '--data', 'd.npz']\n"
+        "real = builtins.__import__\n"
+        "def imp(name, *args, **kwargs):\n"
+        "    if name == 'numpy':\n"
+        f"        os.kill(os.getpid(), {int(signum)})\n"
+        "    return real(name, *args, **kwargs)\n"
+        "builtins.__import__ = imp\n"
+        "from onnxfbp.cli import main\n"
+        "raise SystemExit(main())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == EXIT_INTERRUPTED, (proc.returncode, proc.stderr)
+    assert proc.stderr.strip().splitlines() == ["onnxfbp: interrupted; nothing was written"]
