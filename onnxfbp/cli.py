@@ -313,8 +313,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             eval_data=DEMO_DIR / "demo_eval.npz", force=True, progress=_progress(args.quiet),
         )
     with Commit(True) as commit:
+        started = time.perf_counter()
         with _noted_warnings(notes):
             staged = stage_refined(result.model, out, commit, model)
+        result.timings["write"] = time.perf_counter() - started
         result.written = str(out)
         clean_before = evaluate(model, DEMO_DIR / "demo_clean.npz", device=args.device)
         clean_after = evaluate(staged, DEMO_DIR / "demo_clean.npz", device=args.device)
