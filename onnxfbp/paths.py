@@ -406,8 +406,11 @@ class Commit:
             if not self.force:
                 raise OutputError(f"{dest} appeared while this run was working (another run?); "
                                   "nothing was written; pass --force to overwrite it")
-            backup = staged.with_name(staged.name + ".old")
-            os.link(dest, backup)
+            backup: Path | None = staged.with_name(staged.name + ".old")
+            try:
+                os.link(dest, backup)  # type: ignore[arg-type]
+            except OSError:  # no hard links on this filesystem: the old file cannot come back
+                backup = None
             os.replace(staged, dest)
             return backup
         try:

@@ -908,7 +908,12 @@ def render_html(report_path: str | os.PathLike[str], output_path: str | os.PathL
     placed whole or not at all. Raises :class:`ReportError` for a missing or
     malformed report and :class:`OutputError` when the HTML cannot be written.
     """
-    from .paths import Commit, check_destination, check_distinct  # noqa: PLC0415
+    from .paths import (  # noqa: PLC0415
+        Commit,
+        check_destination,
+        check_distinct,
+        remove_stale_staging,
+    )
 
     report_path, output_path = Path(report_path), Path(output_path)
     if output_path.exists() and report_path.exists() \
@@ -924,6 +929,7 @@ def render_html(report_path: str | os.PathLike[str], output_path: str | os.PathL
     check_destination(output_path, "output", force, "choose another -o path")
     report = load_report(report_path)
     page = build_html(report, source=str(report_path), **options)
+    remove_stale_staging([output_path])
     with Commit(force) as commit:
         staged = commit.stage(output_path, main=True)
         try:

@@ -26,7 +26,7 @@ from onnxfbp import cli
 PROJECT = Path(__file__).resolve().parent.parent
 DEMO = PROJECT / "models" / "demo_mnist_cnn.onnx"
 ADAPT = PROJECT / "models" / "demo_adapt.npz"
-CASES = 240
+CASES = 200
 SEED = 17
 
 
