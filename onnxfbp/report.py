@@ -716,11 +716,12 @@ def _num(v: Any, fmt: str = ".4g") -> str:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]],
-           numeric: Sequence[int] = ()) -> str:
-    """An HTML table of at most MAX_TABLE_ROWS rows; a note counts the rest."""
+           numeric: Sequence[int] = (), total: int | None = None) -> str:
+    """An HTML table of at most MAX_TABLE_ROWS rows; a note counts the rest (of
+    ``total`` rows, when the caller built only the first ones)."""
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = []
-    left_out = max(len(rows) - MAX_TABLE_ROWS, 0)
+    left_out = max((len(rows) if total is None else total) - MAX_TABLE_ROWS, 0)
     for row in rows[:MAX_TABLE_ROWS]:
         cells = "".join(f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>"
                         for i, c in enumerate(row))
@@ -765,7 +766,7 @@ def _cards(report: dict[str, Any]) -> str:
 
 def _layer_rows(report: dict[str, Any]) -> list[list[str]]:
     rows = []
-    for v in report["layers"]:
+    for v in report["layers"][:MAX_TABLE_ROWS]:  # the table shows no more
         rb, ra = v["residual_before"], v["residual_after"]
         drop = (f" ({(ra - rb) / rb:+.1%})" if rb and ra is not None and math.isfinite(rb)
                 and math.isfinite(ra) else "")
@@ -851,7 +852,8 @@ def build_html(report: dict[str, Any], *, title: str | None = None, source: str 
                          f"{MAX_TABLE_ROWS}.</p>")
         parts.append(_table(
             ["sweep", "layer", "op", "weight", "lam", "rel. change", "residual before → after",
-             "held-out acc", "outcome", "s"], _layer_rows(report), numeric=(0, 4, 5, 7, 9)))
+             "held-out acc", "outcome", "s"], _layer_rows(report), numeric=(0, 4, 5, 7, 9),
+            total=len(report["layers"])))
     plan = report["plan"]
     plan_rows = [[f"<code>{_e(p['name'])}</code>", _e(p["op"]),
                   '<span class="kept">yes</span>' if p["refined"] else "no", _e(p["reason"] or "")]
