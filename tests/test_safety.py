@@ -141,7 +141,7 @@ def test_3_output_and_report_never_replace_links_devices_or_fifos(
         (work / "dir").mkdir()
         target.symlink_to(work / "dir")
     before = snapshot(work)
-    args = ["refine", work / "model.onnx",
+    args: list[str | Path] = ["refine", work / "model.onnx",
             target if flag == "output" else work / "out.onnx", "--data", work / "adapt.npz",
             "--force", *FAST]
     if flag == "report":
@@ -613,7 +613,7 @@ def test_10_rendering_caps_giant_reports(tmp_path: Path) -> None:
     visit = {"sweep": 0, "name": "fc", "op": "Gemm", "weight_shape": [2, 2], "accepted": True,
              "reason": "gain", "lam": 0.1, "relative_change": 0.1, "residual_before": 1.0,
              "residual_after": 0.5, "heldout_accuracy": 0.9, "seconds": 0.1}
-    report = {"schema": "onnxfbp.report/1", "written": None, "model": "m.onnx",
+    report: dict[str, object] = {"schema": "onnxfbp.report/1", "written": None, "model": "m.onnx",
               "heldout": {"before": split, "after": split}, "eval": None,
               "layers": [dict(visit, sweep=i) for i in range(20_000)],
               "timings": {"total": 1.0}, "environment": {"device": "cpu", "providers": []},
