@@ -95,6 +95,8 @@ def with_initializers(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) 
         with np.errstate(over="ignore", invalid="ignore"):
             cast = new.astype(old.dtype)
         if cast.dtype.kind in "fc" and not np.isfinite(cast).all():
+            if np.array_equal(cast, old, equal_nan=True):
+                continue  # unchanged (a non-finite input let through by --allow-nonfinite-input)
             import warnings  # noqa: PLC0415
 
             warnings.warn(NonFiniteRefinedWarning(

@@ -278,6 +278,22 @@ def test_5_allowed_non_finite_input_is_kept_and_eval_json_stays_json(
     assert parsed["loss"] is None  # NaN scores: no finite loss, written as null
 
 
+def test_5_allowed_non_finite_weights_pass_through_unchanged(
+        capsys: pytest.CaptureFixture[str], work: Path) -> None:
+    """With --allow-nonfinite-input a NaN bias is kept as it is, without a warning that
+    calls it refined; every weight that was refined is finite."""
+    bad = with_weight(work / "model.onnx", work / "bad.onnx", 1, float("nan"))
+    code, _, err = run(capsys, "refine", bad, work / "out.onnx", "--data", work / "adapt.npz",
+                       "--allow-nonfinite-input", "--allow-worse", *FAST)
+    assert code == 0, err
+    assert "warning" not in err
+    written = onnx.load(str(work / "out.onnx"))
+    source = onnx.load(str(bad))
+    for new, old in zip(written.graph.initializer, source.graph.initializer, strict=True):
+        a, b = numpy_helper.to_array(new), numpy_helper.to_array(old)
+        assert np.isfinite(a).all() or np.array_equal(a, b, equal_nan=True), new.name
+
+
 def test_5_refined_weights_are_never_non_finite() -> None:
     """The last guard: a refined value with NaN/Inf (or one that overflows the
     initializer's dtype) is not written; the tensor keeps its original value."""
