@@ -245,6 +245,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
         result.written = str(output)
         if report is not None:
             _stage_report(commit, report, _report_payload(result, notes))
+
         def summary() -> None:
             _print_result(result)
             print(f"wrote {args.output}")
@@ -322,6 +323,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         clean_after = evaluate(staged, DEMO_DIR / "demo_clean.npz", device=args.device)
         if report is not None:
             _stage_report(commit, report, _report_payload(result, notes))
+
         def summary() -> None:
             _print_result(result)
             print(f"clean accuracy:    {clean_before.accuracy:.4f} -> "
