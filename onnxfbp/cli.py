@@ -119,7 +119,7 @@ def _run_paths(model: Path, output: Path | None, report: Path | None, force: boo
         model_files,
     )
 
-    if model.is_dir():
+    if os.path.isdir(model):
         raise ModelError(f"model {model} is a folder; pass the .onnx file inside it")
     check_input_file(model, "model file", ModelError)
     for path, what in data:

@@ -52,7 +52,7 @@ def check_output_path(input_path: Path, output: Path, force: bool) -> None:
     input model or one of its external data files (also through a link).
     """
     output, input_path = Path(output), Path(input_path)
-    if output.name in ("", ".", "..") or output.is_dir():
+    if output.name in ("", ".", "..") or os.path.isdir(output):
         raise OutputError(f"output {output} is a folder; give a file name such as refined.onnx")
     data_file = output.with_name(output.name + ".data")
     if any(

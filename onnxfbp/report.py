@@ -918,13 +918,13 @@ def render_html(report_path: str | os.PathLike[str], output_path: str | os.PathL
     )
 
     report_path, output_path = Path(report_path), Path(output_path)
-    if output_path.exists() and report_path.exists() \
+    if os.path.exists(output_path) and os.path.exists(report_path) \
             and output_path.resolve() == report_path.resolve():
         raise OutputError(f"output {output_path} is the report itself; choose another -o path")
-    if output_path.is_dir():
+    if os.path.isdir(output_path):
         raise OutputError(f"output {output_path} is a directory; give a file name such as "
                           "report.html")
-    if not output_path.parent.is_dir():
+    if not os.path.isdir(output_path.parent):
         raise OutputError(f"cannot write {output_path}: directory {output_path.parent} "
                           "does not exist")
     check_distinct([(output_path, "output")], [(report_path, "the report itself")])

@@ -483,6 +483,13 @@ def test_8_256_byte_output_name_is_a_user_error(capsys: pytest.CaptureFixture[st
     one_error(code, err, "255")
 
 
+def test_8_256_byte_report_page_name_is_a_user_error(capsys: pytest.CaptureFixture[str],
+                                                     tmp_path: Path) -> None:
+    (tmp_path / "r.json").write_text("{}")
+    code, _, err = run(capsys, "report", tmp_path / "r.json", "-o", tmp_path / ("p" * 256))
+    one_error(code, err, "255")
+
+
 @pytest.mark.skipif(IS_ROOT, reason="root writes into read-only folders")
 def test_8_report_into_read_only_folder(capsys: pytest.CaptureFixture[str],
                                         tmp_path: Path) -> None:
