@@ -21,6 +21,10 @@ __version__ = "0.1.0"
 # line); a value already set is kept.
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
+from ._early import install as _install_early_signal_handlers  # noqa: E402
+
+_install_early_signal_handlers()  # console script: a signal during the imports exits 130
+
 from .config import RefineConfig  # noqa: E402
 from .data import LabelledData, from_arrays, load_data  # noqa: E402
 from .errors import (  # noqa: E402

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
 import time
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from importlib import resources
 from pathlib import Path
 from types import FrameType
@@ -28,6 +30,7 @@ __all__ = ["main"]
 
 # The bundled demo (models/ in a clone, package data in a wheel).
 DEMO_DIR = Path(str(resources.files("onnxfbp") / "demo_data"))
+MIN_SPLIT = 50  # --holdout must leave at least this many samples on each side
 
 
 def _stderr(message: str) -> None:
@@ -56,7 +59,8 @@ def _config(args: argparse.Namespace) -> Any:
     )
 
 
-def _print_result(result: Any, stream: Any = sys.stdout) -> None:
+def _print_result(result: Any, stream: Any = None) -> None:
+    stream = sys.stdout if stream is None else stream
     hb, ha = result.heldout_before, result.heldout_after
     print(f"held-out accuracy: {hb.accuracy:.4f} -> {ha.accuracy:.4f} (n={hb.n})", file=stream)
     if result.eval_before is not None and result.eval_after is not None:
@@ -67,126 +71,216 @@ def _print_result(result: Any, stream: Any = sys.stdout) -> None:
           f"{result.timings.get('total', 0.0):.1f}s", file=stream)
 
 
-def _check_inputs_exist(*paths: str | None) -> None:
-    """Name a mistyped model or data path at once, before the model is even read."""
-    from .errors import DataError, ModelError  # noqa: PLC0415
+def _finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float as None: JSON output is always valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    if hasattr(value, "tolist"):  # NumPy scalars and arrays
+        return _finite_json(value.tolist())
+    return value
 
-    for k, path in enumerate(paths):
-        if path is not None and not Path(path).exists():
-            kind = ModelError if k == 0 else DataError
-            what = "model file" if k == 0 else "data file"
-            raise kind(f"{what} {path} does not exist; check the path")
+
+def _dumps(payload: Any, **kwargs: Any) -> str:
+    return json.dumps(_finite_json(payload), allow_nan=False, **kwargs)
 
 
-def _same_path(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
+def _emit(write: Callable[[], object]) -> None:
+    """Run ``write`` (prints to stdout) and flush; a closed or full stdout is a user
+    error (exit 2; a refine then places nothing), and stdout is pointed at /dev/null
+    so that nothing is flushed again at exit."""
+    from .errors import OutputError  # noqa: PLC0415
+
     try:
-        return a.exists() and b.exists() and a.samefile(b)
-    except OSError:
-        return False
+        write()
+        sys.stdout.flush()
+    except (OSError, ValueError) as exc:
+        with suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise OutputError(f"cannot write to standard output ({reason}); nothing was written; "
+                          "send it to a file or a reader that stays open") from None
 
 
-def _check_not_data(output: Path, *data: str | None) -> None:
-    """Refuse an output (or the ``OUT.data`` file it may write) that is a data file."""
+def _run_paths(model: Path, output: Path | None, report: Path | None, force: bool,
+               data: Sequence[tuple[str | None, str]] = (), report_force: bool | None = None
+               ) -> None:
+    """The path rules of :mod:`onnxfbp.paths` for one run, before any work: inputs are
+    regular files (data: or folders), destinations are new (or ``force``) regular
+    files in writable folders, and no destination is an input or another destination."""
+    from .errors import DataError, ModelError  # noqa: PLC0415
+    from .patch import check_output_path  # noqa: PLC0415
+    from .paths import (  # noqa: PLC0415
+        check_destination,
+        check_distinct,
+        check_input_file,
+        data_files,
+        model_files,
+    )
+
+    if os.path.isdir(model):
+        raise ModelError(f"model {model} is a folder; pass the .onnx file inside it")
+    check_input_file(model, "model file", ModelError)
+    for path, what in data:
+        if path is not None:
+            check_input_file(path, f"{what} file", DataError, folder_ok=True)
+    if output is not None:
+        check_output_path(model, output, force)
+    dests: list[tuple[Path, str]] = []
+    if output is not None:
+        dests += [(output, "output"), (output.with_name(output.name + ".data"),
+                                       "the output's data file")]
+    if report is not None:
+        dests.append((report, "--report"))
+    sources: list[tuple[Path, str]] = [(model, f"the input model {model}")]
+    if any(os.path.lexists(d) for d, _ in dests):
+        sources = model_files(model)
+    for path, what in data:
+        if path is not None:
+            sources += data_files(Path(path), what)
+    check_distinct(dests, sources)
+    if report is not None:
+        check_destination(report, "--report", force if report_force is None else report_force,
+                          "give the report its own file name, such as report.json")
+
+
+def _check_holdout(args: argparse.Namespace) -> None:
+    """``--holdout`` must leave at least MIN_SPLIT samples on each side (else exit 2):
+    with fewer the gate would judge on a handful of samples, or on the training data."""
+    from .data import count_samples  # noqa: PLC0415
+    from .errors import ConfigError  # noqa: PLC0415
+
+    if args.holdout is None or not 0 <= args.holdout < 1:
+        return  # out of [0, 1): the settings check names it
+    n = count_samples(args.data)
+    held = round(n * args.holdout)
+    if held < MIN_SPLIT or n - held < MIN_SPLIT:
+        raise ConfigError(
+            f"--holdout {args.holdout:g} of {n} samples would hold out about {held} and train on "
+            f"about {n - held}; each side needs at least {MIN_SPLIT}: choose a fraction between "
+            f"{MIN_SPLIT / n:.3g} and {1 - MIN_SPLIT / n:.3g}, or leave --holdout out"
+            if n >= 2 * MIN_SPLIT else
+            f"--holdout needs at least {2 * MIN_SPLIT} samples ({MIN_SPLIT} on each side) but the "
+            f"data has {n}; leave --holdout out (small data is cross-validated)"
+        )
+
+
+@contextmanager
+def _noted_warnings(notes: list[str]) -> Iterator[None]:
+    """Collect :class:`NonFiniteRefinedWarning` messages into ``notes`` (and stderr)."""
+    from .patch import NonFiniteRefinedWarning  # noqa: PLC0415
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NonFiniteRefinedWarning)
+        try:
+            yield
+        finally:
+            for w in caught:
+                if issubclass(w.category, NonFiniteRefinedWarning):
+                    notes.append(str(w.message))
+                    _stderr(f"onnxfbp: warning: {w.message}")
+                elif not issubclass(w.category, RuntimeWarning):
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+def _report_payload(result: Any, notes: list[str]) -> dict[str, Any]:
+    payload = dict(result.to_dict())
+    if notes:
+        payload["notes"] = list(notes)
+    return payload
+
+
+def _stage_report(commit: Any, path: Path, payload: dict[str, Any]) -> None:
     from .errors import OutputError  # noqa: PLC0415
 
-    for path in data:
-        if path is None:
-            continue
-        for candidate in (output, output.with_name(output.name + ".data")):
-            if _same_path(candidate, Path(path)):
-                raise OutputError(
-                    f"writing {candidate} would overwrite the data file {path}; "
-                    "choose another output path"
-                )
+    staged = commit.stage(path)
+    try:
+        staged.write_text(_dumps(payload, indent=2), encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"cannot write report {path}: {exc.strerror or exc}; "
+                          "nothing was written") from None
 
 
-def _check_report_path(report: str | None, *inputs: str | Path | None) -> None:
-    """Refuse, before any work, a report path that would clobber an input or the
-    output, or that cannot be written."""
-    from .errors import OutputError  # noqa: PLC0415
+def _write_report_only(path: Path, payload: dict[str, Any], force: bool) -> None:
+    from .paths import Commit  # noqa: PLC0415
 
-    if report is None:
-        return
-    path = Path(report)
-    for other in inputs:
-        if other is not None and _same_path(path, Path(other)):
-            raise OutputError(
-                f"--report {report} is also the model, data or output path; "
-                "give the report its own file name, such as report.json"
-            )
-    if path.name in ("", ".", "..") or path.is_dir():
-        raise OutputError(f"--report {report} is a folder; give a file name such as report.json")
-    from .patch import check_writable_folder  # noqa: PLC0415
-
-    check_writable_folder(path.parent, f"report {report}", "choose another folder")
+    with Commit(force) as commit:
+        _stage_report(commit, path, payload)
+        commit.commit()
 
 
 def cmd_refine(args: argparse.Namespace) -> int:
     from .errors import GateError  # noqa: PLC0415
-    from .patch import check_output_path  # noqa: PLC0415
+    from .patch import stage_refined  # noqa: PLC0415
+    from .paths import Commit, remove_stale_staging  # noqa: PLC0415
     from .refine import refine  # noqa: PLC0415
 
     # Everything that can be checked without the model, before anything is computed;
     # refine() then validates the model and the data against each other, also first.
-    _check_inputs_exist(args.model, args.data, args.eval_data)
-    check_output_path(Path(args.model), Path(args.output), args.force)
-    _check_not_data(Path(args.output), args.data, args.eval_data)
-    _check_report_path(args.report, args.model, args.output, args.data, args.eval_data)
+    model, output = Path(args.model), Path(args.output)
+    report = Path(args.report) if args.report else None
+    _run_paths(model, output, report, args.force,
+               data=[(args.data, "data"), (args.eval_data, "eval data")])
+    _check_holdout(args)
+    remove_stale_staging([output, *([report] if report else [])])
+    notes: list[str] = []
     try:
-        result = refine(
-            args.model, args.output, args.data, config=_config(args), eval_data=args.eval_data,
-            force=args.force, progress=_progress(args.quiet),
-        )
+        with _noted_warnings(notes):
+            result = refine(
+                args.model, None, args.data, config=_config(args), eval_data=args.eval_data,
+                force=args.force, progress=_progress(args.quiet),
+            )
     except GateError as exc:  # no model is written, but the report says why (written: null)
         failed = getattr(exc, "result", None)
-        if args.report and failed is not None:
-            _write_json(Path(args.report), failed.to_dict())
+        if report is not None and failed is not None:
+            _write_report_only(report, _report_payload(failed, notes), args.force)
         raise
-    if args.report:
-        _write_json(Path(args.report), result.to_dict())
-    _print_result(result)
-    print(f"wrote {args.output}")
+    # The model and the report are staged, then placed together (or neither).
+    with Commit(args.force) as commit:
+        start = time.perf_counter()
+        with _noted_warnings(notes):
+            stage_refined(result.model, output, commit, model)
+        result.timings["write"] = time.perf_counter() - start
+        result.written = str(output)
+        if report is not None:
+            _stage_report(commit, report, _report_payload(result, notes))
+
+        def summary() -> None:
+            _print_result(result)
+            print(f"wrote {args.output}")
+
+        _emit(summary)
+        commit.commit()
     return 0
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` whole or not at all (a temporary file, then a rename)."""
-    from .errors import OutputError  # noqa: PLC0415
-    from .patch import signals_deferred  # noqa: PLC0415
-
-    tmp = path.with_name(f".{path.name}.onnxfbp-tmp")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2, default=float))
-        with signals_deferred():
-            tmp.replace(path)
-    except OSError as exc:
-        raise OutputError(f"cannot write report {path}: {exc.strerror or exc}") from exc
-    finally:
-        with signals_deferred():
-            tmp.unlink(missing_ok=True)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .refine import evaluate  # noqa: PLC0415
 
+    _run_paths(Path(args.model), None, None, False, data=[(args.data, "data")])
     result = evaluate(args.model, args.data, device=args.device)
     if args.json:
-        print(json.dumps({"accuracy": result.accuracy, "n": result.n, "loss": result.loss,
-                          "per_class": result.per_class}))
+        line = _dumps({"accuracy": result.accuracy, "n": result.n, "loss": result.loss,
+                       "per_class": result.per_class})
     else:
-        print(f"accuracy {result.accuracy:.4f} on {result.n} samples")
+        line = f"accuracy {result.accuracy:.4f} on {result.n} samples"
+    _emit(lambda: print(line))
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from .errors import ModelError  # noqa: PLC0415
     from .inspect import inspect_model, render_table  # noqa: PLC0415
+    from .paths import check_input_file  # noqa: PLC0415
 
+    check_input_file(args.model, "model file", ModelError)
     info = inspect_model(args.model, deep=args.deep, schedule=args.schedule)
     try:
         if args.json:
-            print(json.dumps(info, indent=2), flush=True)
+            print(_dumps(info, indent=2), flush=True)
         else:
             render_table(info)
             sys.stdout.flush()
@@ -197,6 +291,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .config import RefineConfig  # noqa: PLC0415
+    from .patch import stage_refined  # noqa: PLC0415
+    from .paths import Commit, remove_stale_staging  # noqa: PLC0415
     from .refine import evaluate, refine  # noqa: PLC0415
 
     model = DEMO_DIR / "demo_mnist_cnn.onnx"
@@ -205,36 +301,85 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"bundled demo model {model} is missing; rebuild it: python tools/make_demo.py"
         )
     out = Path(args.output)
-    _check_report_path(args.report, model, out)
+    report = Path(args.report) if args.report else None
+    bundled = [(str(DEMO_DIR / f"demo_{k}.npz"), "bundled demo data") for k in
+               ("adapt", "eval", "clean")]
+    _run_paths(model, out, report, True, data=bundled)  # the demo overwrites its own files
+    remove_stale_staging([out, *([report] if report else [])])
     print("onnxfbp demo: a small MNIST CNN (models/demo_mnist_cnn.onnx) meets digits rotated "
           "by up to 45 degrees;\nrefining it on 2,000 labelled rotated digits "
           "(models/demo_adapt.npz)...")
     start = time.perf_counter()
-    result = refine(
-        model, out, DEMO_DIR / "demo_adapt.npz", config=RefineConfig.of(device=args.device),
-        eval_data=DEMO_DIR / "demo_eval.npz", force=True, progress=_progress(args.quiet),
-    )
-    clean_before = evaluate(model, DEMO_DIR / "demo_clean.npz", device=args.device)
-    clean_after = evaluate(out, DEMO_DIR / "demo_clean.npz", device=args.device)
-    _print_result(result)
-    print(f"clean accuracy:    {clean_before.accuracy:.4f} -> {clean_after.accuracy:.4f} "
-          f"(upright digits, n={clean_before.n})")
-    print(f"wrote {out} in {time.perf_counter() - start:.1f}s")
-    if args.report:
-        _write_json(Path(args.report), result.to_dict())
+    notes: list[str] = []
+    with _noted_warnings(notes):
+        result = refine(
+            model, None, DEMO_DIR / "demo_adapt.npz", config=RefineConfig.of(device=args.device),
+            eval_data=DEMO_DIR / "demo_eval.npz", force=True, progress=_progress(args.quiet),
+        )
+    with Commit(True) as commit:
+        started = time.perf_counter()
+        with _noted_warnings(notes):
+            staged = stage_refined(result.model, out, commit, model)
+        result.timings["write"] = time.perf_counter() - started
+        result.written = str(out)
+        clean_before = evaluate(model, DEMO_DIR / "demo_clean.npz", device=args.device)
+        clean_after = evaluate(staged, DEMO_DIR / "demo_clean.npz", device=args.device)
+        if report is not None:
+            _stage_report(commit, report, _report_payload(result, notes))
+
+        def summary() -> None:
+            _print_result(result)
+            print(f"clean accuracy:    {clean_before.accuracy:.4f} -> "
+                  f"{clean_after.accuracy:.4f} (upright digits, n={clean_before.n})")
+            print(f"wrote {out} in {time.perf_counter() - start:.1f}s")
+
+        _emit(summary)
+        commit.commit()
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import render_html  # noqa: PLC0415
 
-    render_html(Path(args.report), Path(args.output))
-    print(f"wrote {args.output}")
+    render_html(Path(args.report), Path(args.output), force=args.force)
+    _emit(lambda: print(f"wrote {args.output}"))
     return 0
 
 
+class UsageError(Exception):
+    """A command-line usage error (argparse): one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one ``onnxfbp: error:`` line (exit 2), not a usage dump."""
+
+    def error(self, message: str) -> Any:
+        hint = f"run '{self.prog} --help' for usage"
+        raise UsageError(f"{_one_line(Exception(message))}; {hint}")
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{text} is out of range (0 to 2**63-1)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="onnxfbp",
         description="Refine an exported ONNX classifier with new labelled data, "
         "without its training code (feature-level reverse propagation).",
@@ -245,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
         p.add_argument("--quiet", action="store_true", help="no progress on stderr")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
+        p.add_argument("--allow-nonfinite-input", action="store_true",
+                       help="accept a model whose weights hold NaN or Inf (they are kept "
+                            "as they are; refined weights are always finite)")
 
     p = sub.add_parser("refine", help="refine MODEL on labelled data, write OUT")
     p.add_argument("model")
@@ -254,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", help="held-out labelled data to report (and gate) on")
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
-    p.add_argument("--min-gain", type=float,
+    p.add_argument("--min-gain", type=_finite_float,
                    help="exit 3, writing nothing, unless accuracy gains this much")
     p.add_argument("--allow-worse", action="store_true",
                    help="write even if held-out accuracy drops")
@@ -262,16 +410,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=("minibatch", "jacobi", "sequential"),
                    help="minibatch (default): preconditioned least-squares steps on "
                         "mini-batches; jacobi / sequential: full-pass sweeps")
-    p.add_argument("--epochs", type=float,
+    p.add_argument("--epochs", type=_finite_float,
                    help="minibatch: passes over the training split at most (default 1.25; "
                         "3 measured +0.2-0.35 points on MNIST shifts in about twice the time)")
     p.add_argument("--sweeps", type=int, help="jacobi / sequential: sweeps at most")
-    p.add_argument("--holdout", type=float, help="fraction held out for choices (default 0.2)")
+    p.add_argument("--holdout", type=_finite_float,
+                   help="fraction held out for choices (default 0.2; it must leave at least "
+                        f"{MIN_SPLIT} samples on each side)")
     p.add_argument("--batch-size", type=int, help="samples per forward batch")
     p.add_argument("--deep", action="store_true",
                    help="jacobi / sequential: also refine layers behind convolutions")
     p.add_argument("--output-name", help="class-score output of the graph (default: found)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     common(p)
     p.set_defaults(func=cmd_refine)
 
@@ -300,13 +450,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="render a JSON report as one self-contained HTML file")
     p.add_argument("report")
     p.add_argument("-o", "--output", required=True)
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=cmd_report)
     return parser
 
 
 class _Terminated(BaseException):
-    """SIGTERM, raised in the main thread like KeyboardInterrupt is for SIGINT."""
+    """SIGTERM or SIGHUP, raised in the main thread like KeyboardInterrupt is for SIGINT."""
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -321,30 +472,52 @@ def _stamp(path: str | None) -> tuple[int, int, int] | None:
     """Identity of the file at ``path`` (None if absent): tells whether a run wrote it."""
     try:
         st = os.stat(path) if path else None
-    except OSError:
+    except (OSError, ValueError):
         return None
     return None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
+_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The console script. Exit codes: 0 ok, 1 internal error (a bug; ``--debug``
-    shows the traceback), 2 user error, 3 held-out gate not met, 130 interrupted.
+    shows the traceback), 2 user error (usage errors included), 3 held-out gate not
+    met, 130 interrupted (SIGINT, SIGTERM or SIGHUP).
 
-    Called in-process (tests, notebooks), it restores the SIGTERM handler and the
+    Called in-process (tests, notebooks), it restores the signal handlers and the
     warning filters it changed."""
+    from . import _early  # noqa: PLC0415
+
+    if signal.getsignal(signal.SIGINT) is _early._early_exit:  # KeyboardInterrupt from here on
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous: dict[int, Any] = {}
+    for sig in _SIGNALS:
+        with suppress(ValueError, OSError):  # not the main thread: keeps its handler
+            previous[sig] = signal.signal(sig, _on_sigterm)
     try:
-        previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:  # not the main thread: SIGTERM keeps its handler
-        previous_sigterm = None
-    try:
-        args = build_parser().parse_args(argv)
-        with warnings.catch_warnings():
-            if not getattr(args, "debug", False):  # overflow noise: non-finite solves are skipped
-                warnings.simplefilter("ignore", RuntimeWarning)
-            return _run(args)
+        try:
+            args = build_parser().parse_args(argv)
+        except UsageError as exc:
+            _stderr(f"onnxfbp: error: {exc}")
+            return EXIT_USER_ERROR
+        except (KeyboardInterrupt, _Terminated):
+            _stderr("onnxfbp: interrupted; nothing was written")
+            return EXIT_INTERRUPTED
+        from .graph import allow_nonfinite_weights  # noqa: PLC0415
+
+        token = allow_nonfinite_weights.set(bool(getattr(args, "allow_nonfinite_input", False)))
+        try:
+            with warnings.catch_warnings():
+                if not getattr(args, "debug", False):  # overflow noise: non-finite solves skipped
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                return _run(args)
+        finally:
+            allow_nonfinite_weights.reset(token)
     finally:
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -361,7 +534,7 @@ def _run(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, _Terminated):
         if debug:
             traceback.print_exc()
-        # The output is replaced in one step, so it is either the old file or the new one.
+        # The output is placed in one step, so it is either the old file or the new one.
         after = _stamp(output)
         if output is not None and after is not None and after != before:
             _stderr(f"onnxfbp: interrupted after {output} was written")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,11 @@ import numpy as np
 
 from .errors import DataError
 
-__all__ = ["LabelledData", "load_data", "from_arrays"]
+__all__ = ["LabelledData", "count_samples", "load_data", "from_arrays"]
+
+# A damaged deflate stream, a malformed npy header (a huge declared shape: MemoryError)
+_READ_ERRORS = (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError, zlib.error,
+                MemoryError, OverflowError)
 
 _CHECK_CHUNK = 4096
 
@@ -94,8 +99,12 @@ class LabelledData:
             return self.parts[k].y
         if self._cached is not None and self._cached[0] == k:
             return self._cached[1].y
-        with np.load(self._shard_paths[k], allow_pickle=False) as z:  # reads only 'y'
-            return np.asarray(z["y"])
+        try:
+            with np.load(self._shard_paths[k], allow_pickle=False) as z:  # reads only 'y'
+                return np.asarray(z["y"])
+        except _READ_ERRORS as exc:
+            raise DataError(f"shard {self._shard_paths[k]} is not a readable .npz file "
+                            f"({_why(exc)}); {_NPZ_HINT}") from exc
 
     def batches(self, idx: np.ndarray, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for start in range(0, len(idx), size):
@@ -151,13 +160,16 @@ class LabelledData:
                 )
             if np.issubdtype(part.x.dtype, np.floating):
                 for start in range(0, len(part.y), _CHECK_CHUNK):
-                    chunk = np.asarray(part.x[start : start + _CHECK_CHUNK])
+                    # checked as the model sees it (float32): 1e39 in float64 is Inf there
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        chunk = np.asarray(part.x[start : start + _CHECK_CHUNK], np.float32)
                     finite = np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
                     if not finite.all():
                         row = int(self._offsets[k]) + start + int(np.argmin(finite))
                         raise DataError(
-                            f"{where}: inputs contain NaN or Inf (first at sample {row}); "
-                            "clean or drop those samples"
+                            f"{where}: inputs contain NaN or Inf as float32, the model's input "
+                            f"type (first at sample {row}; float32 ends at about 3.4e38); "
+                            "clean, rescale or drop those samples"
                         )
             y = np.asarray(part.y)
             if y.size and y.min() < 0:
@@ -206,6 +218,7 @@ def _read_npz(path: Path, input_key: str | None) -> _Part:
                 f"{_NPZ_HINT}, or put x.npy and y.npy in one folder"
             )
         raise DataError(f"{path} is not an .npz file; {_NPZ_HINT}")
+    _check_members(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = list(z.keys())
@@ -225,9 +238,11 @@ def _read_npz(path: Path, input_key: str | None) -> _Part:
                 f"{path} holds Python objects, not numeric arrays; {_NPZ_HINT} "
                 "with numeric (float32 / int64) arrays"
             ) from exc
-        raise DataError(f"{path} is not a readable .npz file ({exc}); {_NPZ_HINT}") from exc
-    except (OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
-        raise DataError(f"{path} is not a readable .npz file ({exc}); {_NPZ_HINT}") from exc
+        raise DataError(f"{path} is not a readable .npz file ({_why(exc)}); {_NPZ_HINT}") \
+            from exc
+    except _READ_ERRORS as exc:
+        raise DataError(f"{path} is not a readable .npz file ({_why(exc)}); {_NPZ_HINT}") \
+            from exc
     if x.ndim == 0 or y.ndim != 1 or len(x) != len(y):
         raise DataError(
             f"{path}: inputs of shape {list(x.shape)} but labels of shape {list(y.shape)}; "
@@ -240,6 +255,7 @@ def _shard_size(shard: Path) -> int:
     """Number of labelled samples in a shard, reading only its labels."""
     if not zipfile.is_zipfile(shard):
         raise DataError(f"shard {shard} is not an .npz file; {_NPZ_HINT}")
+    _check_members(shard)
     try:
         with np.load(shard, allow_pickle=False) as z:
             if "y" not in z:
@@ -250,8 +266,9 @@ def _shard_size(shard: Path) -> int:
             y = z["y"]
     except DataError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as exc:
-        raise DataError(f"shard {shard} is not a readable .npz file ({exc}); {_NPZ_HINT}") from exc
+    except _READ_ERRORS as exc:
+        raise DataError(f"shard {shard} is not a readable .npz file ({_why(exc)}); "
+                        f"{_NPZ_HINT}") from exc
     if y.ndim != 1:
         raise DataError(
             f"shard {shard}: labels have shape {list(y.shape)}; store a 1-D array of class indices"
@@ -265,9 +282,9 @@ def load_data(path: str | os.PathLike[str], input_name: str | None = None) -> La
     Only cheap checks happen here (the file format, keys, lengths); shapes, dtypes,
     finiteness and labels are checked against the model by :meth:`LabelledData.validate`.
     """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data file {path} does not exist; check the path")
+    from .paths import check_input_file  # noqa: PLC0415
+
+    path = check_input_file(path, "data file", DataError, folder_ok=True)
     if not path.is_dir():
         try:
             with open(path, "rb"):
@@ -289,7 +306,7 @@ def load_data(path: str | os.PathLike[str], input_name: str | None = None) -> La
         try:
             x = np.load(xnpy, mmap_mode="r", allow_pickle=False)
             y = np.load(ynpy, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError, EOFError) as exc:
+        except _READ_ERRORS as exc:
             raise DataError(
                 f"cannot memory-map {xnpy.name} and y.npy in {path} ({exc}); "
                 "write them with numpy.save"
@@ -304,3 +321,58 @@ def load_data(path: str | os.PathLike[str], input_name: str | None = None) -> La
     sizes = [_shard_size(shard) for shard in shards]
     return LabelledData(source=str(path), shard_paths=shards, input_key=input_name,
                         shard_sizes=sizes)
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, MemoryError):
+        return "its header declares an array far larger than the file"
+    if isinstance(exc, zlib.error):
+        return f"a damaged compressed stream: {exc}"
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _check_members(path: Path) -> None:
+    """Refuse an npz whose ``.npy`` members declare more bytes than they hold: reads
+    stay bounded by the file (a forged header cannot ask for terabytes)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with zf.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                    else:
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                    header = f.tell()
+                need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if need > info.file_size - header:
+                    raise DataError(
+                        f"{path}: member {info.filename} declares shape {list(shape)} "
+                        f"({need} bytes) but holds {info.file_size - header}; the file is "
+                        f"truncated or forged: {_NPZ_HINT}"
+                    )
+    except DataError:
+        raise
+    except _READ_ERRORS as exc:
+        raise DataError(f"{path} is not a readable .npz file ({_why(exc)}); {_NPZ_HINT}") \
+            from exc
+
+
+def count_samples(path: str | os.PathLike[str]) -> int:
+    """Number of labelled samples at ``path`` (``.npz``, ``.npy`` folder or shard
+    folder), reading labels only."""
+    from .paths import check_input_file  # noqa: PLC0415
+
+    path = check_input_file(path, "data file", DataError, folder_ok=True)
+    if path.is_dir():
+        ynpy = path / "y.npy"
+        if ynpy.is_file():
+            try:
+                return int(np.load(ynpy, mmap_mode="r", allow_pickle=False).shape[0])
+            except _READ_ERRORS + (IndexError,) as exc:
+                raise DataError(f"cannot read {ynpy} ({_why(exc)}); write it with numpy.save") \
+                    from exc
+        return sum(_shard_size(s) for s in sorted(p for p in path.glob("*.npz") if p.is_file()))
+    return _shard_size(path)

@@ -29,7 +29,7 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from .errors import ModelError, UnsupportedModelError
-from .loading import load_model
+from .loading import allow_nonfinite_weights, load_model
 from .rules import RULES, NodeView, onnx_default
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "Plan",
     "PlanNode",
     "TensorSource",
+    "allow_nonfinite_weights",
     "load_model",
     "plan_model",
 ]

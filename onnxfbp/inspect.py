@@ -35,6 +35,7 @@ its weights, and which layers a refine run would change.
 from __future__ import annotations
 
 import os
+import re
 from typing import TYPE_CHECKING, Any
 
 import onnx
@@ -184,8 +185,27 @@ _STATUS_STYLE = {
 }
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def visible(value: Any) -> Any:
+    """``value`` with every terminal control character in its strings (escape
+    sequences, carriage returns, ...) written out as ``\\xNN``: names come from the
+    model file and must not drive the terminal."""
+    if isinstance(value, str):
+        return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256
+                            else f"\\u{ord(m.group()):04x}", value)
+    if isinstance(value, dict):
+        return {visible(k): visible(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(visible(v) for v in value)
+    return value
+
+
 def render_table(info: dict[str, Any], console: Any = None) -> None:
-    """Print ``info`` (from :func:`inspect_model`) as a table with rich."""
+    """Print ``info`` (from :func:`inspect_model`) as a table with rich; control
+    characters in names are shown escaped (see :func:`visible`)."""
+    info = visible(info)
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
     from rich.text import Text  # noqa: PLC0415

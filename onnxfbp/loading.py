@@ -8,12 +8,15 @@ do) for anything onnxfbp cannot use; :mod:`onnxfbp.graph` plans what it returns.
 from __future__ import annotations
 
 import os
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from .errors import ModelError
+from .paths import check_input_file
 
 __all__ = ["load_model"]
 
@@ -40,15 +43,21 @@ def load_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
             "copy the complete data files next to it"
         ) from exc
     _check_tensor_sizes(model, path)
+    _check_graph_inputs(model, path)
+    if not allow_nonfinite_weights.get():
+        _check_finite_weights(model, path)
     return model
+
+
+allow_nonfinite_weights: ContextVar[bool] = ContextVar("allow_nonfinite_weights", default=False)
+"""Whether :func:`load_model` accepts NaN / Inf weights (``--allow-nonfinite-input``)."""
 
 
 def _read(path: Path) -> onnx.ModelProto:
     """The parsed model file (external data not loaded yet)."""
     if path.is_dir():
         raise ModelError(f"model {path} is a folder; pass the .onnx file inside it")
-    if not path.is_file():
-        raise ModelError(f"model file {path} does not exist; check the path")
+    check_input_file(path, "model file", ModelError)
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -167,7 +176,21 @@ def _check_external_data(model: onnx.ModelProto, path: Path, base: Path) -> None
     for tensor in _external_tensors(model):
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
-        target = (base / location).resolve()
+        if "\0" in location or len(os.fsencode(location)) > 4096 or any(
+                len(os.fsencode(part)) > 255 for part in Path(location).parts):
+            raise ModelError(
+                f"external data of {tensor.name!r} has an impossible file name "
+                f"({location[:40]!r}...: a NUL byte or over the filesystem's limits); "
+                "re-export the model"
+            )
+        try:
+            target = (base / location).resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop
+            raise ModelError(
+                f"external data file {location} of {tensor.name!r} cannot be resolved "
+                f"({getattr(exc, 'strerror', None) or exc}); copy the real file next to "
+                f"{path.name}"
+            ) from None
         if not location:
             raise ModelError(
                 f"weight {tensor.name!r} is stored as external data without a file name; "
@@ -183,11 +206,12 @@ def _check_external_data(model: onnx.ModelProto, path: Path, base: Path) -> None
                 f"external data of {tensor.name!r} points outside the model folder "
                 f"({location}); refusing it: keep the data file next to the model"
             )
-        if not target.is_file():
+        if not os.path.lexists(target):
             raise ModelError(
                 f"external data file {location} for {tensor.name!r} is missing; "
                 f"copy it next to {path.name}"
             )
+        check_input_file(target, f"external data file of {tensor.name!r}", ModelError)
         try:
             offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
         except ValueError:
@@ -230,3 +254,56 @@ def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     ]
 
 
+
+
+def _check_graph_inputs(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse names that are not valid UTF-8 and a graph input with a negative or
+    zero fixed dimension (no batch can have that shape)."""
+    for kind, names in (
+        ("initializer", [t.name for t in model.graph.initializer]),
+        ("node", [n.name for n in model.graph.node]),
+        ("tensor", [x for n in model.graph.node for x in (*n.input, *n.output)]),
+        ("graph input", [i.name for i in model.graph.input]),
+        ("graph output", [o.name for o in model.graph.output]),
+    ):
+        for name in names:
+            if not isinstance(name, str):
+                raise ModelError(
+                    f"{path.name}: {kind} name {name!r} is not valid UTF-8; "
+                    "re-export the model with plain names"
+                )
+    initializers = {t.name for t in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name in initializers or not value.type.HasField("tensor_type"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        for k, dim in enumerate(dims):
+            if dim.HasField("dim_value") and dim.dim_value <= 0:
+                raise ModelError(
+                    f"input {value.name!r} of {path.name} declares dimension {k} as "
+                    f"{dim.dim_value}; every dimension must be positive (or symbolic): "
+                    "re-export the model"
+                )
+
+
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                onnx.TensorProto.BFLOAT16)
+
+
+def _check_finite_weights(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse NaN or Inf in a floating-point initializer (the weights; Constant nodes,
+    such as -inf masks, are never refined and are left alone)."""
+    for tensor in model.graph.initializer:
+        if tensor.data_type not in _FLOAT_TYPES:
+            continue
+        try:
+            value = numpy_helper.to_array(tensor)
+        except Exception:  # unreadable tensors are reported when the model is run
+            continue
+        if value.dtype.kind in "fc" and not np.isfinite(value).all():
+            bad = int(np.size(value) - np.isfinite(value).sum())
+            raise ModelError(
+                f"weight {tensor.name!r} of {path.name} holds {bad} NaN or Inf value(s); "
+                "fix the export, or pass --allow-nonfinite-input to refine it anyway "
+                "(those values are then kept as they are)"
+            )

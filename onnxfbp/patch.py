@@ -12,15 +12,8 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import signal
-import tempfile
-import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
-from types import FrameType
-from typing import Any
 
 import numpy as np
 import onnx
@@ -28,8 +21,25 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from .errors import OutputError
+from .paths import (
+    NAME_MAX,
+    Commit,
+    _same,
+    check_destination,
+    check_distinct,
+    held_signals,
+    model_files,
+    remove_stale_staging,
+)
 
-__all__ = ["check_output_path", "signals_deferred", "with_initializers", "write_refined"]
+__all__ = [
+    "NonFiniteRefinedWarning",
+    "check_output_path",
+    "signals_deferred",
+    "stage_refined",
+    "with_initializers",
+    "write_refined",
+]
 
 EXTERNAL_SIZE_THRESHOLD = 1024
 
@@ -37,116 +47,43 @@ EXTERNAL_SIZE_THRESHOLD = 1024
 def check_output_path(input_path: Path, output: Path, force: bool) -> None:
     """Refuse, before any work, an output that cannot be written as asked.
 
-    Refused: the input model or one of its external data files (also through a link,
-    and for the ``OUT.data`` file an external-data output writes), an existing file
-    without ``force``, a folder, a path below a regular file, a missing or unwritable
-    folder. Writability is probed by creating (and removing) an empty temporary
-    folder where the output will be staged, so it holds for root and read-only mounts.
+    The rules of :func:`onnxfbp.paths.check_destination` hold for the output and
+    for the ``OUT.data`` file an external-data output writes; neither may be the
+    input model or one of its external data files (also through a link).
     """
     output, input_path = Path(output), Path(input_path)
-    if output.name in ("", ".", "..") or output.is_dir():
+    if output.name in ("", ".", "..") or os.path.isdir(output):
         raise OutputError(f"output {output} is a folder; give a file name such as refined.onnx")
     data_file = output.with_name(output.name + ".data")
-    protected = _input_files(input_path, [output, data_file])
-    for candidate in (output, data_file):
-        for k, name in enumerate(protected):
-            if not _same_file(candidate, name):
-                continue
-            if candidate == output and k == 0:
-                raise OutputError(f"output {output} is the input model; choose another output path")
-            what = "the input model" if k == 0 else f"{name.name} (data of {input_path.name})"
-            raise OutputError(
-                f"writing {candidate} would overwrite {what}; choose another output path"
-            )
-    if output.exists() and not force:
-        raise OutputError(f"output {output} already exists; pass --force to overwrite it")
-    if data_file.exists() and not force:
-        raise OutputError(
-            f"{data_file} already exists (it would hold the output's weights); "
-            "pass --force to overwrite it or choose another output path"
-        )
-    parent = output.parent
-    probe = parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise OutputError(f"cannot write {output}: {probe} is a file, not a folder")
-    check_writable_folder(parent, str(output), "choose another output folder")
+    if any(
+            os.path.lexists(p) for p in (output, data_file)):
+        protected = model_files(input_path)
+        if _same(output, input_path):
+            raise OutputError(f"output {output} is the input model; choose another output path")
+        check_distinct([(output, "output"), (data_file, "the output's data file")], protected)
+    check_destination(output, "output", force, "choose another output path")
+    if len(os.fsencode(data_file.name)) > NAME_MAX and not os.path.lexists(data_file) \
+            and not _input_has_external_data(input_path):
+        return  # no OUT.data is written: a name of up to 255 bytes is fine
+    check_destination(data_file, "the output's data file", force,
+                      "pass --force to overwrite it or choose another output path")
 
 
-def check_writable_folder(parent: Path, what: str, advice: str) -> None:
-    """Refuse a missing or unwritable folder by really creating (and removing) a
-    temporary folder in it: permission bits alone lie for root and for /proc."""
-    if not parent.is_dir():
-        raise OutputError(f"cannot write {what}: folder {parent} does not exist; create it first")
-    try:
-        with signals_deferred():
-            os.rmdir(tempfile.mkdtemp(prefix=".onnxfbp-", dir=parent))
-    except OSError as exc:
-        raise OutputError(
-            f"cannot write {what}: folder {parent} is not writable "
-            f"({exc.strerror or exc}); {advice}"
-        ) from exc
+signals_deferred = held_signals  # the earlier name
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether two paths name the same file (links and spellings resolved)."""
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return a.resolve() == b.resolve()
-
-
-def _input_files(input_path: Path, candidates: list[Path]) -> list[Path]:
-    """The input model and (only if a candidate exists, to stay cheap) its external data files."""
-    files = [input_path]
-    if any(c.exists() for c in candidates) and input_path.is_file():
-        try:
-            header = onnx.load(str(input_path), load_external_data=False)
-        except Exception:  # an unreadable model is reported by load_model
-            return files
-        for tensor in header.graph.initializer:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-                if location:
-                    files.append(input_path.parent / location)
-    return files
-
-
-@contextmanager
-def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT / SIGTERM for the duration of a short critical section.
-
-    A signal that arrives inside is re-raised as soon as the section ends, through
-    the handler that was installed before (KeyboardInterrupt for SIGINT), so a
-    commit of several renames, or the removal of a temporary folder, is never cut
-    in half. Outside the main thread (where handlers cannot be set) it does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    previous: dict[int, Any] = {}
-
-    def hold(signum: int, frame: FrameType | None) -> None:
-        pending.append(signum)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(sig)
-        if handler is None or handler in (signal.SIG_IGN, signal.SIG_DFL):
-            continue  # ignored, default (kills: nothing to clean up) or set outside Python
-        previous[sig] = signal.signal(sig, hold)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if pending:
-            signal.raise_signal(pending[0])
+class NonFiniteRefinedWarning(UserWarning):
+    """A refined tensor held NaN or Inf; its original value was kept instead."""
 
 
 def with_initializers(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of ``model`` whose named initializers hold ``values`` (same dtype/shape)."""
+    """A copy of ``model`` whose named initializers hold ``values`` (same dtype/shape).
+
+    No refined weight is ever non-finite: a value with NaN or Inf (after the cast to
+    the initializer's dtype) is not written; the tensor keeps its original value and
+    a :class:`NonFiniteRefinedWarning` names it (the CLI prints it on stderr and
+    lists it under ``notes`` in the report).
+    """
     out = copy.deepcopy(model)
     for tensor in out.graph.initializer:
         if tensor.name not in values:
@@ -155,10 +92,51 @@ def with_initializers(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) 
         new = np.asarray(values[tensor.name])
         if new.shape != old.shape:
             raise ValueError(f"refined {tensor.name} has shape {new.shape}, expected {old.shape}")
-        replacement = numpy_helper.from_array(new.astype(old.dtype), tensor.name)
+        with np.errstate(over="ignore", invalid="ignore"):
+            cast = new.astype(old.dtype)
+        if cast.dtype.kind in "fc" and not np.isfinite(cast).all():
+            if np.array_equal(cast, old, equal_nan=True):
+                continue  # unchanged (a non-finite input let through by --allow-nonfinite-input)
+            import warnings  # noqa: PLC0415
+
+            warnings.warn(NonFiniteRefinedWarning(
+                f"refined weight {tensor.name!r} held NaN or Inf; its original value was kept"),
+                stacklevel=2)
+            continue
+        replacement = numpy_helper.from_array(cast, tensor.name)
         replacement.doc_string = tensor.doc_string
         tensor.CopyFrom(replacement)
     return out
+
+
+def stage_refined(model: onnx.ModelProto, output: Path, commit: Commit, input_path: Path,
+                  external: bool | None = None) -> Path:
+    """Save ``model`` for ``output`` into ``commit``'s staging folder (with
+    ``OUT.data`` if external), check it with onnx.checker and load it with
+    onnxruntime; return the staged path. Nothing is placed until ``commit.commit()``.
+    """
+    output, input_path = Path(output), Path(input_path)
+    if external is None:
+        external = _input_has_external_data(input_path) or model.ByteSize() > 2_000_000_000
+    data_name = output.name + ".data"
+    try:
+        staged = commit.stage(output, main=True)
+        if external:
+            onnx.save_model(model, str(staged), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_name,
+                            size_threshold=EXTERNAL_SIZE_THRESHOLD)
+        else:
+            onnx.save_model(model, str(staged))
+    except OSError as exc:
+        raise OutputError(f"cannot write {output}: {exc.strerror or exc}; nothing was written") \
+            from None
+    if external and (staged.parent / data_name).exists():
+        commit.add(staged.parent / data_name, output.with_name(data_name))
+    onnx.checker.check_model(str(staged))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    ort.InferenceSession(str(staged), options, providers=["CPUExecutionProvider"])
+    return staged
 
 
 def write_refined(model: onnx.ModelProto, output: Path, force: bool, input_path: Path,
@@ -166,40 +144,17 @@ def write_refined(model: onnx.ModelProto, output: Path, force: bool, input_path:
     """Check and atomically write ``model`` to ``output`` (with ``.data`` if external).
 
     The model is saved, checked by onnx.checker and loaded by onnxruntime in a
-    temporary ``.onnxfbp-*`` folder next to ``output``, then moved into place.
-    Ctrl-C or SIGTERM at any point leaves either no output or a complete one, and
-    no temporary folder.
+    staging ``.onnxfbp-*`` folder next to ``output``, then placed (see
+    :class:`onnxfbp.paths.Commit`): the data file and the model together or
+    neither. Ctrl-C or SIGTERM at any point leaves no output (or, once both are
+    placed, the complete one) and no staging folder.
     """
     output, input_path = Path(output), Path(input_path)
     check_output_path(input_path, output, force)
-    if external is None:
-        external = _input_has_external_data(input_path) or model.ByteSize() > 2_000_000_000
-    tmpdir: Path | None = None
-    try:
-        with signals_deferred():
-            tmpdir = Path(tempfile.mkdtemp(prefix=".onnxfbp-", dir=output.parent))
-        staged = tmpdir / output.name
-        data_name = output.name + ".data"
-        if external:
-            onnx.save_model(model, str(staged), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name,
-                            size_threshold=EXTERNAL_SIZE_THRESHOLD)
-        else:
-            onnx.save_model(model, str(staged))
-        onnx.checker.check_model(str(staged))
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        ort.InferenceSession(str(staged), options, providers=["CPUExecutionProvider"])
-        with signals_deferred():  # the data file and the model land together
-            if external and (tmpdir / data_name).exists():
-                os.replace(tmpdir / data_name, output.parent / data_name)
-            os.replace(staged, output)
-    except OSError as exc:
-        raise OutputError(f"cannot write {output}: {exc.strerror or exc}") from exc
-    finally:
-        if tmpdir is not None:
-            with signals_deferred():
-                shutil.rmtree(tmpdir, ignore_errors=True)
+    remove_stale_staging([output])
+    with Commit(force) as commit:
+        stage_refined(model, output, commit, input_path, external)
+        commit.commit()
 
 
 def _input_has_external_data(path: Path) -> bool:

@@ -312,9 +312,38 @@ def validate_report(report: Any) -> None:
         _check_feature_map(fm, f"feature_maps[{name!r}]")
 
 
+MAX_REPORT_BYTES = 512 * 2**20  # reports of real runs are kilobytes to a few megabytes
+MAX_REPORT_DEPTH = 64  # brackets: the deepest field of a report (feature maps) is ~8
+
+
+def _max_depth(text: str) -> int:
+    """Deepest ``[``/``{`` nesting of JSON ``text`` (strings skipped), in linear time."""
+    # Strings hold no brackets that count: drop them (escapes first), then scan the rest.
+    stripped = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text)
+    depth = best = 0
+    for chunk in re.finditer(r"[\[\]{}]+", stripped):
+        for ch in chunk.group():
+            depth += 1 if ch in "[{" else -1
+            best = max(best, depth)
+    return best
+
+
 def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and check a JSON report; :class:`ReportError` (one line) if it is not one."""
+    from .paths import check_input_file  # noqa: PLC0415
+
     path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ReportError(f"report {path} not found") from None
+    except (OSError, ValueError):
+        st = None
+    if st is not None and not os.path.isdir(path):
+        check_input_file(path, "report", ReportError)
+        if st.st_size > MAX_REPORT_BYTES:
+            raise ReportError(f"report {path} is {st.st_size} bytes, over the limit of "
+                              f"{MAX_REPORT_BYTES}; it is not an onnxfbp report")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -325,11 +354,17 @@ def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ReportError(f"report {path} is not a JSON report (not UTF-8 text)") from None
     except OSError as exc:
         raise ReportError(f"cannot read report {path}: {exc.strerror or exc}") from None
+    depth = _max_depth(text)
+    if depth > MAX_REPORT_DEPTH:
+        raise ReportError(f"report {path} nests {depth} levels deep (an onnxfbp report has "
+                          f"fewer than {MAX_REPORT_DEPTH}); it is not an onnxfbp report")
     try:
         report = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ReportError(f"report {path} is not valid JSON (line {exc.lineno}, "
                           f"column {exc.colno}: {exc.msg})") from None
+    except RecursionError:
+        raise ReportError(f"report {path} nests too deep; it is not an onnxfbp report") from None
     if not isinstance(report, dict):
         raise ReportError(f"report {path} is not an onnxfbp report "
                           f"(top level is {_type_name(report)})")
@@ -429,7 +464,7 @@ def _fig_confusions(report: dict[str, Any]) -> Any | None:
         return None
     k = len(splits[0][1]["confusion"])
     cell = 0.34 if k <= 12 else max(0.06, 4.0 / k)
-    side = max(2.6, cell * k + 1.0)
+    side = min(max(2.6, cell * k + 1.0), 9.0)  # big k: one pixel per cell at most
     fig = _figure(3 * side + 0.6, side * len(splits) + 0.4)
     axes = fig.subplots(len(splits), 3, squeeze=False)
     names = _class_names(report, k)
@@ -490,8 +525,12 @@ def _short(name: str, width: int = 28) -> str:
     return "…" + (tail if len(tail) < width else tail[-(width - 1):])
 
 
+MAX_FIGURE_VISITS = 60  # layer visits drawn (the last ones); the table lists more
+MAX_TABLE_ROWS = 300  # rows of any table; beyond, a note says how many were left out
+
+
 def _fig_layers(report: dict[str, Any]) -> Any | None:
-    layers = report["layers"]
+    layers = report["layers"][-MAX_FIGURE_VISITS:]
     if not layers:
         return None
     n = len(layers)
@@ -677,14 +716,20 @@ def _num(v: Any, fmt: str = ".4g") -> str:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]],
-           numeric: Sequence[int] = ()) -> str:
+           numeric: Sequence[int] = (), total: int | None = None) -> str:
+    """An HTML table of at most MAX_TABLE_ROWS rows; a note counts the rest (of
+    ``total`` rows, when the caller built only the first ones)."""
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = []
-    for row in rows:
+    left_out = max((len(rows) if total is None else total) - MAX_TABLE_ROWS, 0)
+    for row in rows[:MAX_TABLE_ROWS]:
         cells = "".join(f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>"
                         for i, c in enumerate(row))
         body.append(f"<tr>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    note = (f'<p class="note">{left_out} more row(s) not shown: the page lists the first '
+            f"{MAX_TABLE_ROWS}; the JSON report has them all.</p>" if left_out else "")
+    return (f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+            + note)
 
 
 def _kv_table(d: dict[str, Any]) -> str:
@@ -721,7 +766,7 @@ def _cards(report: dict[str, Any]) -> str:
 
 def _layer_rows(report: dict[str, Any]) -> list[list[str]]:
     rows = []
-    for v in report["layers"]:
+    for v in report["layers"][:MAX_TABLE_ROWS]:  # the table shows no more
         rb, ra = v["residual_before"], v["residual_after"]
         drop = (f" ({(ra - rb) / rb:+.1%})" if rb and ra is not None and math.isfinite(rb)
                 and math.isfinite(ra) else "")
@@ -796,12 +841,19 @@ def build_html(report: dict[str, Any], *, title: str | None = None, source: str 
     if layer_fig is None:
         parts.append('<p class="note">No layer was visited.</p>')
     else:
+        n_visits = len(report["layers"])
         parts.append(_img(layer_fig, "per-layer residual and weight change",
                           "residual: squared distance of the layer's output to its reconstructed "
-                          "target per held-out row (log scale); hatched: candidate reverted"))
+                          "target per held-out row (log scale); hatched: candidate reverted"
+                          + (f"; the last {MAX_FIGURE_VISITS} of {n_visits} visits"
+                             if n_visits > MAX_FIGURE_VISITS else "")))
+        if n_visits > MAX_TABLE_ROWS:
+            parts.append(f'<p class="note">{n_visits} layer visits: the table lists the first '
+                         f"{MAX_TABLE_ROWS}.</p>")
         parts.append(_table(
             ["sweep", "layer", "op", "weight", "lam", "rel. change", "residual before → after",
-             "held-out acc", "outcome", "s"], _layer_rows(report), numeric=(0, 4, 5, 7, 9)))
+             "held-out acc", "outcome", "s"], _layer_rows(report), numeric=(0, 4, 5, 7, 9),
+            total=len(report["layers"])))
     plan = report["plan"]
     plan_rows = [[f"<code>{_e(p['name'])}</code>", _e(p["op"]),
                   '<span class="kept">yes</span>' if p["refined"] else "no", _e(p["reason"] or "")]
@@ -850,29 +902,41 @@ def build_html(report: dict[str, Any], *, title: str | None = None, source: str 
 
 
 def render_html(report_path: str | os.PathLike[str], output_path: str | os.PathLike[str],
-                **options: Any) -> Path:
+                force: bool = False, **options: Any) -> Path:
     """Read the JSON report at ``report_path`` and write one self-contained HTML file.
 
-    Raises :class:`ReportError` for a missing or malformed report and
-    :class:`OutputError` when the HTML cannot be written.
+    The output follows the path rules of :mod:`onnxfbp.paths` (an existing file only
+    with ``force``, never a link, device or FIFO, never the report itself) and is
+    placed whole or not at all. Raises :class:`ReportError` for a missing or
+    malformed report and :class:`OutputError` when the HTML cannot be written.
     """
+    from .paths import (  # noqa: PLC0415
+        Commit,
+        check_destination,
+        check_distinct,
+        remove_stale_staging,
+    )
+
     report_path, output_path = Path(report_path), Path(output_path)
-    if output_path.exists() and report_path.exists() \
+    if os.path.exists(output_path) and os.path.exists(report_path) \
             and output_path.resolve() == report_path.resolve():
         raise OutputError(f"output {output_path} is the report itself; choose another -o path")
-    if output_path.is_dir():
+    if os.path.isdir(output_path):
         raise OutputError(f"output {output_path} is a directory; give a file name such as "
                           "report.html")
-    if not output_path.parent.is_dir():
+    if not os.path.isdir(output_path.parent):
         raise OutputError(f"cannot write {output_path}: directory {output_path.parent} "
                           "does not exist")
+    check_distinct([(output_path, "output")], [(report_path, "the report itself")])
+    check_destination(output_path, "output", force, "choose another -o path")
     report = load_report(report_path)
     page = build_html(report, source=str(report_path), **options)
-    tmp = output_path.with_name(f".{output_path.name}.tmp")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        tmp.replace(output_path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {output_path}: {exc.strerror or exc}") from None
+    remove_stale_staging([output_path])
+    with Commit(force) as commit:
+        staged = commit.stage(output_path, main=True)
+        try:
+            staged.write_text(page, encoding="utf-8")
+        except OSError as exc:
+            raise OutputError(f"cannot write {output_path}: {exc.strerror or exc}") from None
+        commit.commit()
     return output_path

@@ -511,7 +511,7 @@ def test_nothing_is_computed_before_inputs_are_checked(
 
 @pytest.mark.parametrize("args,fragment", [
     (("--epochs", "0"), "epochs 0.0 (a positive number)"),
-    (("--epochs", "nan"), "epochs nan"),
+    (("--epochs", "-1"), "epochs -1.0"),
     (("--holdout", "1.5"), "holdout 1.5"),
     (("--max-layers", "0"), "max_layers 0 (at least 1)"),
     (("--batch-size", "-4"), "batch_size -4"),
@@ -642,31 +642,31 @@ def test_interrupt_while_writing_leaves_no_output_and_no_temp_folder(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_signal_during_commit_is_held_until_both_files_are_in_place(
+def test_signal_during_commit_places_neither_file(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """SIGINT between the two renames of an external-data output is delivered only
-    after both files are in place: the output is whole, never half."""
-    from onnxfbp import patch
+    """SIGINT between placing the data file and the model of an external-data output
+    aborts the commit: the data file is taken back, neither file is left, and the
+    interrupt is delivered after (never a half output)."""
+    from onnxfbp import patch, paths
     from onnxfbp.graph import load_model
 
     source = _external_copy(tmp_path / "in")
-    real_replace = os.replace
+    real_link = os.link
     calls: list[str] = []
 
-    def replace_and_signal(src: str | Path, dst: str | Path) -> None:
+    def link_and_signal(src: str | Path, dst: str | Path) -> None:
         calls.append(str(dst))
+        real_link(src, dst)
         if len(calls) == 1:
-            os.kill(os.getpid(), signal.SIGINT)  # arrives between the two renames
-        real_replace(src, dst)
+            os.kill(os.getpid(), signal.SIGINT)  # arrives between the two placements
 
-    monkeypatch.setattr(patch.os, "replace", replace_and_signal)
+    monkeypatch.setattr(paths.os, "link", link_and_signal)
     out = tmp_path / "out" / "refined.onnx"
     out.parent.mkdir()
     with pytest.raises(KeyboardInterrupt):
         patch.write_refined(load_model(source), out, False, source)
-    assert len(calls) == 2
-    assert sorted(p.name for p in out.parent.iterdir()) == ["refined.onnx", "refined.onnx.data"]
-    load_model(out)  # whole and readable
+    assert calls == [str(out) + ".data"]
+    assert list(out.parent.iterdir()) == []
 
 
 def test_interrupt_message_says_when_the_output_was_written(

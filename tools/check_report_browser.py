@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
 
             page = Path(args.html) if args.html else Path(tmp) / "report.html"
             try:
-                render_html(source, page)
+                render_html(source, page, force=True)  # --html names the page to (re)write
             except OnnxfbpError as exc:
                 print(f"check_report_browser: {exc}", file=sys.stderr)
                 return 2
