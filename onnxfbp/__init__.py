@@ -35,8 +35,8 @@ from .errors import (  # noqa: E402
     OutputError,
     UnsupportedModelError,
 )
+from .output.results import EvalResult, LayerReport, RefineResult  # noqa: E402
 from .refine import evaluate, refine  # noqa: E402
-from .results import EvalResult, LayerReport, RefineResult  # noqa: E402
 from .schedules.state import ModelState  # noqa: E402
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Progress of a refine run as typed events; :mod:`onnxfbp.progress` renders them.
+"""Progress of a refine run as typed events; :mod:`onnxfbp.cli.progress` renders them.
 
 The pipeline calls ``progress(event)`` (a ``Callable[[Event], None]``) with:
 
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Union
 
-from .results import LayerReport
+from .output.results import LayerReport
 
 __all__ = ["Event", "LayerVisited", "Message", "Progress", "StepBackedOff", "StepChecked"]
 

@@ -33,12 +33,12 @@ from .data import LabelledData, from_arrays, load_data
 from .errors import GateError, UnsupportedModelError
 from .events import Event, Message, Progress
 from .fit.head import SEED_SALT, head_cross_validated, polish_head
-from .patch import check_output_path, write_refined
-from .results import EvalResult, LayerReport, RefineResult
+from .output.patch import check_output_path, write_refined
+from .output.results import EvalResult, LayerReport, RefineResult
+from .output.summary import environment, feature_maps, plan_summary
 from .schedules.minibatch import train_minibatch
 from .schedules.state import ModelState, RunContext, Score
 from .schedules.sweeps import Sweeps, narrow_sweeps, run_sweeps
-from .summary import environment, feature_maps, plan_summary
 
 __all__ = [
     "EvalResult",

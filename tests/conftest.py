@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from onnxfbp.datasets import cifar10_test, data_dir, mnist_test, models_dir, shift_images
+from shared_data import cifar10_test, data_dir, mnist_test, models_dir, shift_images
 
 PROJECT = Path(__file__).resolve().parent.parent
 

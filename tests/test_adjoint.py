@@ -1,4 +1,4 @@
-"""The reverse pass compiled for onnxruntime (``onnxfbp.adjoint``) against the
+"""The reverse pass compiled for onnxruntime (``onnxfbp.reverse.adjoint``) against the
 NumPy one it replaces:
 
 1. per op: the forms of MaxPool and Conv emitted for each provider give the
@@ -17,19 +17,19 @@ from typing import Any
 
 import numpy as np
 import pytest
+from shared_data import models_dir
 from test_models import MODELS, _splits
 from test_rules import SPECS, Spec, _inputs, _view
 
 from onnxfbp import RefineConfig, refine
-from onnxfbp.adjoint import EMITTERS, AdjointGraph, AdjointUnavailable
-from onnxfbp.datasets import models_dir
 from onnxfbp.errors import GateError
-from onnxfbp.graph import PlanNode
+from onnxfbp.fit.targets import label_target
+from onnxfbp.graph.plan import PlanNode
+from onnxfbp.reverse.adjoint import EMITTERS, AdjointGraph, AdjointUnavailable
 from onnxfbp.reverse.arrays import reverse
 from onnxfbp.reverse.select import compile_reverse
 from onnxfbp.rules import RULES
 from onnxfbp.schedules.state import ModelState
-from onnxfbp.targets import label_target
 
 CPU = ["CPUExecutionProvider"]
 COVERED = [s for s in SPECS if s.op in EMITTERS]

@@ -483,8 +483,8 @@ def test_nothing_is_computed_before_inputs_are_checked(
         capsys: pytest.CaptureFixture[str]) -> None:
     """In-process, with onnxruntime's batch runs forbidden: each of these errors is
     found before the first forward pass (a NaN in the very last sample included)."""
-    from onnxfbp import cli
-    from onnxfbp.forward import ForwardRunner
+    from onnxfbp.cli import commands as cli
+    from onnxfbp.run.forward import ForwardRunner
 
     runs: list[int] = []
 
@@ -648,7 +648,7 @@ def test_signal_during_commit_places_neither_file(
     aborts the commit: the data file is taken back, neither file is left, and the
     interrupt is delivered after (never a half output)."""
     from onnxfbp import patch, paths
-    from onnxfbp.graph import load_model
+    from onnxfbp.graph.plan import load_model
 
     source = _external_copy(tmp_path / "in")
     real_link = os.link
@@ -672,7 +672,7 @@ def test_signal_during_commit_places_neither_file(
 def test_interrupt_message_says_when_the_output_was_written(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from onnxfbp import cli
+    from onnxfbp.cli import commands as cli
 
     def writes_then_interrupted(args: object) -> int:
         (tmp_path / "out.onnx").write_bytes(b"new")
@@ -721,7 +721,7 @@ def test_degenerate_data_never_yields_non_finite_weights(work: Path, inputs: str
 def test_solver_skips_singular_and_non_finite_systems() -> None:
     """choose_ridge on a zero Gram, a NaN Gram and an overflowing Gram: finite
     weights (the ridge solution, or W0 when no solve is finite)."""
-    from onnxfbp.solve import NormalEquations, choose_ridge
+    from onnxfbp.fit.solve import NormalEquations, choose_ridge
 
     rng = np.random.default_rng(0)
     w0 = rng.standard_normal((1, 4, 3))

@@ -34,11 +34,11 @@ import numpy as np
 import onnx
 import pytest
 from graphcheck import changed_initializers
+from shared_data import shift_images
 
 from onnxfbp import RefineConfig, UnsupportedModelError, refine
-from onnxfbp.datasets import shift_images
-from onnxfbp.graph import load_model, plan_model
-from onnxfbp.inspect import inspect_model
+from onnxfbp.graph.inspect import inspect_model
+from onnxfbp.graph.plan import load_model, plan_model
 
 # torch's OpenMP threads must not spin next to onnxruntime's (10x slower refines)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -451,7 +451,7 @@ def _baked_batch_graph(batch: int | str, allowzero: int) -> onnx.ModelProto:
 @pytest.mark.parametrize("batch", [1, "N"])
 @pytest.mark.parametrize("allowzero", [0, 1])
 def test_baked_batch_runs_whole_batches(batch: int | str, allowzero: int) -> None:
-    from onnxfbp.forward import ForwardRunner  # noqa: PLC0415
+    from onnxfbp.run.forward import ForwardRunner  # noqa: PLC0415
 
     model = _baked_batch_graph(batch, allowzero)
     plan = plan_model(model)

@@ -21,7 +21,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from onnxfbp import cli
+from onnxfbp.cli import commands as cli
 
 PROJECT = Path(__file__).resolve().parent.parent
 DEMO = PROJECT / "models" / "demo_mnist_cnn.onnx"

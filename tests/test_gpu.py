@@ -16,13 +16,13 @@ import onnxruntime as ort
 import pytest
 
 from onnxfbp import ModelState, RefineConfig, load_data
-from onnxfbp.backend import cupy_or_none, to_numpy
+from onnxfbp.fit.solve import NormalEquations, Preconditioner, PreconditionerSums, ridge_solve
+from onnxfbp.fit.targets import label_target
 from onnxfbp.refine import run_refine
 from onnxfbp.reverse.arrays import reverse
 from onnxfbp.reverse.select import compile_reverse
 from onnxfbp.rules import RULES, NodeView
-from onnxfbp.solve import NormalEquations, Preconditioner, PreconditionerSums, ridge_solve
-from onnxfbp.targets import label_target
+from onnxfbp.run.backend import cupy_or_none, to_numpy
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 HAS_GPU = cupy_or_none() is not None and "CUDAExecutionProvider" in ort.get_available_providers()

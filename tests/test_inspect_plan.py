@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from onnxfbp import ModelState, RefineConfig
-from onnxfbp.adjoint import EMITTERS, AdjointGraph
-from onnxfbp.inspect import inspect_model
+from onnxfbp.graph.inspect import inspect_model
+from onnxfbp.reverse.adjoint import EMITTERS, AdjointGraph
 from onnxfbp.reverse.select import ReverseChoice, choose_reverse, kept_route, plan_level_choice
 
 DEMO = Path(__file__).resolve().parent.parent / "models" / "demo_mnist_cnn.onnx"

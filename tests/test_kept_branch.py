@@ -1,4 +1,4 @@
-"""The deepest convolution's residual at its kept positions (``onnxfbp.kept_branch``)
+"""The deepest convolution's residual at its kept positions (``onnxfbp.reverse.kept_branch``)
 against the dense reverse pass it replaces:
 
 1. every corpus model with such a branch: on real data the residual at random
@@ -23,13 +23,13 @@ from test_adjoint import _corpus_batch, corpus_data  # noqa: F401 (fixture)
 from test_models import MODELS
 
 from onnxfbp import ModelState, RefineConfig, from_arrays
-from onnxfbp.adjoint import AdjointGraph
-from onnxfbp.kept_branch import KeptBranch
-from onnxfbp.layers import kept_positions
+from onnxfbp.fit.layers import kept_positions
+from onnxfbp.fit.targets import label_target
 from onnxfbp.refine import run_refine
+from onnxfbp.reverse.adjoint import AdjointGraph
+from onnxfbp.reverse.kept_branch import KeptBranch
 from onnxfbp.reverse.select import ReverseProbe, compile_reverse, kept_route
 from onnxfbp.schedules.state import Score
-from onnxfbp.targets import label_target
 
 CPU = RefineConfig.of(device="cpu")
 

@@ -34,9 +34,9 @@ import numpy as np
 import onnx
 import pytest
 from graphcheck import changed_initializers
+from shared_data import cifar10_test, mnist_test, models_dir, shift_images
 
 from onnxfbp import RefineConfig, evaluate, refine
-from onnxfbp.datasets import cifar10_test, mnist_test, models_dir, shift_images
 
 N = 2000  # adapt / eval / clean samples per model
 CIFAR_MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)

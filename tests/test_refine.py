@@ -12,16 +12,16 @@ import pytest
 from graphcheck import changed_initializers
 
 from onnxfbp import RefineConfig, evaluate, refine
-from onnxfbp.layers import LayerBlock
-from onnxfbp.progress import render
-from onnxfbp.rules.linear import ConvGeometry, im2col
-from onnxfbp.solve import (
+from onnxfbp.cli.progress import render
+from onnxfbp.fit.layers import LayerBlock
+from onnxfbp.fit.solve import (
     NormalEquations,
     Preconditioner,
     PreconditionerSums,
     choose_ridge,
     ridge_solve,
 )
+from onnxfbp.rules.linear import ConvGeometry, im2col
 
 
 def _legacy_prep(images01: np.ndarray) -> np.ndarray:

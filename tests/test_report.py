@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from onnxfbp.cli import _progress, main
+from onnxfbp.cli.commands import _progress, main
+from onnxfbp.cli.progress import ProgressDisplay, render
 from onnxfbp.events import LayerVisited, Message, StepBackedOff, StepChecked
-from onnxfbp.progress import ProgressDisplay, render
-from onnxfbp.report import (
+from onnxfbp.output.report import (
     EVAL_SCHEMA,
     LAYER_SCHEMA,
     SCHEMA,
@@ -34,7 +34,7 @@ from onnxfbp.report import (
     render_html,
     validate_report,
 )
-from onnxfbp.results import LayerReport
+from onnxfbp.output.results import LayerReport
 
 PROJECT = Path(__file__).resolve().parent.parent
 MODELS = PROJECT / "models"
@@ -222,7 +222,7 @@ def test_html_is_self_contained_and_every_image_is_a_png(
 
 
 def test_feature_map_figures_for_the_agreed_format() -> None:
-    from onnxfbp.report import _fig_feature_map  # noqa: PLC0415
+    from onnxfbp.output.report import _fig_feature_map  # noqa: PLC0415
 
     fms = with_feature_maps(
         {"feature_maps": {}}, np.random.default_rng(2))["feature_maps"]

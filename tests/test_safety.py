@@ -25,7 +25,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from onnxfbp import cli
+from onnxfbp.cli import commands as cli
 from onnxfbp.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, OutputError
 from onnxfbp.paths import Commit, remove_stale_staging
 
@@ -297,7 +297,7 @@ def test_5_allowed_non_finite_weights_pass_through_unchanged(
 def test_5_refined_weights_are_never_non_finite() -> None:
     """The last guard: a refined value with NaN/Inf (or one that overflows the
     initializer's dtype) is not written; the tensor keeps its original value."""
-    from onnxfbp.patch import NonFiniteRefinedWarning, with_initializers
+    from onnxfbp.output.patch import NonFiniteRefinedWarning, with_initializers
 
     model = onnx.load(str(DEMO))
     names = [t.name for t in model.graph.initializer[:2]]
@@ -626,7 +626,7 @@ def test_10_rendering_caps_giant_reports(tmp_path: Path) -> None:
     """20,000 layer visits and 1,500 classes: the tables are cut at MAX_TABLE_ROWS
     with a note, the layer figure draws the last visits, the confusion figure is
     bounded in size."""
-    from onnxfbp.report import MAX_TABLE_ROWS, build_html
+    from onnxfbp.output.report import MAX_TABLE_ROWS, build_html
 
     k, n = 1500, 3000
     confusion = np.zeros((k, k), np.int64)
@@ -669,7 +669,7 @@ def test_10_signal_during_the_imports_exits_130(tmp_path: Path, signum: int) -> 
         f"        os.kill(os.getpid(), {int(signum)})\n"
         "    return real(name, *args, **kwargs)\n"
         "builtins.__import__ = imp\n"
-        "from onnxfbp.cli import main\n"
+        "from onnxfbp.cli.commands import main\n"
         "raise SystemExit(main())\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=ENV,

@@ -349,7 +349,7 @@ def _warm_up_onnxfbp_cuda(model: Path, x: NDArray[Any]) -> None:
     import cupy
     import onnx
 
-    from onnxfbp.forward import inference_session
+    from onnxfbp.run.forward import inference_session
 
     session = inference_session(
         dynamic_batch(onnx.load(str(model))), ["CUDAExecutionProvider", "CPUExecutionProvider"],

@@ -111,7 +111,7 @@ MODELS: dict[str, ModelSpec] = {
 
 def load_images01(dataset: str) -> tuple[NDArray[Any], NDArray[Any]]:
     """All 10,000 test images of ``dataset`` in [0, 1] (float32; CIFAR-10 shuffled with
-    seed 0, as ``onnxfbp.datasets.cifar10_test``) and their labels."""
+    seed 0, as ``tests/shared_data.py: cifar10_test``) and their labels."""
     import numpy as np
 
     ds = datasets_module()
@@ -141,20 +141,13 @@ def peer_loss(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # --------------------------------------------------------------------------- shared
 
 def datasets_module() -> ModuleType:
-    """``onnxfbp.datasets``; loaded from its file if the package itself does not import
-    (the package is under development; the baselines must not depend on it)."""
-    try:
-        from onnxfbp import datasets
-
-        return datasets
-    except Exception:  # any failure in onnxfbp/__init__.py
-        spec = importlib.util.spec_from_file_location(
-            "onnxfbp_datasets", ROOT / "onnxfbp" / "datasets.py"
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+    """``tests/shared_data.py`` (the shared MNIST / CIFAR-10 readers and shifts), loaded
+    from its file: the baselines must not depend on the package importing."""
+    spec = importlib.util.spec_from_file_location("shared_data", ROOT / "tests" / "shared_data.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -5,7 +5,7 @@ every image in it decodes.
     python tools/check_report_browser.py REPORT.json --html report.html --screenshot report.png
     python tools/check_report_browser.py report.html --screenshot report.png
 
-A ``.json`` input is rendered first (``onnxfbp.report.render_html``). Then:
+A ``.json`` input is rendered first (``onnxfbp.output.report.render_html``). Then:
 
 1. static: every ``<img>`` is a ``data:image/png;base64,...`` URI whose bytes are
    a PNG with a non-zero size, and nothing else is loaded from elsewhere
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         if source.suffix.lower() == ".json":
             sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
             from onnxfbp.errors import OnnxfbpError  # noqa: PLC0415
-            from onnxfbp.report import render_html  # noqa: PLC0415
+            from onnxfbp.output.report import render_html  # noqa: PLC0415
 
             page = Path(args.html) if args.html else Path(tmp) / "report.html"
             try:

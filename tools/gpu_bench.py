@@ -28,8 +28,8 @@ import onnx  # noqa: E402
 from make_resnet18 import build  # noqa: E402
 
 from onnxfbp import ModelState, RefineConfig, from_arrays  # noqa: E402
-from onnxfbp.forward import choose_providers, inference_session  # noqa: E402
 from onnxfbp.refine import run_refine  # noqa: E402
+from onnxfbp.run.forward import choose_providers, inference_session  # noqa: E402
 
 
 def main() -> None:

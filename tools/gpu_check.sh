@@ -36,7 +36,7 @@ python3 - <<'PY'
 import sys
 import cupy
 import onnxruntime as ort
-from onnxfbp.forward import cuda_starts
+from onnxfbp.run.forward import cuda_starts
 print("onnxruntime", ort.__version__, ort.get_available_providers())
 print("cupy", cupy.__version__, cupy.cuda.runtime.getDeviceCount(), "device(s)")
 if not cuda_starts():
@@ -47,7 +47,7 @@ PY
 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py || failed+=("tests/test_gpu.py")
 python3 tools/gpu_bench.py --device cuda --samples 10000 || failed+=("tools/gpu_bench.py")
 if python3 -c "import torch, onnx2torch" 2>/dev/null \
-    && python3 -c "from onnxfbp.datasets import models_dir as m; import sys; sys.exit(not (m() / 'mnist_pytorch25_legacy_cnn.onnx').is_file())"; then
+    && python3 -c "import sys; sys.path.insert(0, 'tests'); from shared_data import models_dir as m; sys.exit(not (m() / 'mnist_pytorch25_legacy_cnn.onnx').is_file())"; then
   python3 tools/bench.py --device cuda --threads 4 --scenarios mnist-rot \
     --methods none,onnxfbp,adam-1 --repeats "${REPEATS:-3}" --markdown \
     || failed+=("tools/bench.py")

@@ -38,8 +38,9 @@ from torch import nn
 _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:  # allow `python tools/make_demo.py` without installing
     sys.path.insert(0, str(_ROOT))
+sys.path.insert(0, str(_ROOT / "tests"))  # the shared MNIST reader
 
-from onnxfbp.datasets import mnist_test, shift_images  # noqa: E402
+from shared_data import mnist_test, shift_images  # noqa: E402
 
 SEED = 0
 EPOCHS = 12  # where clean accuracy on the unbundled images 7000..7999 levels off
@@ -252,7 +253,7 @@ Images 7000..7999 and 9000..9999 are in no bundled file.
   adaptation images).
 - `{CLEAN_NAME}` is the same images unrotated, to check that clean accuracy is kept.
 
-The shift `{SHIFT}` is `onnxfbp.datasets.shift_images(images01, "{SHIFT}", seed=...)`: each
+The shift `{SHIFT}` is `tests/shared_data.py: shift_images(images01, "{SHIFT}", seed=...)`: each
 image in [0, 1] is rotated by an angle drawn uniformly from [-45, 45] degrees (bilinear,
 zero fill, clipped to [0, 1]), applied before the NCHW reshape.
 

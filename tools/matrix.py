@@ -9,7 +9,7 @@ Cells
             saltpepper, contrast, jpeg
     n       labelled adaptation samples: 2000 (default), 500, 100
 
-Data (MNIST test set; CIFAR-10 test set shuffled with seed 0, ``onnxfbp.datasets``)
+Data (MNIST test set; CIFAR-10 test set shuffled with seed 0, ``tests/shared_data.py``)
     adaptation  images 0-1999 shifted with seed 1; the n-sample regimes take the first n
                 of these same shifted images
     evaluation  images 5000-6999 shifted with seed 2 ("shifted accuracy")

@@ -29,11 +29,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import bench  # noqa: E402
+from shared_data import models_dir  # noqa: E402
 
 from onnxfbp import ModelState, RefineConfig, from_arrays  # noqa: E402
-from onnxfbp.datasets import models_dir  # noqa: E402
 from onnxfbp.refine import run_refine  # noqa: E402
 
 # innermost first: the schedule's steps and checks, the output-layer solves, sweeps

@@ -8,8 +8,8 @@ Every shift maps images in [0, 1], float32, shaped ``[N, H, W]`` (grayscale, MNI
 Shifts (``S`` = image side, ``x`` = one image):
 
 - ``rot``        rotation by an angle ~ U[-45, 45] degrees, bilinear, zero fill
-                 (``onnxfbp.datasets.shift_images``: the shift of the earlier benchmarks).
-- ``noise``      additive Gaussian noise, sigma 0.5 on grayscale (``onnxfbp.datasets``),
+                 (``tests/shared_data.py: shift_images``: the shift of the earlier benchmarks).
+- ``noise``      additive Gaussian noise, sigma 0.5 on grayscale (``tests/shared_data.py``),
                  0.2 on RGB (0.5 leaves no signal in a 32x32 colour image); clipped.
 - ``inverted``   ``1 - x`` (white digits on black become black on white).
 - ``blur``       Gaussian blur over the spatial axes, sigma ~ U[1, 2] pixels.
@@ -36,10 +36,11 @@ import io
 from collections.abc import Callable
 
 import numpy as np
+from benchlib import datasets_module
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from onnxfbp.datasets import shift_images
+shift_images = datasets_module().shift_images
 
 __all__ = ["SHIFTS", "apply_shift"]
 

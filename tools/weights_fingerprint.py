@@ -160,7 +160,8 @@ SHARED: dict[str, tuple[Callable[[np.ndarray], np.ndarray], str, dict[str, Any]]
 
 def shared_cases() -> dict[str, Callable[[], dict[str, Any]]]:
     """The pinned cases of tests/test_models.py (adapt split, same config)."""
-    from onnxfbp.datasets import (  # noqa: PLC0415
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from shared_data import (  # noqa: PLC0415
         cifar10_test,
         mnist_test,
         models_dir,

@@ -14,13 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import to_numpy
 from ..data import LabelledData
-from ..layers import LayerBlock
-from ..results import EvalResult, LayerReport
+from ..output.results import EvalResult, LayerReport
+from ..run.backend import to_numpy
 from ..schedules.state import ModelState, RunContext, Score
-from ..solve import spd_inverse
-from ..targets import cross_entropy
+from .layers import LayerBlock
+from .solve import spd_inverse
+from .targets import cross_entropy
 
 __all__ = ["head_cross_validated", "logistic_path", "polish_head"]
 

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import to_numpy
-from ..graph import Layer
-from ..layers import LayerBlock
-from ..results import LayerReport
+from ..graph.plan import Layer
+from ..output.results import LayerReport
 from ..reverse.arrays import reverse
+from ..run.backend import to_numpy
 from ..schedules.state import ModelState, RunContext
-from ..solve import NormalEquations, RidgeChoice, choose_ridge
-from ..targets import label_target
+from .layers import LayerBlock
+from .solve import NormalEquations, RidgeChoice, choose_ridge
+from .targets import label_target
 
 __all__ = ["LayerSums", "RidgeMemory", "accumulate", "solve_layer"]
 

@@ -2,8 +2,8 @@
 
 - :mod:`.arrays`: the reference pass, each node's inverse rule or its
   linearization in NumPy (CuPy on a GPU);
-- :mod:`onnxfbp.adjoint`: the same linearized pass compiled as one onnxruntime graph;
-- :mod:`onnxfbp.kept_branch`: the deepest convolution's residual at its kept
+- :mod:`.adjoint`: the same linearized pass compiled as one onnxruntime graph;
+- :mod:`.kept_branch`: the deepest convolution's residual at its kept
   positions only;
 - :mod:`.select`: which of them a minibatch run uses, and why.
 """

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..graph import Layer, Plan
+from ..graph.plan import Layer, Plan
 from ..rules import RULES, Array
 
 __all__ = ["reverse", "reverse_target"]

@@ -1,6 +1,6 @@
 """Which reverse pass a minibatch run uses, and why, as a typed result.
 
-The compiled pass (:class:`onnxfbp.adjoint.AdjointGraph`, one onnxruntime
+The compiled pass (:class:`onnxfbp.reverse.adjoint.AdjointGraph`, one onnxruntime
 session) when every node on the path has an ONNX adjoint and onnxruntime runs
 it; otherwise the array pass (:mod:`.arrays`, NumPy or CuPy) with the reason.
 Before either, the deepest refined convolution's branch may be cut off the path
@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from ..adjoint import EMITTERS, AdjointGraph, AdjointUnavailable
-from ..graph import Layer, Plan
-from ..kept_branch import KeptBranch
+from ..graph.plan import Layer, Plan
 from ..rules import Array
+from .adjoint import EMITTERS, AdjointGraph, AdjointUnavailable
+from .kept_branch import KeptBranch
 
 if TYPE_CHECKING:
     from ..schedules.state import ModelState
@@ -64,7 +64,7 @@ def kept_route(
     plan: Plan, layers: Sequence[Layer], acts: Mapping[str, Array], path: list[int]
 ) -> KeptRoute:
     """The deepest refined layer's branch computed at its kept positions only
-    (:mod:`onnxfbp.kept_branch`), if it is a convolution with such a branch, and
+    (:mod:`onnxfbp.reverse.kept_branch`), if it is a convolution with such a branch, and
     the path without it; else no branch, ``path`` and the layers' outputs."""
     outputs = [layer.output for layer in layers]
     deepest = layers[-1]

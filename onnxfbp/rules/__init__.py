@@ -10,8 +10,8 @@ for its ops, in one place:
 - :meth:`InverseRule.vjp` (the analytic linearized reverse step ``J^T r``);
 - :meth:`InverseRule.inverse` (the proximal inverse, below);
 - optionally :meth:`InverseRule.emit_adjoint` (the same ``J^T r`` as ONNX nodes,
-  for :mod:`onnxfbp.adjoint`) and :meth:`InverseRule.sparse_vjp` (``J^T r`` at a
-  few spatial positions only, for :mod:`onnxfbp.kept_branch`).
+  for :mod:`onnxfbp.reverse.adjoint`) and :meth:`InverseRule.sparse_vjp` (``J^T r`` at a
+  few spatial positions only, for :mod:`onnxfbp.reverse.kept_branch`).
 
 A slot a rule does not fill raises :class:`MissingSlot`, naming the slot, the
 op, its opset and the node.
@@ -49,7 +49,7 @@ import numpy as np
 from ..errors import UnsupportedModelError
 
 if TYPE_CHECKING:
-    from ..adjoint import AdjointBuilder
+    from ..reverse.adjoint import AdjointBuilder
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 

@@ -29,7 +29,7 @@ import numpy as np
 from . import Array, InverseRule, NodeView, register, xp_of
 
 if TYPE_CHECKING:
-    from ..adjoint import AdjointBuilder
+    from ..reverse.adjoint import AdjointBuilder
 
 EPS = 1e-4
 

@@ -34,7 +34,7 @@ import numpy as np
 from . import Array, InverseRule, NodeView, register, unbroadcast, xp_of
 
 if TYPE_CHECKING:
-    from ..adjoint import AdjointBuilder
+    from ..reverse.adjoint import AdjointBuilder
 
 
 def _operand(node: NodeView, xs: Sequence[Array], index: int) -> Array:

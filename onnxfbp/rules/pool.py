@@ -31,7 +31,7 @@ from . import Array, InverseRule, NodeView, register, xp_of
 from .linear import WINDOW_DEFAULTS, ConvGeometry, conv_geometry, transposed_conv, windows
 
 if TYPE_CHECKING:
-    from ..adjoint import AdjointBuilder
+    from ..reverse.adjoint import AdjointBuilder
 
 POOL_DEFAULTS: dict[str, Any] = {**WINDOW_DEFAULTS, "ceil_mode": 0, "storage_order": 0,
                                  "count_include_pad": 0, "kernel_shape": []}

@@ -36,7 +36,7 @@ import numpy as np
 from . import Array, InverseRule, NodeView, decode, register, xp_of
 
 if TYPE_CHECKING:
-    from ..adjoint import AdjointBuilder
+    from ..reverse.adjoint import AdjointBuilder
 
 Fn = Callable[[Array], Array]
 

@@ -27,7 +27,7 @@ better score nor a lower held-out loss end the schedule.
 
 Where the deepest layer is a convolution whose branch to the next one allows
 it, its residual is computed at its kept positions only
-(:mod:`onnxfbp.kept_branch`), from the next convolution's residual; with a
+(:mod:`onnxfbp.reverse.kept_branch`), from the next convolution's residual; with a
 MaxPool in that branch its positions are whole pool windows
 (:meth:`KeptBranch.draw`). The residuals are carried back by the compiled
 reverse pass where it compiles (:mod:`onnxfbp.reverse.select`).
@@ -40,15 +40,15 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import to_numpy
 from ..events import Message, StepBackedOff, StepChecked
-from ..graph import Layer
-from ..results import LayerReport
+from ..fit.solve import Preconditioner, PreconditionerSums
+from ..fit.targets import label_target
+from ..graph.plan import Layer
+from ..output.results import LayerReport
 from ..reverse.arrays import reverse
 from ..reverse.select import KeptRoute, choose_reverse, kept_route
 from ..rules import Array
-from ..solve import Preconditioner, PreconditionerSums
-from ..targets import label_target
+from ..run.backend import to_numpy
 from .state import ModelState, RunContext
 
 __all__ = ["Minibatch", "train_minibatch"]

@@ -19,16 +19,16 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..backend import array_module, cupy_or_none
 from ..config import RefineConfig
 from ..data import LabelledData
-from ..device import run_to_device
 from ..events import LayerVisited, Progress
-from ..forward import ForwardRunner, choose_providers
-from ..graph import Layer, Plan, load_model, plan_model
-from ..layers import LayerBlock
-from ..results import EvalResult, LayerReport, eval_result
-from ..targets import cross_entropy
+from ..fit.layers import LayerBlock
+from ..fit.targets import cross_entropy
+from ..graph.plan import Layer, Plan, load_model, plan_model
+from ..output.results import EvalResult, LayerReport, eval_result
+from ..run.backend import array_module, cupy_or_none
+from ..run.device import run_to_device
+from ..run.forward import ForwardRunner, choose_providers
 
 __all__ = ["Clock", "ModelState", "RunContext", "Score", "nodes_after", "select_layers"]
 
@@ -229,7 +229,7 @@ class ModelState:
 
     def patched_model(self) -> onnx.ModelProto:
         """The input model with refined initializer values; nothing else changed."""
-        from ..patch import with_initializers  # noqa: PLC0415
+        from ..output.patch import with_initializers  # noqa: PLC0415
 
         changed = {k: v for k, v in self.values.items() if not np.array_equal(v, self.original[k])}
         return with_initializers(self.model, changed)

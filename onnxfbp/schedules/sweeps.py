@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..fit.normal import LayerSums, RidgeMemory, accumulate, solve_layer
-from ..graph import Layer
-from ..results import LayerReport
+from ..graph.plan import Layer
+from ..output.results import LayerReport
 from .state import ModelState, RunContext, nodes_after
 
 __all__ = ["Sweeps", "run_sweeps", "sweepable"]

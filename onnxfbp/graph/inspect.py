@@ -12,7 +12,7 @@ its weights, and which layers a refine run would change.
   ``numpy (no onnx adjoint for OP)``; null otherwise;
 - ``kept_branch``: with ``--schedule minibatch``, the deepest layer whose
   residual would be computed at its kept positions only
-  (:mod:`onnxfbp.kept_branch`, found from the tensor shapes of one forward pass
+  (:mod:`onnxfbp.reverse.kept_branch`, found from the tensor shapes of one forward pass
   on a random batch), or null;
 - ``refined_layers``: the node names a refine run with the same ``--schedule``
   and ``--deep`` would change, in the order it visits them (from the output back);
@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import onnx
 
 if TYPE_CHECKING:
-    from .schedules.state import ModelState
+    from ..schedules.state import ModelState
 
 __all__ = ["inspect_model", "render_table"]
 
@@ -73,7 +73,7 @@ def _chain_nodes(tensor: str, producer: dict[str, Any], inits: set[str]) -> list
 def _reverse_route(state: ModelState) -> tuple[str | None, str | None]:
     """The minibatch run's reverse pass, from the plan (nothing compiled), and the
     layer computed at its kept positions (shapes from one forward pass)."""
-    from .reverse.select import kept_route, plan_level_choice  # noqa: PLC0415
+    from ..reverse.select import kept_route, plan_level_choice  # noqa: PLC0415
 
     if not state.layers:
         return None, None
@@ -96,8 +96,8 @@ def inspect_model(
     path: str | os.PathLike[str], deep: bool = False, schedule: str = "minibatch"
 ) -> dict[str, Any]:
     """A JSON-able description of the model as onnxfbp sees it (see the module doc)."""
-    from .config import RefineConfig  # noqa: PLC0415
-    from .schedules.state import ModelState  # noqa: PLC0415
+    from ..config import RefineConfig  # noqa: PLC0415
+    from ..schedules.state import ModelState  # noqa: PLC0415
 
     state = ModelState(path, RefineConfig.of(device="cpu", deep=deep, schedule=schedule))
     model, plan = state.model, state.plan

@@ -19,7 +19,7 @@ up to float32 rounding (``tests/test_adjoint``); both route a pooling window's
 residual to its first maximum.
 
 On the CUDA provider the session reads the forward tensors and writes the
-residuals as CuPy arrays in GPU memory (IO binding, :func:`onnxfbp.device.run_session`);
+residuals as CuPy arrays in GPU memory (IO binding, :func:`onnxfbp.run.device.run_session`);
 only the weights, which live on the host, are copied in.
 """
 
@@ -33,10 +33,10 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from .device import run_session
-from .forward import inference_session
-from .graph import Plan, PlanNode
-from .rules import RULES, NodeView, fills
+from ..graph.plan import Plan, PlanNode
+from ..rules import RULES, NodeView, fills
+from ..run.device import run_session
+from ..run.forward import inference_session
 
 __all__ = ["OPSET", "AdjointBuilder", "AdjointGraph", "EMITTERS"]
 

@@ -28,7 +28,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import ModelError
+from ..errors import ModelError
 
 __all__ = [
     "ForwardRunner", "available_providers", "choose_providers", "cuda_starts", "inference_session",
@@ -45,7 +45,7 @@ def choose_providers(device: str) -> list[str]:
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if device == "cuda":
-        from .errors import OnnxfbpError  # noqa: PLC0415
+        from ..errors import OnnxfbpError  # noqa: PLC0415
 
         if "CUDAExecutionProvider" not in available:
             raise OnnxfbpError(

@@ -35,11 +35,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .graph import Plan, PlanNode
-from .layers import kept_positions
-from .rules import RULES, Array, NodeView, fills
-from .rules.linear import ConvGeometry
-from .rules.pool import pool_geometry, window_taps
+from ..fit.layers import kept_positions
+from ..graph.plan import Plan, PlanNode
+from ..rules import RULES, Array, NodeView, fills
+from ..rules.linear import ConvGeometry
+from ..rules.pool import pool_geometry, window_taps
 
 __all__ = ["KeptBranch"]
 

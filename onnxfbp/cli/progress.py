@@ -53,8 +53,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from .events import Event, LayerVisited, Message, StepBackedOff, StepChecked
-from .results import LayerReport
+from ..events import Event, LayerVisited, Message, StepBackedOff, StepChecked
+from ..output.results import LayerReport
 
 __all__ = ["ProgressDisplay", "ProgressTask", "render"]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .rules import Array, xp_of
+from ..rules import Array, xp_of
 
 __all__ = ["cross_entropy", "label_target", "log_softmax"]
 

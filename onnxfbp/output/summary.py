@@ -9,12 +9,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from . import __version__
-from .backend import to_numpy
-from .data import LabelledData
-from .reverse.arrays import reverse_target
-from .schedules.state import ModelState
-from .targets import label_target
+from .. import __version__
+from ..data import LabelledData
+from ..fit.targets import label_target
+from ..reverse.arrays import reverse_target
+from ..run.backend import to_numpy
+from ..schedules.state import ModelState
 
 __all__ = ["environment", "feature_maps", "plan_summary"]
 

@@ -20,8 +20,8 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from .errors import OutputError
-from .paths import (
+from ..errors import OutputError
+from ..paths import (
     NAME_MAX,
     Commit,
     _same,

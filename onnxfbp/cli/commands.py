@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USER_ERROR, OnnxfbpError
+from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USER_ERROR, OnnxfbpError
 
 __all__ = ["main"]
 
@@ -39,14 +39,14 @@ def _stderr(message: str) -> None:
 
 def _progress(quiet: bool) -> Any:
     """The refine progress callback: a live display when stderr is a terminal, plain
-    lines otherwise, silent with ``--quiet`` (see :mod:`onnxfbp.progress`)."""
+    lines otherwise, silent with ``--quiet`` (see :mod:`onnxfbp.cli.progress`)."""
     from .progress import ProgressDisplay  # noqa: PLC0415
 
     return ProgressDisplay(quiet=quiet)
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from .config import RefineConfig  # noqa: PLC0415
+    from ..config import RefineConfig  # noqa: PLC0415
 
     settings = {key: getattr(args, key, None) for key in (
         "max_layers", "sweeps", "holdout", "min_gain", "batch_size", "schedule", "epochs")}
@@ -92,7 +92,7 @@ def _emit(write: Callable[[], object]) -> None:
     """Run ``write`` (prints to stdout) and flush; a closed or full stdout is a user
     error (exit 2; a refine then places nothing), and stdout is pointed at /dev/null
     so that nothing is flushed again at exit."""
-    from .errors import OutputError  # noqa: PLC0415
+    from ..errors import OutputError  # noqa: PLC0415
 
     try:
         write()
@@ -111,9 +111,9 @@ def _run_paths(model: Path, output: Path | None, report: Path | None, force: boo
     """The path rules of :mod:`onnxfbp.paths` for one run, before any work: inputs are
     regular files (data: or folders), destinations are new (or ``force``) regular
     files in writable folders, and no destination is an input or another destination."""
-    from .errors import DataError, ModelError  # noqa: PLC0415
-    from .patch import check_output_path  # noqa: PLC0415
-    from .paths import (  # noqa: PLC0415
+    from ..errors import DataError, ModelError  # noqa: PLC0415
+    from ..output.patch import check_output_path  # noqa: PLC0415
+    from ..paths import (  # noqa: PLC0415
         check_destination,
         check_distinct,
         check_input_file,
@@ -150,8 +150,8 @@ def _run_paths(model: Path, output: Path | None, report: Path | None, force: boo
 def _check_holdout(args: argparse.Namespace) -> None:
     """``--holdout`` must leave at least MIN_SPLIT samples on each side (else exit 2):
     with fewer the gate would judge on a handful of samples, or on the training data."""
-    from .data import count_samples  # noqa: PLC0415
-    from .errors import ConfigError  # noqa: PLC0415
+    from ..data import count_samples  # noqa: PLC0415
+    from ..errors import ConfigError  # noqa: PLC0415
 
     if args.holdout is None or not 0 <= args.holdout < 1:
         return  # out of [0, 1): the settings check names it
@@ -171,7 +171,7 @@ def _check_holdout(args: argparse.Namespace) -> None:
 @contextmanager
 def _noted_warnings(notes: list[str]) -> Iterator[None]:
     """Collect :class:`NonFiniteRefinedWarning` messages into ``notes`` (and stderr)."""
-    from .patch import NonFiniteRefinedWarning  # noqa: PLC0415
+    from ..output.patch import NonFiniteRefinedWarning  # noqa: PLC0415
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", NonFiniteRefinedWarning)
@@ -194,7 +194,7 @@ def _report_payload(result: Any, notes: list[str]) -> dict[str, Any]:
 
 
 def _stage_report(commit: Any, path: Path, payload: dict[str, Any]) -> None:
-    from .errors import OutputError  # noqa: PLC0415
+    from ..errors import OutputError  # noqa: PLC0415
 
     staged = commit.stage(path)
     try:
@@ -205,7 +205,7 @@ def _stage_report(commit: Any, path: Path, payload: dict[str, Any]) -> None:
 
 
 def _write_report_only(path: Path, payload: dict[str, Any], force: bool) -> None:
-    from .paths import Commit  # noqa: PLC0415
+    from ..paths import Commit  # noqa: PLC0415
 
     with Commit(force) as commit:
         _stage_report(commit, path, payload)
@@ -213,10 +213,10 @@ def _write_report_only(path: Path, payload: dict[str, Any], force: bool) -> None
 
 
 def cmd_refine(args: argparse.Namespace) -> int:
-    from .errors import GateError  # noqa: PLC0415
-    from .patch import stage_refined  # noqa: PLC0415
-    from .paths import Commit, remove_stale_staging  # noqa: PLC0415
-    from .refine import refine  # noqa: PLC0415
+    from ..errors import GateError  # noqa: PLC0415
+    from ..output.patch import stage_refined  # noqa: PLC0415
+    from ..paths import Commit, remove_stale_staging  # noqa: PLC0415
+    from ..refine import refine  # noqa: PLC0415
 
     # Everything that can be checked without the model, before anything is computed;
     # refine() then validates the model and the data against each other, also first.
@@ -258,7 +258,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .refine import evaluate  # noqa: PLC0415
+    from ..refine import evaluate  # noqa: PLC0415
 
     _run_paths(Path(args.model), None, None, False, data=[(args.data, "data")])
     result = evaluate(args.model, args.data, device=args.device)
@@ -272,9 +272,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .errors import ModelError  # noqa: PLC0415
-    from .inspect import inspect_model, render_table  # noqa: PLC0415
-    from .paths import check_input_file  # noqa: PLC0415
+    from ..errors import ModelError  # noqa: PLC0415
+    from ..graph.inspect import inspect_model, render_table  # noqa: PLC0415
+    from ..paths import check_input_file  # noqa: PLC0415
 
     check_input_file(args.model, "model file", ModelError)
     info = inspect_model(args.model, deep=args.deep, schedule=args.schedule)
@@ -290,10 +290,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .config import RefineConfig  # noqa: PLC0415
-    from .patch import stage_refined  # noqa: PLC0415
-    from .paths import Commit, remove_stale_staging  # noqa: PLC0415
-    from .refine import evaluate, refine  # noqa: PLC0415
+    from ..config import RefineConfig  # noqa: PLC0415
+    from ..output.patch import stage_refined  # noqa: PLC0415
+    from ..paths import Commit, remove_stale_staging  # noqa: PLC0415
+    from ..refine import evaluate, refine  # noqa: PLC0415
 
     model = DEMO_DIR / "demo_mnist_cnn.onnx"
     if not model.is_file():
@@ -339,7 +339,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import render_html  # noqa: PLC0415
+    from ..output.report import render_html  # noqa: PLC0415
 
     render_html(Path(args.report), Path(args.output), force=args.force)
     _emit(lambda: print(f"wrote {args.output}"))
@@ -487,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Called in-process (tests, notebooks), it restores the signal handlers and the
     warning filters it changed."""
-    from . import _early  # noqa: PLC0415
+    from .. import _early  # noqa: PLC0415
 
     if signal.getsignal(signal.SIGINT) is _early._early_exit:  # KeyboardInterrupt from here on
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -504,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (KeyboardInterrupt, _Terminated):
             _stderr("onnxfbp: interrupted; nothing was written")
             return EXIT_INTERRUPTED
-        from .graph import allow_nonfinite_weights  # noqa: PLC0415
+        from ..graph.plan import allow_nonfinite_weights  # noqa: PLC0415
 
         token = allow_nonfinite_weights.set(bool(getattr(args, "allow_nonfinite_input", False)))
         try:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .graph import Layer
-from .rules import Array, NodeView, xp_of
-from .rules.linear import ConvGeometry, ConvRule, dense_weight, gather_patches, im2col
+from ..graph.plan import Layer
+from ..rules import Array, NodeView, xp_of
+from ..rules.linear import ConvGeometry, ConvRule, dense_weight, gather_patches, im2col
 
 __all__ = ["LayerBlock", "gather_patches", "kept_positions"]
 

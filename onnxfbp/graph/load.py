@@ -2,7 +2,7 @@
 runs, and external data that stays inside the model's folder and is whole.
 
 :func:`load_model` raises :class:`ModelError` (one line: what is wrong, what to
-do) for anything onnxfbp cannot use; :mod:`onnxfbp.graph` plans what it returns.
+do) for anything onnxfbp cannot use; :mod:`onnxfbp.graph.plan` plans what it returns.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import ModelError
-from .paths import check_input_file
+from ..errors import ModelError
+from ..paths import check_input_file
 
 __all__ = ["load_model"]
 

@@ -28,9 +28,9 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from .errors import ModelError, UnsupportedModelError
-from .loading import allow_nonfinite_weights, load_model
-from .rules import RULES, NodeView, onnx_default
+from ..errors import ModelError, UnsupportedModelError
+from ..rules import RULES, NodeView, onnx_default
+from .load import allow_nonfinite_weights, load_model
 
 __all__ = [
     "Layer",

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DataError, OutputError
+from ..errors import DataError, OutputError
 
 __all__ = [
     "SCHEMA",
@@ -156,7 +156,7 @@ SCHEMA: dict[str, Any] = {
                 "kept_branch": {"type": ["string", "null"],
                                 "description": "minibatch: the deepest layer whose residual "
                                 "was computed at its kept output positions only "
-                                "(onnxfbp.kept_branch); null if none"},
+                                "(onnxfbp.reverse.kept_branch); null if none"},
             },
         },
         "plan": {
@@ -330,7 +330,7 @@ def _max_depth(text: str) -> int:
 
 def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and check a JSON report; :class:`ReportError` (one line) if it is not one."""
-    from .paths import check_input_file  # noqa: PLC0415
+    from ..paths import check_input_file  # noqa: PLC0415
 
     path = Path(path)
     try:
@@ -910,7 +910,7 @@ def render_html(report_path: str | os.PathLike[str], output_path: str | os.PathL
     placed whole or not at all. Raises :class:`ReportError` for a missing or
     malformed report and :class:`OutputError` when the HTML cannot be written.
     """
-    from .paths import (  # noqa: PLC0415
+    from ..paths import (  # noqa: PLC0415
         Commit,
         check_destination,
         check_distinct,

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .rules import Array, xp_of
+from ..rules import Array, xp_of
 
 __all__ = [
     "NormalEquations",

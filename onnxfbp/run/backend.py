@@ -32,7 +32,7 @@ def array_module(device: str) -> ModuleType:
         return np
     cp = cupy_or_none()
     if cp is None:
-        from .errors import OnnxfbpError  # noqa: PLC0415
+        from ..errors import OnnxfbpError  # noqa: PLC0415
 
         raise OnnxfbpError(
             "--device cuda needs CuPy and a CUDA GPU; install onnxfbp[gpu] or use --device cpu"

@@ -1,0 +1,5 @@
+"""``python -m onnxfbp.cli``: the console script."""
+
+from .commands import main
+
+raise SystemExit(main())
