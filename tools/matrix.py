@@ -221,8 +221,10 @@ def method_command(method: str, model: Path, out: Path, data: Path, report: Path
 
 
 def run_cell(model_name: str, shift: str, n: int, methods: list[str], cache: DataCache,
-             timeout: float) -> dict[str, Any]:
-    """One (model, shift, n) cell: every method as a whole process, scored before/after."""
+             timeout: float, reused: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One (model, shift, n) cell: every method as a whole process, scored before/after.
+    Methods in ``reused`` (the peers' rows of an earlier run of the same cell) are not
+    run again: their rows are copied, marked ``reused``."""
     import numpy as np
 
     spec = MODELS[model_name]
@@ -239,6 +241,9 @@ def run_cell(model_name: str, shift: str, n: int, methods: list[str], cache: Dat
         data = Path(tmp) / "adapt.npz"
         np.savez(data, x=spec.prep(d["x_adapt"][:n]), y=d["y_adapt"][:n])
         for method in methods:
+            if reused and method in reused:
+                cell["methods"][method] = {**reused[method], "reused": True}
+                continue
             out, report = Path(tmp) / method / "out.onnx", Path(tmp) / method / "report.json"
             out.parent.mkdir()
             row = run_timed(method_command(method, model, out, data, report), timeout)
@@ -267,8 +272,20 @@ def run_cell(model_name: str, shift: str, n: int, methods: list[str], cache: Dat
     for row in cell["methods"].values():
         if row["status"] == "failed":
             # onnxfbp failing is a divergence; a peer that cannot convert the model is n/a
-            row["diverged"] = not row["stderr_tail"].startswith("peer_adam: error:")
+            row["diverged"] = not row.get("stderr_tail", "").startswith("peer_adam: error:")
     return cell
+
+
+def reused_peers(path: Path | None) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """The peers' rows of an earlier run (``--peers-from``), by (model, shift, n): the
+    peers do not change with onnxfbp's code, so a new onnxfbp run can reuse them."""
+    if path is None:
+        return {}
+    if not path.is_file():
+        fail(f"{path} does not exist; pass a results JSON written by --out")
+    cells = json.loads(path.read_text())["cells"]
+    return {(c["model"], c["shift"], c["n_adapt"]):
+            {m: r for m, r in c["methods"].items() if m != "onnxfbp"} for c in cells}
 
 
 # --------------------------------------------------------------------------- summary
@@ -373,6 +390,8 @@ def markdown(result: dict[str, Any]) -> str:
                       if "layers_planned" in r else "-")
             note = (f"lr {r['lr']:g}, {r['epochs']} ep" if r.get("lr") is not None
                     else "" if r["status"] == "ok" else r["status"])
+            if r.get("reused"):
+                note += f" (from {meta.get('peers_from', 'an earlier run')})"
             if r["status"] == "failed":
                 note = r.get("stderr_tail", "").replace("|", "/")[:120]
             lines.append(
@@ -406,6 +425,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "bench-results/matrix-<UTC date>.json)")
     p.add_argument("--markdown", action="store_true", help="print the tables for BENCHMARKS.md")
     p.add_argument("--from-json", type=Path, help="render a finished run's JSON, run nothing")
+    p.add_argument("--peers-from", type=Path, help="reuse the peers' results of this "
+                   "earlier run's JSON for the same cells (run only onnxfbp again)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per process")
     return p.parse_args(argv)
 
@@ -441,10 +462,13 @@ def main(argv: list[str] | None = None) -> int:
         "methods": methods, "cells": []}
     plan = [(m, s, n) for n in sizes for m in models for s in shifts]
     cache = DataCache()
+    peers = reused_peers(args.peers_from)
+    if args.peers_from:
+        result["meta"]["peers_from"] = args.peers_from.name
     lock = threading.Lock()
 
     def one(job: tuple[str, str, int]) -> None:
-        cell = run_cell(*job, methods, cache, args.timeout)
+        cell = run_cell(*job, methods, cache, args.timeout, peers.get(job))
         with lock:
             result["cells"].append(cell)
             out.write_text(json.dumps(result, indent=1))
