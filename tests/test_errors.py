@@ -631,7 +631,7 @@ def test_interrupt_mid_run_exits_130_and_writes_nothing(tmp_path: Path, signum: 
 def test_interrupt_while_writing_leaves_no_output_and_no_temp_folder(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C while the staged file is being checked: the temporary folder goes away."""
-    from onnxfbp import patch
+    from onnxfbp.output import patch
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
@@ -647,7 +647,8 @@ def test_signal_during_commit_places_neither_file(
     """SIGINT between placing the data file and the model of an external-data output
     aborts the commit: the data file is taken back, neither file is left, and the
     interrupt is delivered after (never a half output)."""
-    from onnxfbp import patch, paths
+    from onnxfbp import paths
+    from onnxfbp.output import patch
     from onnxfbp.graph.plan import load_model
 
     source = _external_copy(tmp_path / "in")

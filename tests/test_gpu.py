@@ -206,7 +206,7 @@ def test_cuda_provider_that_does_not_start_is_a_clear_error(
     """onnxruntime lists the CUDA provider but cannot start it (the wheel without its
     CUDA libraries; here: the CPU build made to list it). ``cuda`` says so in one line,
     ``auto`` runs on the CPU; neither gets a CPU session in CUDA's clothes."""
-    from onnxfbp import forward
+    from onnxfbp.run import forward
     from onnxfbp.errors import OnnxfbpError
 
     listed = ["CUDAExecutionProvider", "CPUExecutionProvider"]
