@@ -187,3 +187,15 @@ def test_load_data_labels_optional(tmp_path: Path) -> None:
     assert not data.labelled and len(data) == 25
     got, _ = data.take(np.array([0, 9, 10, 24]))
     np.testing.assert_array_equal(got, x[[0, 9, 10, 24]])
+
+
+@pytest.mark.parametrize("schedule", ["jacobi", "sequential"])
+def test_sweep_schedules_keep_the_retain_bound(
+    schedule: str, adapt: tuple[np.ndarray, np.ndarray], clean: tuple[np.ndarray, np.ndarray]
+) -> None:
+    config = CPU.replace(schedule=schedule, sweeps=1)
+    result = refine(MODEL, None, adapt, config=config, retain_data=(clean[0], None))
+    rb, ra = result.retain_before, result.retain_after
+    assert rb is not None and ra is not None and ra.accuracy >= rb.accuracy - 0.01
+    assert result.heldout_after.accuracy > result.heldout_before.accuracy + 0.05
+    assert any(layer.accepted for layer in result.layers)
