@@ -67,8 +67,9 @@ class LabelledData:
         if self._shard_paths is None:
             return self.parts[k]
         if self._cached is None or self._cached[0] != k:
-            self._cached = (k, _read_npz(self._shard_paths[k], self._input_key,
-                                         not self.labelled))
+            path, key = self._shard_paths[k], self._input_key
+            part = _read_npz(path, key) if self.labelled else _read_npz(path, key, True)
+            self._cached = (k, part)
         return self._cached[1]
 
     def take(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
