@@ -147,7 +147,8 @@ def polish_head(state: ModelState, ctx: RunContext) -> tuple[bool, EvalResult | 
     constraint (:meth:`RunContext.accept`, with retain data); the result is kept only if the
     held-out score improves, then (``HeadConfig.refit``) refitted on training and
     held-out samples together. Returns whether it ran (False: the layer is not a
-    dense layer feeding the logits through shape-only nodes) and, after a refit,
+    dense layer feeding the logits through shape-only nodes, or no ``lam`` keeps
+    the retain bound) and, after a refit,
     the held-out result of the fit that did not see the held-out samples."""
     cfg = state.config.head
     started = time.perf_counter()
@@ -171,12 +172,23 @@ def polish_head(state: ModelState, ctx: RunContext) -> tuple[bool, EvalResult | 
 
     solving = time.perf_counter()
     best: tuple[float, int, np.ndarray, float] | None = None
+    solved = None  # the first finite solve, for the report when no lam keeps the retain bound
     for lam_rel, w in logistic_path(xtr, ytr, w0, fixed, cfg.l2_grid, cfg.iterations, state.xp):
         loss, correct = cross_entropy(xva @ w + fixed, yva)
+        solved = solved or (lam_rel, w, correct)
         kept = retain is None or retain.kept(retain_preds(w))
         if kept and (best is None or loss < best[0]):
             best = (loss, correct, w, lam_rel)
     state.clock.solve += time.perf_counter() - solving
+    if best is None and solved is not None:
+        lam_rel, w, correct = solved
+        report = head_report(block, w0[None], w[None], lam_rel)
+        report.heldout_accuracy = correct / len(yva)
+        report.reason = ("output layer solved to the logistic-regression optimum; no lam keeps "
+                         "the retain accuracy within max_retain_drop; reverted")
+        report.seconds = time.perf_counter() - started
+        ctx.record(report)
+        return False, None
     if best is None:
         return False, None
     loss, correct, w, lam_rel = best
