@@ -108,6 +108,9 @@ def test_cli_retain_summary_and_report(tmp_path: Path, capsys: pytest.CaptureFix
     validate_report(data)
     assert data["retain"]["before"]["n"] == data["retain"]["after"]["n"]
     assert data["config"]["retain"]["max_retain_drop"] == 0.01
+    html = tmp_path / "run.html"
+    assert main(["report", str(report), "-o", str(html)]) == 0
+    assert "retain accuracy (n=" in html.read_text()  # its card, next to held-out's
 
 
 def test_cli_gate_exit_3_on_a_retain_drop(
