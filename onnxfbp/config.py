@@ -35,6 +35,7 @@ __all__ = [
     "LayersConfig",
     "MinibatchConfig",
     "RefineConfig",
+    "RetainConfig",
     "RunConfig",
     "Schedule",
     "SplitConfig",
@@ -125,9 +126,18 @@ class GateConfig:
     allow_worse: bool = False  # write even if held-out accuracy dropped
 
 
+@dataclass(frozen=True)
+class RetainConfig:
+    """The original-domain data (``--retain-data``): every update must keep its
+    held-out accuracy within ``max_retain_drop`` of the input model's."""
+
+    max_retain_drop: float = 0.01  # largest allowed retain held-out accuracy drop, in [0, 1]
+
+
 _SECTIONS = {
     "run": RunConfig, "split": SplitConfig, "layers": LayersConfig,
     "minibatch": MinibatchConfig, "sweep": SweepConfig, "head": HeadConfig, "gate": GateConfig,
+    "retain": RetainConfig,
 }
 # flat setting name -> its section
 _SECTION_OF = {f.name: section for section, cls in _SECTIONS.items() for f in fields(cls)}
@@ -146,6 +156,7 @@ class RefineConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    retain: RetainConfig = field(default_factory=RetainConfig)
 
     def __post_init__(self) -> None:
         bad = _problems(self)
@@ -196,6 +207,9 @@ def _problems(config: RefineConfig) -> list[str]:
         bad.append(f"device {config.run.device!r} (auto, cpu or cuda)")
     if not 0.0 <= config.split.holdout < 1.0:
         bad.append(f"holdout {config.split.holdout} (a fraction in [0, 1))")
+    drop = config.retain.max_retain_drop
+    if not (math.isfinite(drop) and 0.0 <= drop <= 1.0):
+        bad.append(f"max_retain_drop {drop} (a fraction in [0, 1])")
     mb = config.minibatch
     if not 0.0 <= mb.average < 1.0:
         bad.append(f"average {mb.average} (a fraction in [0, 1))")

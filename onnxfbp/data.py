@@ -9,6 +9,11 @@ File formats (``--data PATH``):
   never loaded whole;
 - a directory of ``*.npz`` shards (sorted by name), each like ``data.npz``:
   opened one at a time.
+
+Retain data (``--retain-data PATH``) takes the same formats with the labels
+optional (:func:`load_data` with ``labels_optional``): without ``y`` (or
+``y.npy``) the data is unlabelled (``LabelledData.labelled`` is False) and its
+stored labels are placeholders that the caller replaces (:class:`JoinedData`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import numpy as np
 
 from .errors import DataError
 
-__all__ = ["LabelledData", "count_samples", "load_data", "from_arrays"]
+__all__ = ["JoinedData", "LabelledData", "count_samples", "from_arrays", "load_data"]
 
 # A damaged deflate stream, a malformed npy header (a huge declared shape: MemoryError)
 _READ_ERRORS = (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError, zlib.error,
@@ -44,8 +49,9 @@ class LabelledData:
 
     def __init__(self, parts: list[_Part] | None = None, source: str = "arrays",
                  shard_paths: list[Path] | None = None, input_key: str | None = None,
-                 shard_sizes: list[int] | None = None) -> None:
+                 shard_sizes: list[int] | None = None, labelled: bool = True) -> None:
         self.parts = parts or []
+        self.labelled = labelled  # False: the labels are placeholders (zeros)
         self.source = source
         self._shard_paths = shard_paths
         self._input_key = input_key
@@ -61,7 +67,9 @@ class LabelledData:
         if self._shard_paths is None:
             return self.parts[k]
         if self._cached is None or self._cached[0] != k:
-            self._cached = (k, _read_npz(self._shard_paths[k], self._input_key))
+            path, key = self._shard_paths[k], self._input_key
+            part = _read_npz(path, key) if self.labelled else _read_npz(path, key, True)
+            self._cached = (k, part)
         return self._cached[1]
 
     def take(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -99,6 +107,8 @@ class LabelledData:
             return self.parts[k].y
         if self._cached is not None and self._cached[0] == k:
             return self._cached[1].y
+        if not self.labelled:
+            return np.zeros(self._offsets[k + 1] - self._offsets[k], np.int64)
         try:
             with np.load(self._shard_paths[k], allow_pickle=False) as z:  # reads only 'y'
                 return np.asarray(z["y"])
@@ -210,7 +220,7 @@ def from_arrays(x: np.ndarray, y: np.ndarray, source: str = "arrays") -> Labelle
 _NPZ_HINT = "save inputs and labels with numpy.savez(PATH, x=inputs, y=labels)"
 
 
-def _read_npz(path: Path, input_key: str | None) -> _Part:
+def _read_npz(path: Path, input_key: str | None, labels_optional: bool = False) -> _Part:
     if not zipfile.is_zipfile(path):
         if path.suffix == ".npy":
             raise DataError(
@@ -223,13 +233,15 @@ def _read_npz(path: Path, input_key: str | None) -> _Part:
         with np.load(path, allow_pickle=False) as z:
             keys = list(z.keys())
             xkey = input_key if input_key in keys else "x" if "x" in keys else None
-            if xkey is None or "y" not in keys:
+            if xkey is None or ("y" not in keys and not labels_optional):
                 want = f"'{input_key}' or 'x'" if input_key else "'x'"
                 raise DataError(
                     f"{path} has keys {keys}; it needs the inputs under {want} "
-                    "and labels under 'y'"
+                    + ("(labels under 'y' optional)" if labels_optional
+                       else "and labels under 'y'")
                 )
-            x, y = z[xkey], z["y"]
+            x = z[xkey]
+            y = z["y"] if "y" in keys else np.zeros(len(x) if x.ndim else 0, np.int64)
     except DataError:
         raise
     except ValueError as exc:
@@ -276,41 +288,86 @@ def _shard_size(shard: Path) -> int:
     return int(y.shape[0])
 
 
-def load_data(path: str | os.PathLike[str], input_name: str | None = None) -> LabelledData:
+def _has_labels(path: Path) -> bool:
+    """Whether the ``.npz`` at ``path`` has a ``y`` member (reads the zip index only)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return "y.npy" in zf.namelist()
+    except _READ_ERRORS:
+        return True  # let the full read name the problem
+
+
+def _rows(path: Path, input_key: str | None) -> int:
+    """Number of inputs in an unlabelled shard, from its ``.npy`` header only."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            member = next((f"{k}.npy" for k in (input_key, "x") if k and f"{k}.npy" in names),
+                          None)
+            if member is None:
+                raise DataError(f"shard {path} has members {names}; it needs the inputs "
+                                f"under {input_key or 'x'!r} or 'x'")
+            with zf.open(member) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, _ = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, _, _ = np.lib.format.read_array_header_2_0(f)
+    except DataError:
+        raise
+    except _READ_ERRORS as exc:
+        raise DataError(f"shard {path} is not a readable .npz file ({_why(exc)}); "
+                        f"{_NPZ_HINT}") from exc
+    if not shape:
+        raise DataError(f"shard {path}: inputs are a scalar; store an array of samples")
+    return int(shape[0])
+
+
+def load_data(path: str | os.PathLike[str], input_name: str | None = None,
+              labels_optional: bool = False, what: str = "data file") -> LabelledData:
     """Open a ``.npz`` file, an ``.npy`` pair directory or a shard directory.
 
     Only cheap checks happen here (the file format, keys, lengths); shapes, dtypes,
     finiteness and labels are checked against the model by :meth:`LabelledData.validate`.
+    With ``labels_optional`` the labels may be absent everywhere (then
+    ``labelled`` is False), but not in some shards only.
     """
     from .paths import check_input_file  # noqa: PLC0415
 
-    path = check_input_file(path, "data file", DataError, folder_ok=True)
+    path = check_input_file(path, what, DataError, folder_ok=True)
     if not path.is_dir():
         try:
             with open(path, "rb"):
                 pass
         except OSError as exc:
             raise DataError(
-                f"cannot read data file {path}: {exc.strerror or exc}; check its permissions"
+                f"cannot read {what} {path}: {exc.strerror or exc}; check its permissions"
             ) from exc
-        return LabelledData([_read_npz(path, input_name)], str(path))
+        labelled = not labels_optional or _has_labels(path)
+        return LabelledData([_read_npz(path, input_name, not labelled)], str(path),
+                            labelled=labelled)
     names = [f"{input_name}.npy"] if input_name else []
     xnpy = next((path / n for n in [*names, "x.npy"] if (path / n).is_file()), None)
     if xnpy is not None:
         ynpy = path / "y.npy"
-        if not ynpy.is_file():
+        if not ynpy.is_file() and not labels_optional:
             raise DataError(
                 f"{path} holds {xnpy.name} but no y.npy; save the labels next to it "
                 "(numpy.save(y.npy, labels))"
             )
         try:
             x = np.load(xnpy, mmap_mode="r", allow_pickle=False)
-            y = np.load(ynpy, mmap_mode="r", allow_pickle=False)
+            y = (np.load(ynpy, mmap_mode="r", allow_pickle=False) if ynpy.is_file()
+                 else None)
         except _READ_ERRORS as exc:
             raise DataError(
                 f"cannot memory-map {xnpy.name} and y.npy in {path} ({exc}); "
                 "write them with numpy.save"
             ) from exc
+        if y is None:
+            data = from_arrays(x, np.zeros(len(x) if x.ndim else 0, np.int64), str(path))
+            data.labelled = False
+            return data
         return from_arrays(x, y, str(path))
     shards = sorted(p for p in path.glob("*.npz") if p.is_file())
     if not shards:
@@ -318,9 +375,58 @@ def load_data(path: str | os.PathLike[str], input_name: str | None = None) -> La
             f"{path} holds neither x.npy + y.npy nor .npz shards; "
             "see 'Data formats' in the README"
         )
-    sizes = [_shard_size(shard) for shard in shards]
+    labelled = True
+    if labels_optional:
+        with_y = [_has_labels(shard) for shard in shards]
+        if any(with_y) and not all(with_y):
+            raise DataError(
+                f"{path}: {sum(with_y)} of {len(shards)} shards have labels under 'y'; "
+                "label every shard or none"
+            )
+        labelled = all(with_y)
+    sizes = [_shard_size(shard) if labelled else _rows(shard, input_name) for shard in shards]
     return LabelledData(source=str(path), shard_paths=shards, input_key=input_name,
-                        shard_sizes=sizes)
+                        shard_sizes=sizes, labelled=labelled)
+
+
+class JoinedData(LabelledData):
+    """``first`` followed by ``second``, as one sequence; ``second``'s labels are
+    ``second_labels`` (its true labels, or the input model's predictions when it
+    has none). Indices below ``len(first)`` are ``first``'s."""
+
+    def __init__(self, first: LabelledData, second: LabelledData,
+                 second_labels: np.ndarray) -> None:
+        super().__init__(source=f"{first.source} + {second.source}",
+                         shard_sizes=[len(first), len(second)])
+        self.first, self.second = first, second
+        self.second_labels = np.asarray(second_labels, dtype=np.int64)
+
+    def _halves(self, idx: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.arange(len(self)) if idx is None else np.asarray(idx, dtype=np.int64)
+        n1 = len(self.first)
+        return idx[idx < n1], idx[idx >= n1] - n1
+
+    def take(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self._halves(idx)
+        if not len(b):
+            return self.first.take(a)
+        xb, _ = self.second.take(b)
+        yb = self.second_labels[b]
+        if not len(a):
+            return xb, yb
+        xa, ya = self.first.take(a)
+        return np.concatenate([xa, xb]), np.concatenate([ya, yb])
+
+    def labels(self, idx: np.ndarray | None = None) -> np.ndarray:
+        a, b = self._halves(idx)
+        return np.concatenate([self.first.labels(a), self.second_labels[b]])
+
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.first.sample_shape()
+
+    def validate(self, input_shape: list[int | str], n_classes: int | None) -> None:
+        self.first.validate(input_shape, n_classes)
+        self.second.validate(input_shape, n_classes)
 
 
 def _why(exc: BaseException) -> str:

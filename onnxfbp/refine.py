@@ -16,6 +16,12 @@ by cross-entropy). With fewer than ``min_heldout_for_depth`` held-out samples
 only the output layer is refined, its regularization chosen by k-fold
 cross-validation. The refined model is written only if it is at least as good
 as the input model on the held-out data (or better by ``min_gain`` when asked).
+
+With retain data (original-domain samples, ``retain_data=`` / ``--retain-data``)
+the run trains on the union of both training splits (retain samples with their
+labels, or, unlabelled, with the input model's predictions as labels), every
+update must also keep the retain held-out accuracy within ``max_retain_drop``
+of the input model's, and so must the final result (else :class:`GateError`).
 """
 
 from __future__ import annotations
@@ -29,15 +35,16 @@ from pathlib import Path
 import numpy as np
 
 from .config import RefineConfig
-from .data import LabelledData, from_arrays, load_data
+from .data import JoinedData, LabelledData, from_arrays, load_data
 from .errors import GateError, UnsupportedModelError
 from .events import Event, Message, Progress
 from .fit.head import SEED_SALT, head_cross_validated, polish_head
+from .fit.targets import log_softmax
 from .output.patch import check_output_path, write_refined
 from .output.results import EvalResult, LayerReport, RefineResult
 from .output.summary import environment, feature_maps, plan_summary
 from .schedules.minibatch import train_minibatch
-from .schedules.state import ModelState, RunContext, Score
+from .schedules.state import ModelState, Retain, RunContext, Score
 from .schedules.sweeps import Sweeps, narrow_sweeps, run_sweeps
 
 __all__ = [
@@ -51,6 +58,7 @@ __all__ = [
 ]
 
 DataLike = LabelledData | tuple[np.ndarray, np.ndarray] | str | os.PathLike[str]
+RetainLike = LabelledData | tuple[np.ndarray, np.ndarray | None] | str | os.PathLike[str]
 
 
 def _quiet(event: Event) -> None:
@@ -64,6 +72,95 @@ def _as_data(data: DataLike, input_name: str) -> LabelledData:
         return load_data(data, input_name)
     x, y = data
     return from_arrays(x, y)
+
+
+def _as_retain(data: RetainLike, input_name: str) -> LabelledData:
+    """Retain data: as :func:`_as_data`, labels optional (``(x, None)``, or a file
+    without ``y``)."""
+    if isinstance(data, LabelledData):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        return load_data(data, input_name, labels_optional=True, what="retain data file")
+    x, y = data
+    if y is not None:
+        return from_arrays(x, y, "retain arrays")
+    x = x if isinstance(x, np.memmap) else np.asarray(x)
+    out = from_arrays(x, np.zeros(len(x) if x.ndim else 0, np.int64), "retain arrays")
+    out.labelled = False
+    return out
+
+
+@dataclass
+class _Retained:
+    """The retain data inside the run's data: its split, labels (true, or the
+    input model's predictions) and the input model's softmax on it."""
+
+    data: LabelledData
+    joined: JoinedData
+    train_idx: np.ndarray  # into joined
+    val_idx: np.ndarray  # into joined
+    probs: np.ndarray  # the input model's softmax on every retain sample
+
+    def credit(self) -> np.ndarray:
+        """:class:`Retain` credit of the held-out part: one-hot labels, or the
+        input model's softmax for unlabelled data."""
+        local = self.val_idx - len(self.joined.first)
+        if self.data.labelled:
+            return np.eye(self.probs.shape[1])[self.joined.second_labels[local]]
+        return self.probs[local]
+
+
+def _logits(state: ModelState, data: LabelledData, idx: np.ndarray) -> np.ndarray:
+    """The current model's logits on ``data[idx]`` as float64 (N, K)."""
+    forward = state.frozen_forward([state.plan.logits])
+    parts = [forward(x)[state.plan.logits].reshape(len(x), -1).astype(np.float64)
+             for x, _ in data.batches(idx, state.config.run.batch_size)]
+    return np.concatenate(parts)
+
+
+def _join_retain(state: ModelState, adapt: LabelledData, retain: LabelledData,
+                 progress: Progress) -> _Retained:
+    """Append ``retain`` to ``adapt``: its labels, or (unlabelled) the input
+    model's predictions, computed once before any change; its own training and
+    held-out split (the same holdout fraction, its own draw)."""
+    z = _logits(state, retain, np.arange(len(retain)))
+    probs = np.exp(log_softmax(z))
+    if retain.labelled:
+        labels = retain.labels()
+    else:
+        progress(Message(f"retain data: {len(retain)} samples without labels; the input "
+                         "model's predictions are their targets"))
+        labels = z.argmax(axis=1)
+    n = len(retain)
+    pick = np.random.default_rng([state.config.split.seed, SEED_SALT, 2])
+    is_val = pick.random(n) < state.config.split.holdout if n >= 10 else np.zeros(n, bool)
+    train, val = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    if len(val) == 0:
+        val = train
+    offset = len(adapt)
+    return _Retained(retain, JoinedData(adapt, retain, labels), train + offset, val + offset,
+                     probs)
+
+
+def _retain_eval(state: ModelState, retained: _Retained) -> tuple[EvalResult, float]:
+    """The current model on the retain held-out part, and its agreement with the
+    input model's predictions. Labelled: the usual accuracy. Unlabelled: the
+    accuracy the input model expects, ``mean_i p0[i, pred_i]`` (``p0`` its
+    softmax), and the cross-entropy against ``p0``; no per-class figures."""
+    idx = retained.val_idx
+    if retained.data.labelled:
+        result = state.evaluate(retained.joined, idx)
+        z = None
+    else:
+        z = _logits(state, retained.joined, idx)
+        q = retained.credit()
+        preds = z.argmax(axis=1)
+        score = float(q[np.arange(len(preds)), preds].sum())
+        loss = -float((q * log_softmax(z)).sum())
+        result = EvalResult(score / len(idx), len(idx), loss / len(idx))
+    z = z if z is not None else _logits(state, retained.joined, idx)
+    pseudo = retained.probs[idx - len(retained.joined.first)].argmax(axis=1)
+    return result, float((z.argmax(axis=1) == pseudo).mean())
 
 
 @dataclass
@@ -144,7 +241,8 @@ def _train(state: ModelState, ctx: RunContext) -> _Outcome:
     """Cross-validate the output layer alone (too few held-out samples), or run the
     schedule on the split; the held-out results before and after."""
     n, cfg = len(ctx.data), state.config
-    if len(state.layers) == 1 and len(ctx.val_idx) < cfg.head.min_heldout_for_depth and n >= 10:
+    if (len(state.layers) == 1 and len(ctx.val_idx) < cfg.head.min_heldout_for_depth
+            and n >= 10 and ctx.retain is None):
         # Too few held-out samples to steer by: the output layer alone, its
         # regularization chosen by k-fold cross-validation on every sample and
         # judged by its out-of-fold predictions.
@@ -173,14 +271,15 @@ def run_refine(
     data: LabelledData,
     eval_data: LabelledData | None = None,
     progress: Progress | None = None,
+    retain_data: LabelledData | None = None,
 ) -> RefineResult:
-    """Refine ``state``'s weights in memory on ``data``: validate, train, evaluate
-    and describe the run (no gate, nothing written; ``state.values`` hold the
-    result)."""
+    """Refine ``state``'s weights in memory on ``data`` (and ``retain_data``,
+    see the module docstring): validate, train, evaluate and describe the run
+    (no gate, nothing written; ``state.values`` hold the result)."""
     progress = progress or _quiet
     t0 = time.perf_counter()
     plan, timings = state.plan, state.timings
-    for d in (data, eval_data):
+    for d in (data, eval_data, retain_data):
         if d is not None:
             d.validate(plan.input_shape, plan.n_classes)
     _check_refinable(state, progress)
@@ -191,11 +290,24 @@ def run_refine(
     eval_before = state.evaluate(eval_data) if eval_data is not None else None
     timings["evaluate_before"] = time.perf_counter() - t
     ctx = RunContext(data, train_idx, val_idx, rng, Score(0.0, 0), progress)
+    retained, retain_before = None, None
+    if retain_data is not None:
+        t = time.perf_counter()
+        retained = _join_retain(state, data, retain_data, progress)
+        retain_before, _ = _retain_eval(state, retained)
+        timings["evaluate_before"] += time.perf_counter() - t
+        ctx.data = retained.joined
+        ctx.train_idx = np.concatenate([train_idx, retained.train_idx])
+        ctx.retain = Retain(retained.val_idx, retained.credit(),
+                            retain_before.accuracy * retain_before.n,
+                            state.config.retain.max_retain_drop)
     outcome = _train(state, ctx)
     timings["forward_and_targets"] = state.clock.forward
     timings["solve"] = state.clock.solve
     t = time.perf_counter()
     eval_after = state.evaluate(eval_data) if eval_data is not None else None
+    retain_after, agreement = (_retain_eval(state, retained) if retained is not None
+                               else (None, None))
     timings["evaluate_after"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return RefineResult(
@@ -206,6 +318,8 @@ def run_refine(
         heldout_after=outcome.after,
         eval_before=eval_before,
         eval_after=eval_after,
+        retain_before=retain_before,
+        retain_after=retain_after,
         timings=dict(timings),
         environment=environment(state),
         plan=plan_summary(state),
@@ -221,6 +335,13 @@ def run_refine(
             "eval": None
             if eval_data is None
             else {"source": eval_data.source, "n": len(eval_data)},
+            "retain": None if retained is None else {
+                "source": retained.data.source, "n": len(retained.data),
+                "labelled": retained.data.labelled, "train": len(retained.train_idx),
+                "heldout": len(retained.val_idx),
+                "targets": "labels" if retained.data.labelled else "model outputs",
+                "agreement": agreement,  # with the input model's predictions, after
+            },
         },
     )
 
@@ -238,12 +359,23 @@ def _gate(result: RefineResult, config: RefineConfig) -> None:
         failure = f"held-out accuracy gain {gain:+.4f} is below --min-gain {min_gain}"
     elif gain < 0 and not config.gate.allow_worse:
         failure = f"refined model is worse on held-out data ({gain:+.4f})"
+    max_drop = config.retain.max_retain_drop
+    retain_drop = None
+    if result.retain_before is not None and result.retain_after is not None:
+        retain_drop = result.retain_before.accuracy - result.retain_after.accuracy
+        if failure is None and retain_drop > max_drop + 1e-12:
+            failure = (f"retain held-out accuracy dropped {retain_drop:.4f} "
+                       f"({result.retain_before.accuracy:.4f} -> "
+                       f"{result.retain_after.accuracy:.4f}), more than --max-retain-drop "
+                       f"{max_drop:g}; raise --max-retain-drop or give more retain data")
     result.gate = {
         "metric": metric,
         "before": gate_before.accuracy,
         "after": gate_after.accuracy,
         "gain": gain,
         "min_gain": min_gain,
+        "retain_drop": retain_drop,
+        "max_retain_drop": max_drop if retain_drop is not None else None,
         "passed": failure is None,
     }
     if failure is not None:
@@ -260,6 +392,7 @@ def refine(
     *,
     config: RefineConfig | None = None,
     eval_data: DataLike | None = None,
+    retain_data: RetainLike | None = None,
     force: bool = False,
     progress: Progress | None = None,
 ) -> RefineResult:
@@ -267,10 +400,12 @@ def refine(
 
     ``data`` is a path (.npz, .npy directory, shard directory), a
     :class:`LabelledData`, or inputs ``x`` with labels ``y`` given as the next
-    argument. ``progress`` receives the run's events (:mod:`onnxfbp.events`).
+    argument. ``retain_data`` (same forms; ``(x, None)`` or a file without
+    ``y`` for unlabelled samples) is original-domain data to keep: see the module
+    docstring. ``progress`` receives the run's events (:mod:`onnxfbp.events`).
     Returns the report; raises :class:`OnnxfbpError` subclasses for user errors
-    and :class:`GateError` when the held-out gate is not met (then nothing is
-    written).
+    and :class:`GateError` when the held-out gate is not met or the retain
+    accuracy drops more than ``max_retain_drop`` (then nothing is written).
     """
     config = config or RefineConfig()
     if output is not None:
@@ -279,7 +414,8 @@ def refine(
     name = state.plan.input_name
     adapt = _as_data((data, y) if y is not None else data, name)  # type: ignore[arg-type]
     held = _as_data(eval_data, name) if eval_data is not None else None
-    result = run_refine(state, adapt, held, progress)
+    kept = _as_retain(retain_data, name) if retain_data is not None else None
+    result = run_refine(state, adapt, held, progress, kept)
     _gate(result, config)
     if output is not None:
         t = time.perf_counter()

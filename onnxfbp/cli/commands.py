@@ -49,7 +49,8 @@ def _config(args: argparse.Namespace) -> Any:
     from ..config import RefineConfig  # noqa: PLC0415
 
     settings = {key: getattr(args, key, None) for key in (
-        "max_layers", "sweeps", "holdout", "min_gain", "batch_size", "schedule", "epochs")}
+        "max_layers", "sweeps", "holdout", "min_gain", "batch_size", "schedule", "epochs",
+        "max_retain_drop")}
     return RefineConfig.of(
         device=args.device, seed=args.seed,
         **{key: value for key, value in settings.items() if value is not None},
@@ -66,9 +67,21 @@ def _print_result(result: Any, stream: Any = None) -> None:
     if result.eval_before is not None and result.eval_after is not None:
         eb, ea = result.eval_before, result.eval_after
         print(f"eval accuracy:     {eb.accuracy:.4f} -> {ea.accuracy:.4f} (n={eb.n})", file=stream)
+    _print_retain(result, stream)
     kept = sorted({r.name for r in result.layers if r.accepted})
     print(f"refined layers: {', '.join(kept) if kept else 'none'}; "
           f"{result.timings.get('total', 0.0):.1f}s", file=stream)
+
+
+def _print_retain(result: Any, stream: Any) -> None:
+    """The retain (original-domain) held-out accuracy line, when there is one."""
+    rb, ra = getattr(result, "retain_before", None), getattr(result, "retain_after", None)
+    if rb is None or ra is None:
+        return
+    kept = (result.data or {}).get("retain") or {}
+    what = "labelled" if kept.get("labelled", True) else "model outputs"
+    print(f"retain accuracy: {rb.accuracy:.4f} -> {ra.accuracy:.4f} (n={rb.n}, {what})",
+          file=stream)
 
 
 def _finite_json(value: Any) -> Any:
@@ -223,7 +236,8 @@ def cmd_refine(args: argparse.Namespace) -> int:
     model, output = Path(args.model), Path(args.output)
     report = Path(args.report) if args.report else None
     _run_paths(model, output, report, args.force,
-               data=[(args.data, "data"), (args.eval_data, "eval data")])
+               data=[(args.data, "data"), (args.eval_data, "eval data"),
+                     (args.retain_data, "retain data")])
     _check_holdout(args)
     remove_stale_staging([output, *([report] if report else [])])
     notes: list[str] = []
@@ -231,7 +245,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
         with _noted_warnings(notes):
             result = refine(
                 args.model, None, args.data, config=_config(args), eval_data=args.eval_data,
-                force=args.force, progress=_progress(args.quiet),
+                retain_data=args.retain_data, force=args.force, progress=_progress(args.quiet),
             )
     except GateError as exc:  # no model is written, but the report says why (written: null)
         failed = getattr(exc, "result", None)
@@ -400,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True,
                    help=".npz (input + y), .npy dir, or dir of .npz shards")
     p.add_argument("--eval-data", help="held-out labelled data to report (and gate) on")
+    p.add_argument("--retain-data",
+                   help="original-domain data to keep (labels optional: without y the "
+                        "model's own predictions are the targets)")
+    p.add_argument("--max-retain-drop", type=_finite_float,
+                   help="exit 3 unless the retain held-out accuracy drops at most this "
+                        "much (default 0.01)")
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.add_argument("--min-gain", type=_finite_float,

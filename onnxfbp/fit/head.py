@@ -143,10 +143,12 @@ def polish_head(state: ModelState, ctx: RunContext) -> tuple[bool, EvalResult | 
     """Refine the dense output layer to the L2-regularized cross-entropy optimum
     (:func:`logistic_path` on its input features, computed once: only it changes).
 
-    ``lam`` is chosen by held-out cross-entropy; the result is kept only if the
+    ``lam`` is chosen by held-out cross-entropy among those that keep the retain
+    constraint (:meth:`RunContext.accept`, with retain data); the result is kept only if the
     held-out score improves, then (``HeadConfig.refit``) refitted on training and
     held-out samples together. Returns whether it ran (False: the layer is not a
-    dense layer feeding the logits through shape-only nodes) and, after a refit,
+    dense layer feeding the logits through shape-only nodes, or no ``lam`` keeps
+    the retain bound) and, after a refit,
     the held-out result of the fit that did not see the held-out samples."""
     cfg = state.config.head
     started = time.perf_counter()
@@ -157,18 +159,36 @@ def polish_head(state: ModelState, ctx: RunContext) -> tuple[bool, EvalResult | 
     pick = np.random.default_rng([state.config.split.seed, SEED_SALT, 1])
     train_idx = _capped(train_idx, cfg.max_rows, pick)
     val_idx = _capped(val_idx, cfg.max_rows, pick)
-    found = head_features(state, ctx.data, [train_idx, val_idx])
+    retain = ctx.retain
+    splits = [train_idx, val_idx] + ([retain.idx] if retain is not None else [])
+    found = head_features(state, ctx.data, splits)
     if found is None:
         return False, None
-    block, w0, fixed, (xtr, xva) = found
+    block, w0, fixed, (xtr, xva, *xre) = found
     ytr, yva = ctx.data.labels(train_idx), ctx.data.labels(val_idx)
+
+    def retain_preds(w: np.ndarray) -> np.ndarray:
+        return (xre[0] @ w + fixed).argmax(axis=1)
+
     solving = time.perf_counter()
     best: tuple[float, int, np.ndarray, float] | None = None
+    solved = None  # the first finite solve, for the report when no lam keeps the retain bound
     for lam_rel, w in logistic_path(xtr, ytr, w0, fixed, cfg.l2_grid, cfg.iterations, state.xp):
         loss, correct = cross_entropy(xva @ w + fixed, yva)
-        if best is None or loss < best[0]:
+        solved = solved or (lam_rel, w, correct)
+        kept = retain is None or retain.kept(retain_preds(w))
+        if kept and (best is None or loss < best[0]):
             best = (loss, correct, w, lam_rel)
     state.clock.solve += time.perf_counter() - solving
+    if best is None and solved is not None:
+        lam_rel, w, correct = solved
+        report = head_report(block, w0[None], w[None], lam_rel)
+        report.heldout_accuracy = correct / len(yva)
+        report.reason = ("output layer solved to the logistic-regression optimum; no lam keeps "
+                         "the retain accuracy within max_retain_drop; reverted")
+        report.seconds = time.perf_counter() - started
+        ctx.record(report)
+        return False, None
     if best is None:
         return False, None
     loss, correct, w, lam_rel = best
@@ -176,15 +196,17 @@ def polish_head(state: ModelState, ctx: RunContext) -> tuple[bool, EvalResult | 
     report.heldout_accuracy = correct / len(yva)
     report.reason = "output layer solved to the logistic-regression optimum; "
     estimate = None
-    if ctx.score.better(loss, correct):
+    if ctx.accept(state, loss, correct,
+                  retain_preds=retain_preds(w) if retain is not None else None):
         report.accepted, report.reason = True, report.reason + "kept"
         if cfg.refit and refittable:
             # lam chosen, the held-out samples join the fit (as a CV refit does);
             # the reported held-out score stays that of the fit without them.
+            # (The retain held-out samples stay out: the refit must keep them.)
             refit = [w_all for _, w_all in logistic_path(
                 np.concatenate([xtr, xva]), np.concatenate([ytr, yva]), w0, fixed,
                 (lam_rel,), cfg.iterations, state.xp)]
-            if refit:
+            if refit and (retain is None or retain.kept(retain_preds(refit[0]))):
                 z = xva @ w + fixed
                 estimate = state.result(loss, correct, z.argmax(axis=1), yva)
                 w = refit[0]

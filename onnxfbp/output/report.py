@@ -132,6 +132,13 @@ SCHEMA: dict[str, Any] = {
             "properties": {"before": EVAL_SCHEMA,
                            "after": {**EVAL_SCHEMA, "type": ["object", "null"]}},
         },
+        "retain": {
+            "type": ["object", "null"], "required": ["before", "after"],
+            "description": "the held-out part of --retain-data / retain_data= (the original "
+                           "domain; unlabelled: agreement with the input model), or null",
+            "properties": {"before": EVAL_SCHEMA,
+                           "after": {**EVAL_SCHEMA, "type": ["object", "null"]}},
+        },
         "layers": {"type": "array", "items": LAYER_SCHEMA, "description": "layer visits, in order"},
         "timings": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0},
                     "description": "seconds per phase: plan, validate, evaluate_before, "
@@ -300,8 +307,8 @@ def validate_report(report: Any) -> None:
         raise ReportError(f"schema: {report['schema']!r} is not {SCHEMA_PREFIX!r} "
                           "(written by a newer onnxfbp?)")
     _check(report, SCHEMA, "")
-    for split in ("heldout", "eval"):
-        part = report[split]
+    for split in ("heldout", "eval", "retain"):
+        part = report.get(split)
         if part is None:
             continue
         _check_eval(part["before"], f"{split}.before")
@@ -397,11 +404,14 @@ def _png(fig: Any) -> str:
 
 
 def _splits(report: dict[str, Any]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
-    """(label, before, after) for held-out and eval, where measured."""
+    """(label, before, after) for held-out, eval and retain, where measured."""
     out = [("held-out", report["heldout"]["before"], report["heldout"]["after"])]
     ev = report.get("eval")
     if ev is not None and ev.get("after") is not None:
         out.append(("eval", ev["before"], ev["after"]))
+    kept = report.get("retain")
+    if isinstance(kept, dict) and kept.get("after") is not None:
+        out.append(("retain", kept["before"], kept["after"]))
     return out
 
 
@@ -818,7 +828,8 @@ def build_html(report: dict[str, Any], *, title: str | None = None, source: str 
     parts.append("<h2>Accuracy</h2>")
     acc = _img(_fig_accuracy(report), "accuracy before and after",
                "held-out: the part of the adaptation data set aside for choices; "
-               "eval: the separate evaluation data, when given")
+               "eval: the separate evaluation data, when given; "
+               "retain: the held-out original-domain data, when given")
     per_class = _fig_per_class(report)
     pc_img = _img(per_class, "per-class accuracy before and after") if per_class is not None else ""
     parts.append(f'<div class="grid2"><div>{acc}</div><div>{pc_img}</div></div>')

@@ -70,6 +70,10 @@ class RefineResult:
     heldout_after: EvalResult
     eval_before: EvalResult | None = None
     eval_after: EvalResult | None = None
+    # the held-out part of the retain (original-domain) data; unlabelled: agreement
+    # with the input model's predictions
+    retain_before: EvalResult | None = None
+    retain_after: EvalResult | None = None
     timings: dict[str, float] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
     plan: dict[str, Any] = field(default_factory=dict)
@@ -99,6 +103,12 @@ class RefineResult:
                 else {
                     "before": asdict(self.eval_before),
                     "after": asdict(self.eval_after) if self.eval_after else None,
+                },
+                "retain": None
+                if self.retain_before is None
+                else {
+                    "before": asdict(self.retain_before),
+                    "after": asdict(self.retain_after) if self.retain_after else None,
                 },
                 "layers": [asdict(layer) for layer in self.layers],
                 "timings": self.timings,

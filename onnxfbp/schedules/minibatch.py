@@ -237,7 +237,7 @@ class Minibatch:
         if not np.isfinite(loss) or loss > 1.5 * self.best_loss:
             self.back_off(step, "held-out loss rose")
         else:
-            if ctx.score.better(loss, correct):
+            if ctx.accept(state, loss, correct):
                 self.kept_values = dict(state.values)
                 self.kept_weights = {name: w.copy() for name, w in scored.items()}
                 self.best_loss, self.improved, self.stale = min(self.best_loss, loss), True, 0

@@ -4,7 +4,9 @@
 initializer values, the node views they give, forward passes and held-out
 scores with them, and :meth:`ModelState.set_weights` to write a layer's solved
 block back. :class:`RunContext` is one run's data split, random generator,
-best held-out score, reports and progress callback.
+best held-out score, reports and progress callback; :meth:`RunContext.accept`
+is the one test every update passes (a better held-out score and, with retain
+data, a retain held-out accuracy within ``max_retain_drop`` of the input model's).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from ..run.backend import array_module, cupy_or_none
 from ..run.device import run_to_device
 from ..run.forward import ForwardRunner, choose_providers
 
-__all__ = ["Clock", "ModelState", "RunContext", "Score", "nodes_after", "select_layers"]
+__all__ = ["Clock", "ModelState", "Retain", "RunContext", "Score", "nodes_after", "select_layers"]
 
 Views = dict[str, Any]
 
@@ -59,6 +61,29 @@ class Score:
 
 
 @dataclass
+class Retain:
+    """The held-out part of the retain (original-domain) data inside the run's
+    data, indices ``idx``, and the credit ``Q`` (n, classes) of each prediction:
+    one-hot labels, or for unlabelled data the input model's softmax, so that
+    ``score = sum_i Q[i, pred_i]`` is the correct count, or the accuracy the
+    input model expects of the predictions. An update must keep
+    ``score >= before - max_drop * n`` (``before``: the input model's score)."""
+
+    idx: np.ndarray
+    credit: np.ndarray
+    before: float
+    max_drop: float
+
+    def score(self, preds: np.ndarray) -> float:
+        """``sum_i Q[i, pred_i]`` of predictions ``preds`` on ``idx``."""
+        preds = np.asarray(preds, dtype=np.int64)
+        return float(self.credit[np.arange(len(preds)), preds].sum())
+
+    def kept(self, preds: np.ndarray) -> bool:
+        return self.score(preds) >= self.before - self.max_drop * len(self.idx) - 1e-9
+
+
+@dataclass
 class RunContext:
     """One run's split of the labelled data and what it collects."""
 
@@ -69,6 +94,24 @@ class RunContext:
     score: Score
     progress: Progress
     reports: list[LayerReport] = field(default_factory=list)
+    retain: Retain | None = None  # with --retain-data: the constraint every update keeps
+
+    def accept(self, state: ModelState, loss: float, correct: int, commit: bool = True,
+               retain_preds: np.ndarray | None = None) -> bool:
+        """Whether the weights in ``state`` (held-out ``loss`` and ``correct`` on
+        ``val_idx``) beat the best score so far and keep the retain constraint
+        (:class:`Retain`; ``retain_preds``: the predictions on its samples, when
+        already at hand, else computed here); records the score when ``commit``."""
+        if not self.score.better(loss, correct, commit=False):
+            return False
+        if self.retain is not None:
+            if retain_preds is None:
+                _, _, retain_preds = state.scores(self.data, self.retain.idx)
+            if not self.retain.kept(retain_preds):
+                return False
+        if commit:
+            self.score.better(loss, correct)
+        return True
 
     def record(self, report: LayerReport) -> None:
         """Keep ``report`` and tell the progress callback."""

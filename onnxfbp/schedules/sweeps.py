@@ -77,7 +77,7 @@ def _sequential(
             saved = dict(state.values)
             state.set_weights(layer, st.block, new_w)
             loss, correct, _ = state.scores(ctx.data, ctx.val_idx)
-            if ctx.score.better(loss, correct):
+            if ctx.accept(state, loss, correct):
                 report.accepted, report.reason = True, "held-out score improved"
                 improved = True
             else:
@@ -126,7 +126,7 @@ def _jacobi(
         state.values = dict(saved)
         _apply(state, members, alpha)
         loss, correct, _ = state.scores(ctx.data, ctx.val_idx)
-        if ctx.score.better(loss, correct, commit=False) and (
+        if ctx.accept(state, loss, correct, commit=False) and (
             best is None or correct > best[2] or (correct == best[2] and loss < best[1])
         ):
             best = (k, loss, correct)

@@ -1,0 +1,204 @@
+"""``--retain-data`` / ``retain_data=``: original-domain data kept while adapting
+(issue 18, item 4), on the bundled demo model: rotated digits to adapt to
+(``demo_adapt.npz``), upright ones to keep (``demo_clean.npz``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from onnxfbp import RefineConfig, refine
+from onnxfbp.cli.commands import main
+from onnxfbp.data import load_data
+from onnxfbp.errors import DataError
+from onnxfbp.output.report import validate_report
+from onnxfbp.schedules.state import Retain
+
+PROJECT = Path(__file__).resolve().parent.parent
+MODELS = PROJECT / "models"
+MODEL = MODELS / "demo_mnist_cnn.onnx"
+CPU = RefineConfig.of(device="cpu", threads=1)
+
+
+def _npz(name: str) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(MODELS / name) as z:
+        return z["input"], z["y"]
+
+
+@pytest.fixture(scope="module")
+def adapt() -> tuple[np.ndarray, np.ndarray]:
+    return _npz("demo_adapt.npz")
+
+
+@pytest.fixture(scope="module")
+def clean() -> tuple[np.ndarray, np.ndarray]:
+    return _npz("demo_clean.npz")
+
+
+@pytest.fixture(scope="module")
+def baseline(adapt: tuple[np.ndarray, np.ndarray]) -> Any:
+    return refine(MODEL, None, adapt, config=CPU)
+
+
+def test_labelled_retain_keeps_the_original_domain(
+    adapt: tuple[np.ndarray, np.ndarray], clean: tuple[np.ndarray, np.ndarray], baseline: Any
+) -> None:
+    result = refine(MODEL, None, adapt, config=CPU, retain_data=clean)
+    rb, ra = result.retain_before, result.retain_after
+    assert rb is not None and ra is not None
+    assert 150 <= rb.n <= 250  # the retain data's own held-out fifth
+    assert ra.accuracy >= rb.accuracy - 0.01
+    assert result.gate["passed"] and result.gate["retain_drop"] <= 0.01
+    # the shift is still learnt: at least 80% of the held-out gain without retain data
+    gain0 = baseline.heldout_after.accuracy - baseline.heldout_before.accuracy
+    gain = result.heldout_after.accuracy - result.heldout_before.accuracy
+    assert gain0 > 0.1 and gain >= 0.8 * gain0
+    assert result.heldout_before.n == baseline.heldout_before.n  # adapt split unchanged
+    info = result.data["retain"]
+    assert info["labelled"] and info["targets"] == "labels" and info["n"] == len(clean[1])
+    assert info["train"] + info["heldout"] == info["n"]
+    report = json.loads(json.dumps(result.to_dict()))
+    validate_report(report)
+    assert report["retain"]["after"]["accuracy"] == pytest.approx(ra.accuracy)
+
+
+def test_unlabelled_retain_uses_the_models_own_outputs(
+    adapt: tuple[np.ndarray, np.ndarray], clean: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    path = tmp_path / "clean_x.npz"
+    np.savez(path, input=clean[0])  # no labels
+    result = refine(MODEL, None, adapt, config=CPU, retain_data=path)
+    rb, ra = result.retain_before, result.retain_after
+    assert rb is not None and ra is not None
+    # without labels: the accuracy the input model expects of the predictions,
+    # at most 1 (the input model's own argmax gets its max probability)
+    assert 0.9 < rb.accuracy < 1.0 and rb.confusion is None
+    assert ra.accuracy >= rb.accuracy - 0.01
+    info = result.data["retain"]
+    assert not info["labelled"] and info["targets"] == "model outputs"
+    assert 0.9 <= info["agreement"] <= 1.0
+    assert result.heldout_after.accuracy > result.heldout_before.accuracy + 0.05
+    validate_report(json.loads(json.dumps(result.to_dict())))
+    # (x, None) in memory gives the same run
+    same = refine(MODEL, None, adapt, config=CPU, retain_data=(clean[0], None))
+    assert same.retain_after is not None and same.retain_after.accuracy == ra.accuracy
+
+
+def test_no_retain_data_reports_null(baseline: Any) -> None:
+    report = baseline.to_dict()
+    assert report["retain"] is None and baseline.data["retain"] is None
+    assert baseline.gate["retain_drop"] is None
+    validate_report(json.loads(json.dumps(report)))
+
+
+def test_cli_retain_summary_and_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    code = main(["refine", str(MODEL), str(out), "--data", str(MODELS / "demo_adapt.npz"),
+                 "--retain-data", str(MODELS / "demo_clean.npz"), "--report", str(report),
+                 "--device", "cpu", "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    line = next(v for v in captured.out.splitlines() if v.startswith("retain accuracy:"))
+    assert "labelled" in line and "n=" in line
+    data = json.loads(report.read_text())
+    validate_report(data)
+    assert data["retain"]["before"]["n"] == data["retain"]["after"]["n"]
+    assert data["config"]["retain"]["max_retain_drop"] == 0.01
+    html = tmp_path / "run.html"
+    assert main(["report", str(report), "-o", str(html)]) == 0
+    assert "retain accuracy (n=" in html.read_text()  # its card, next to held-out's
+
+
+def test_cli_gate_exit_3_on_a_retain_drop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The per-update check switched off (every update "keeps" the retain data): the
+    # final gate alone must catch the drop. Unlabelled retain with --max-retain-drop 0:
+    # any changed prediction on the retain held-out part lowers its score.
+    monkeypatch.setattr(Retain, "kept", lambda self, preds: True)
+    x_path = tmp_path / "clean_x.npz"
+    np.savez(x_path, x=_npz("demo_clean.npz")[0])
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    code = main(["refine", str(MODEL), str(out), "--data", str(MODELS / "demo_adapt.npz"),
+                 "--retain-data", str(x_path), "--max-retain-drop", "0",
+                 "--report", str(report), "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert err.startswith("onnxfbp: error: retain held-out accuracy dropped") and \
+        err.count("\n") == 1 and "--max-retain-drop" in err
+    assert not out.exists()
+    data = json.loads(report.read_text())
+    validate_report(data)
+    assert data["written"] is None and not data["gate"]["passed"]
+    assert data["gate"]["retain_drop"] > 0 and data["gate"]["max_retain_drop"] == 0
+
+
+@pytest.mark.parametrize("case", ["shape", "label", "drop", "mixed-shards", "keys"])
+def test_bad_retain_input_is_one_line_exit_2(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    x, y = _npz("demo_clean.npz")
+    path = tmp_path / "retain.npz"
+    extra: list[str] = []
+    if case == "shape":
+        np.savez(path, x=x[:, :, :20, :20])
+    elif case == "label":
+        np.savez(path, x=x[:50], y=np.full(50, 12))
+    elif case == "drop":
+        np.savez(path, x=x[:50])
+        extra = ["--max-retain-drop", "1.5"]
+    elif case == "mixed-shards":
+        path = tmp_path / "shards"
+        path.mkdir()
+        np.savez(path / "a.npz", x=x[:20], y=y[:20])
+        np.savez(path / "b.npz", x=x[20:40])
+    else:
+        np.savez(path, images=x[:20])
+    out = tmp_path / "out.onnx"
+    code = main(["refine", str(MODEL), str(out), "--data", str(MODELS / "demo_adapt.npz"),
+                 "--retain-data", str(path), "--device", "cpu", "--quiet", *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("onnxfbp: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_load_data_labels_optional(tmp_path: Path) -> None:
+    x, y = _npz("demo_clean.npz")
+    np.savez(tmp_path / "with.npz", x=x[:30], y=y[:30])
+    np.savez(tmp_path / "without.npz", x=x[:30])
+    assert load_data(tmp_path / "with.npz", labels_optional=True).labelled
+    bare = load_data(tmp_path / "without.npz", labels_optional=True)
+    assert not bare.labelled and len(bare) == 30
+    with pytest.raises(DataError, match="labels under 'y'"):
+        load_data(tmp_path / "without.npz")  # --data still needs labels
+    folder = tmp_path / "npy"
+    folder.mkdir()
+    np.save(folder / "x.npy", x[:25])
+    assert not load_data(folder, labels_optional=True).labelled
+    with pytest.raises(DataError, match="y.npy"):
+        load_data(folder)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    np.savez(shards / "a.npz", x=x[:10])
+    np.savez(shards / "b.npz", x=x[10:25])
+    data = load_data(shards, labels_optional=True)
+    assert not data.labelled and len(data) == 25
+    got, _ = data.take(np.array([0, 9, 10, 24]))
+    np.testing.assert_array_equal(got, x[[0, 9, 10, 24]])
+
+
+@pytest.mark.parametrize("schedule", ["jacobi", "sequential"])
+def test_sweep_schedules_keep_the_retain_bound(
+    schedule: str, adapt: tuple[np.ndarray, np.ndarray], clean: tuple[np.ndarray, np.ndarray]
+) -> None:
+    config = CPU.replace(schedule=schedule, sweeps=1)
+    result = refine(MODEL, None, adapt, config=config, retain_data=(clean[0], None))
+    rb, ra = result.retain_before, result.retain_after
+    assert rb is not None and ra is not None and ra.accuracy >= rb.accuracy - 0.01
+    assert result.heldout_after.accuracy > result.heldout_before.accuracy + 0.05
+    assert any(layer.accepted for layer in result.layers)
