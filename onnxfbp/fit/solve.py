@@ -163,6 +163,8 @@ class Preconditioner:
         are not finite (nothing reaches LAPACK then)."""
         xp = sums.xp
         m = max(sums.count, 1)
+        for part in ([sums.gram] if not sums.dual else sums.chunks):
+            require_finite(part, "the layer's input rows")
         if not sums.dual:
             cov = sums.gram / m
             lam = damping * (float(xp.mean(xp.diagonal(cov, axis1=1, axis2=2))) or 1.0)

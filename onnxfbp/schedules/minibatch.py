@@ -274,7 +274,8 @@ class Minibatch:
         """Score the averaged steps on the held-out split; keep, go on or back off."""
         state, ctx = self.state, self.ctx
         stepping = dict(state.values)  # the steps go on from here
-        scored = self.averaged  # with beta 0, the last step itself
+        # with beta 0, the last step itself; a layer that took no step as it is
+        scored = {name: self.averaged.get(name, w) for name, w in self.weights.items()}
         for layer in self.layers:
             state.set_weights(layer, self.blocks[layer.name], to_numpy(scored[layer.name]))
         loss, correct, _ = state.scores(ctx.data, ctx.val_idx)
