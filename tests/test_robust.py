@@ -266,3 +266,37 @@ def test_input_range_warning() -> None:
     shifted = InputStats.of(rng.random((100, 28, 28)) + 3.0)
     assert input_range_warning(shifted, retain) is not None
     assert input_range_warning(InputStats.of(np.zeros(0)), retain) is None
+
+
+# ---------------------------------------------------------------------------- node names
+
+
+def test_unnamed_nodes_are_named_alike_by_plan_inspect_and_refine(tmp_path: Path) -> None:
+    """Every node of the demo model unnamed: plan, inspect and refine name them
+    ``<op>#<k>`` (graph order), and no refinable layer is listed as off path."""
+    import onnx  # noqa: PLC0415
+
+    from onnxfbp.graph.inspect import inspect_model  # noqa: PLC0415
+    from onnxfbp.graph.plan import node_names  # noqa: PLC0415
+
+    model = onnx.load(DEMO)
+    for node in model.graph.node:
+        node.name = ""
+    path = tmp_path / "unnamed.onnx"
+    onnx.save(model, path)
+    names = node_names(model)
+    convs = [n for n in names if n.startswith("Conv#")]
+    assert convs == [f"Conv#{k}" for k in range(len(convs))] and len(convs) == 2
+
+    info = inspect_model(path)
+    assert [n["name"] for n in info["nodes"]] == names
+    for n in info["nodes"]:
+        if n["op"] in ("Conv", "Gemm"):
+            assert n["refined"] and n["status"] != "off-path", n
+    assert set(info["refined_layers"]) >= set(convs)
+
+    x, y = _demo(400)
+    result = refine(path, None, x, y, config=RefineConfig.of(device="cpu", epochs=0.25))
+    assert {r.name for r in result.layers} <= set(info["refined_layers"])
+    assert {p["name"] for p in result.plan["layers"]} == set(info["refined_layers"])
+    assert all(not node.name for node in result.model.graph.node), "the graph is unchanged"
