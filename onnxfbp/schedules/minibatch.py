@@ -20,10 +20,24 @@ are averaged (Polyak averaging, exponential with ``beta = average``),
 
 and every ``1 / checks_per_epoch`` epoch the held-out split scores ``W_avg``
 (``W`` when ``average`` is 0) while the steps go on from ``W``. A better score
-is kept as the result; a blow-up (held-out loss above 1.5x the best or not
-finite, or a step's logits not finite: then at once) goes back to the kept
-weights with half the step; ``patience`` checks or blow-ups with neither a
-better score nor a lower held-out loss end the schedule.
+is kept as the result; ``patience`` checks with neither a better score nor a
+lower held-out loss end the schedule.
+
+Each layer's step is held to its trust region,
+
+    dW <- dW min(1, trust ||W|| / ||dW||),
+
+so that no layer can move far on one batch however large its preconditioned
+step (a layer whose output feeds many others, such as a narrow first
+convolution before parallel branches, would otherwise overshoot and diverge).
+A blow-up — a mini-batch loss at the current weights above ``3 ref + 1`` for
+``ref`` the running mean of the batch losses, or not finite (then at once), or a
+held-out loss above 1.5x the best or not finite (at a check) — goes back to the
+kept weights with the step and the trust region halved, and the run goes on
+with every layer; blow-ups are counted apart from ``patience``, and more than
+``halvings`` of them end the schedule. Each layer's report says what happened:
+kept, reverted (no held-out gain, with the blow-ups' steps and halvings) or
+skipped (its rows were not finite: :class:`NonFiniteError`, no step).
 
 Where the deepest layer is a convolution whose branch to the next one allows
 it, its residual is computed at its kept positions only
