@@ -86,6 +86,7 @@ def _outcome_lines(result: Any) -> list[str]:
                          f"({p.get('reason') or 'no update kept'})")
     if len(rows) > 1 and changed == [rows[-1]["name"]]:  # plan order: the output layer last
         lines.append("only the output layer changed: it alone carries the gain")
+    lines.extend(getattr(result, "warnings", None) or [])  # shown even with --quiet
     return lines
 
 

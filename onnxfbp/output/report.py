@@ -187,8 +187,8 @@ SCHEMA: dict[str, Any] = {
                                                "description": "its weights differ from the "
                                                               "input model's"},
                                    "outcome": {"type": "string",
-                                               "description": "changed, reverted, unchanged "
-                                                              "or not selected"},
+                                               "description": "changed, reverted, skipped, "
+                                                              "unchanged or not selected"},
                                    "reason": {"type": ["string", "null"],
                                               "description": "why it is not refined"}},
                 }},

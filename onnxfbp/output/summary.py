@@ -55,7 +55,7 @@ def plan_summary(state: ModelState, reports: list[LayerReport] | None = None) ->
     """Input, output, logits, classes, boundaries and every layer with its status:
     ``selected`` (the run tried to refine it), ``changed`` / ``refined`` (its weights
     differ from the input model's: only then ``refined`` is true), ``outcome``
-    (``changed``, ``reverted``, ``unchanged`` or ``not selected``) and ``reason``
+    (``changed``, ``reverted``, ``skipped``, ``unchanged`` or ``not selected``) and ``reason``
     (why it is not refined)."""
     plan = state.plan
     selected = {layer.name for layer in state.layers}
@@ -69,11 +69,12 @@ def plan_summary(state: ModelState, reports: list[LayerReport] | None = None) ->
         if is_changed:
             outcome, reason = "changed", None
         elif layer.name in selected:
-            why = next((r.reason for r in reversed(reports or [])
-                        if r.name == layer.name and r.outcome == "reverted"), None)
-            outcome = "reverted" if why else "unchanged"
-            reason = why or (last[layer.name].reason if layer.name in last
-                             else "selected; no update was kept")
+            undone = next((r for r in reversed(reports or []) if r.name == layer.name
+                           and r.outcome in ("reverted", "skipped")), None)
+            outcome = undone.outcome or "unchanged" if undone is not None else "unchanged"
+            reason = (undone.reason if undone is not None
+                      else last[layer.name].reason if layer.name in last
+                      else "selected; no update was kept")
         else:
             outcome, reason = "not selected", layer.reason or state.skipped.get(layer.name)
         rows.append({"name": layer.name, "op": layer.op, "refined": is_changed,
