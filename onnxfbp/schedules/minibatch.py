@@ -258,7 +258,9 @@ class Minibatch:
         """Whether this batch's mean loss at the current weights shows a blow-up (not
         finite, or above ``3 ref + 1`` for ``ref`` the running mean of the batch
         losses so far); then back off at once."""
-        loss = cross_entropy(z, self.state.xp.asarray(y))[0] / max(len(y), 1)
+        xp = self.state.xp
+        loss = (cross_entropy(z, xp.asarray(y))[0] / max(len(y), 1)
+                if bool(xp.isfinite(z).all()) else float("nan"))  # no NaN arithmetic
         ref = self.batch_loss
         if ref is not None and (not np.isfinite(loss) or loss > 3 * ref + 1):
             shown = f"{loss:.4g}" if np.isfinite(loss) else "not finite"
@@ -329,7 +331,7 @@ class Minibatch:
             blowups = (f"diverged at step{'s' if len(self.diverged) > 1 else ''} {at}; "
                        f"step halved {self.halved} time{'s' if self.halved > 1 else ''}")
             if self.halved > cfg.halvings:
-                blowups += f" (more than --halvings {cfg.halvings}: stopped)"
+                blowups += f" (more than the {cfg.halvings} allowed: stopped)"
         if name in self.skipped:
             return "skipped", f"{self.skipped[name]}; left unchanged"
         if not self.improved:
