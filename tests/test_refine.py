@@ -93,13 +93,15 @@ def test_noise_is_recovered_through_the_convolutions(
 def test_minibatch_step_that_blows_up_is_halved_and_never_written_worse(
     shared_models: Path, mnist_rot: dict[str, np.ndarray], tmp_path: Path
 ) -> None:
-    """A step 1000x too large: the held-out check sends the weights back and halves
-    it; whatever is written is finite and not worse on the held-out split. (The
-    NumPy reverse pass, which the compiled one replaces on CPU, runs here.)"""
+    """A step 1000x too large with the trust region off: a blow-up sends the weights
+    back and halves it; whatever is written is finite and not worse on the held-out
+    split. (The NumPy reverse pass, which the compiled one replaces on CPU, runs
+    here.)"""
     model = shared_models / "mnist_pytorch25_legacy_cnn.onnx"
     d = mnist_rot
     messages: list[str] = []
-    config = RefineConfig.of(lr=300.0, epochs=0.5, sweeps=1, compiled_reverse=False)
+    config = RefineConfig.of(lr=300.0, epochs=0.5, sweeps=1, compiled_reverse=False,
+                             trust=0.0)
     try:
         result = refine(model, tmp_path / "r.onnx", _legacy_prep(d["x_adapt"][:2000]),
                         d["y_adapt"][:2000], config=config,
