@@ -88,6 +88,8 @@ class MinibatchConfig:
     step_positions: int = 48  # conv output positions of each step's rows
     checks_per_epoch: int = 2  # held-out checks per epoch
     patience: int = 2  # checks without a held-out gain before the schedule stops
+    trust: float = 0.1  # a step changes each layer's weights by at most this relative norm
+    halvings: int = 6  # blow-ups survived (each halves the step) before the schedule stops
     compiled_reverse: bool = True  # carry residuals back with an onnxruntime graph
     sweep_max_inputs: int = 1024  # then sweep dense layers with at most this d_in + 1
 

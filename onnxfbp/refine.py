@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checks import announce, label_warnings
 from .config import RefineConfig
 from .data import JoinedData, LabelledData, from_arrays, load_data
 from .errors import GateError, UnsupportedModelError
@@ -283,6 +284,7 @@ def run_refine(
         if d is not None:
             d.validate(plan.input_shape, plan.n_classes)
     _check_refinable(state, progress)
+    warnings = announce(label_warnings(data, plan.n_classes), progress)
     rng, train_idx, val_idx = split(len(data), state.config)
     timings["validate"] = time.perf_counter() - t0
     _few_heldout(state, len(val_idx), progress)
@@ -322,9 +324,10 @@ def run_refine(
         retain_after=retain_after,
         timings=dict(timings),
         environment=environment(state),
-        plan=plan_summary(state),
+        plan=plan_summary(state, ctx.reports),
         config=state.config.to_dict(),
         feature_maps=feature_maps(state, data, outcome.scored_idx[:4]),
+        warnings=warnings,
         model_path=str(state.model_path),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         data={

@@ -3,6 +3,7 @@ pipeline (solver normal equations, patching) on real models."""
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -92,13 +93,15 @@ def test_noise_is_recovered_through_the_convolutions(
 def test_minibatch_step_that_blows_up_is_halved_and_never_written_worse(
     shared_models: Path, mnist_rot: dict[str, np.ndarray], tmp_path: Path
 ) -> None:
-    """A step 1000x too large: the held-out check sends the weights back and halves
-    it; whatever is written is finite and not worse on the held-out split. (The
-    NumPy reverse pass, which the compiled one replaces on CPU, runs here.)"""
+    """A step 1000x too large with the trust region off: a blow-up sends the weights
+    back and halves it; whatever is written is finite and not worse on the held-out
+    split. (The NumPy reverse pass, which the compiled one replaces on CPU, runs
+    here.)"""
     model = shared_models / "mnist_pytorch25_legacy_cnn.onnx"
     d = mnist_rot
     messages: list[str] = []
-    config = RefineConfig.of(lr=300.0, epochs=0.5, sweeps=1, compiled_reverse=False)
+    config = RefineConfig.of(lr=300.0, epochs=0.5, sweeps=1, compiled_reverse=False,
+                             trust=0.0)
     try:
         result = refine(model, tmp_path / "r.onnx", _legacy_prep(d["x_adapt"][:2000]),
                         d["y_adapt"][:2000], config=config,
@@ -116,25 +119,53 @@ def test_minibatch_step_that_blows_up_is_halved_and_never_written_worse(
 def test_non_finite_logits_send_the_steps_back_at_once(
     shared_models: Path, mnist_rot: dict[str, np.ndarray]
 ) -> None:
-    """A step so large that the next forward pass overflows: the schedule goes back
-    to the kept weights on that step, not at the next held-out check after steps
-    on NaN weights, and nothing warns about NaN arithmetic. Two such blow-ups
-    exhaust ``patience``: the schedule ends before its first check."""
+    """A step so large that the next forward pass overflows (trust region off): the
+    schedule goes back to the kept weights on that step, not at the next held-out
+    check after steps on NaN weights, and nothing warns about NaN arithmetic. Each
+    blow-up halves the step; more than ``halvings`` of them end the schedule, and
+    every body layer's report says it diverged and was reverted."""
     model = shared_models / "mnist_pytorch25_legacy_cnn.onnx"
     d = mnist_rot
     messages: list[str] = []
-    config = RefineConfig.of(lr=1e12, epochs=0.5)
+    config = RefineConfig.of(lr=1e12, epochs=0.5, trust=0.0, halvings=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         result = refine(model, None, _legacy_prep(d["x_adapt"][:2000]), d["y_adapt"][:2000],
                         config=config, progress=lambda e: messages.append(render(e)))
     steps = [m for m in messages if m.startswith("minibatch step")]
-    assert steps == [
-        "minibatch step 2: logits not finite; back to the kept weights, step halved to 5e+11",
-        "minibatch step 4: logits not finite; back to the kept weights, step halved to 2.5e+11",
-    ]
+    pattern = re.compile(r"minibatch step (\d+): mini-batch loss not finite \(about "
+                         r"[0-9.e+-]+ before\); back to the kept weights, step halved to (\S+)")
+    found = [pattern.fullmatch(m) for m in steps]
+    assert all(found), steps
+    assert [(int(f[1]), f[2]) for f in found if f] == [
+        (2, "5e+11"), (4, "2.5e+11"), (6, "1.25e+11")]
     body = [v for v in result.layers if v.name != "/fc2/Gemm"]
     assert body and not any(v.accepted for v in body)  # the input body weights kept
+    assert all(v.outcome == "reverted" and v.halvings == 3 for v in body)
+    assert all("diverged at steps 2, 4, 6; step halved 3 times (more than the 2 allowed: "
+               "stopped); no held-out gain; reverted" in v.reason for v in body)
+
+
+def test_a_huge_step_stays_in_the_trust_region(
+    shared_models: Path, mnist_rot: dict[str, np.ndarray]
+) -> None:
+    """The same huge step with the default trust region: no blow-up at all, every
+    layer kept and changed, all weights finite."""
+    model = shared_models / "mnist_pytorch25_legacy_cnn.onnx"
+    d = mnist_rot
+    messages: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        result = refine(model, None, _legacy_prep(d["x_adapt"][:2000]), d["y_adapt"][:2000],
+                        config=RefineConfig.of(lr=1e12, epochs=0.5),
+                        progress=lambda e: messages.append(render(e)))
+    assert not [m for m in messages if "step halved" in m]
+    assert all(p["changed"] for p in result.plan["layers"] if p["selected"])
+    assert result.heldout_after.accuracy > result.heldout_before.accuracy
+    from onnx import numpy_helper  # noqa: PLC0415
+
+    assert all(np.isfinite(numpy_helper.to_array(t)).all()
+               for t in result.model.graph.initializer)
 
 
 def test_checks_score_the_running_average_of_the_steps(

@@ -182,7 +182,7 @@ def onnxfbp_layers(report_path: Path) -> dict[str, Any]:
         return {}
     rep = json.loads(report_path.read_text())
     planned = [la["name"] for la in (rep.get("plan") or {}).get("layers", [])
-               if la.get("refined")]
+               if la.get("selected", la.get("refined"))]
     steps = rep.get("layers") or []
     changed = sorted({s["name"] for s in steps if s.get("accepted")})
     reverted = sorted({s["name"] for s in steps} - set(changed))

@@ -68,9 +68,28 @@ def _print_result(result: Any, stream: Any = None) -> None:
         eb, ea = result.eval_before, result.eval_after
         print(f"eval accuracy:     {eb.accuracy:.4f} -> {ea.accuracy:.4f} (n={eb.n})", file=stream)
     _print_retain(result, stream)
-    kept = sorted({r.name for r in result.layers if r.accepted})
-    print(f"refined layers: {', '.join(kept) if kept else 'none'}; "
-          f"{result.timings.get('total', 0.0):.1f}s", file=stream)
+    for line in _outcome_lines(result):
+        print(line, file=stream)
+    print(f"time: {result.timings.get('total', 0.0):.1f}s", file=stream)
+
+
+def _outcome_lines(result: Any) -> list[str]:
+    """What changed, in words, from the report's plan (``changed`` is the truth:
+    the weights differ from the input model's) and the layers' reports: layers
+    changed, layers reverted or left unchanged and why, and whether the output
+    layer alone carries the gain."""
+    rows = [p for p in (result.plan or {}).get("layers", []) if p.get("selected", p["refined"])]
+    changed = [p["name"] for p in rows if p.get("changed", p["refined"])]
+    lines = [f"layers changed ({len(changed)} of {len(rows)}): "
+             + (", ".join(changed) if changed else "none")]
+    for p in rows:
+        if not p.get("changed", p["refined"]):
+            lines.append(f"  {p.get('outcome') or 'unchanged'}: {p['name']} "
+                         f"({p.get('reason') or 'no update kept'})")
+    if len(rows) > 1 and changed == [rows[-1]["name"]]:  # plan order: the output layer last
+        lines.append("only the output layer changed: it alone carries the gain")
+    lines.extend(getattr(result, "warnings", None) or [])  # shown even with --quiet
+    return lines
 
 
 def _print_retain(result: Any, stream: Any) -> None:

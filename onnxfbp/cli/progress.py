@@ -62,8 +62,14 @@ __all__ = ["ProgressDisplay", "ProgressTask", "render"]
 def _layer_outcome(report: LayerReport) -> str:
     """What follows ``name: `` on a layer line, from ``kept``/``reverted`` on."""
     acc = "n/a" if report.heldout_accuracy is None else f"{report.heldout_accuracy:.4f}"
-    return (f"{'kept' if report.accepted else 'reverted'}, held-out acc {acc}, "
+    word = report.outcome or ("kept" if report.accepted else "reverted")
+    return (f"{word}, held-out acc {acc}, "
             f"lam {report.lam}, {report.seconds:.2f}s")
+
+
+def _loss(value: float) -> str:
+    """A mean loss: 4 decimals, or 4 significant digits once it has blown up."""
+    return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
 
 
 def render(event: Event | str) -> str:
@@ -77,7 +83,7 @@ def render(event: Event | str) -> str:
         return f"sweep {r.sweep + 1} {r.op} {r.name}: {_layer_outcome(r)}"
     if isinstance(event, StepChecked):
         return (f"minibatch step {event.step}/{event.total}: held-out acc "
-                f"{event.accuracy:.4f}, loss {event.loss:.4f}")
+                f"{event.accuracy:.4f}, loss {_loss(event.loss)}")
     if isinstance(event, StepBackedOff):
         return f"minibatch step {event.step}: {event.why}, step halved to {event.lr:g}"
     raise TypeError(f"not a progress event: {event!r}")
@@ -200,7 +206,7 @@ class ProgressDisplay:
         text.append(f"sweep {report.sweep + 1} ", style="dim")
         text.append(f"{report.op} ", style="cyan")
         text.append(f"{report.name}: ", style="bold")
-        text.append("kept" if report.accepted else "reverted",
+        text.append(report.outcome or ("kept" if report.accepted else "reverted"),
                     style="green" if report.accepted else "yellow")
         text.append("," + _layer_outcome(report).split(",", 1)[1])
         return text

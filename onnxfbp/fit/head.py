@@ -19,7 +19,7 @@ from ..output.results import EvalResult, LayerReport
 from ..run.backend import to_numpy
 from ..schedules.state import ModelState, RunContext, Score
 from .layers import LayerBlock
-from .solve import spd_inverse
+from .solve import NonFiniteError, require_finite, spd_inverse
 from .targets import cross_entropy
 
 __all__ = ["head_cross_validated", "logistic_path", "polish_head"]
@@ -58,10 +58,13 @@ def logistic_path(
     settle; a ``lam`` whose iteration is not finite is skipped. The Gram, its
     inverse and the weights are float64; the scores and probabilities of each
     iteration float32. The iteration runs in ``xp`` (CuPy on a GPU); ``W`` is
-    yielded as a NumPy array."""
+    yielded as a NumPy array. Features or weights that are not finite raise
+    :class:`NonFiniteError` before anything is factored."""
     x = xp.asarray(x, dtype=xp.float32)  # once (one copy to a GPU): each product reads it
     x_t = xp.ascontiguousarray(x.T)
     gram = (x_t @ x).astype(xp.float64)
+    require_finite(gram, "the output layer's input features")  # also catches overflow
+    require_finite(xp.asarray(w0), "the output layer's weights")
     fixed32 = xp.asarray(fixed, dtype=xp.float32)
     fixed32 = fixed32.reshape(-1, 1) if fixed32.ndim else fixed32  # per class: a column
     scale = float(xp.mean(xp.diag(gram))) or 1.0
@@ -128,11 +131,21 @@ def head_report(block: LayerBlock, w0: np.ndarray, w: np.ndarray, lam: float) ->
     return LayerReport(
         sweep=0, name=layer.name, op=layer.op,
         weight_shape=list(np.asarray(block.view.const(1)).shape),
-        accepted=False, reason="", lam=lam,
+        accepted=False, reason="", lam=lam, outcome="reverted",
         relative_change=float(
             np.linalg.norm(w - w0) / max(float(np.linalg.norm(w0)), 1e-12)),
         residual_before=float("nan"), residual_after=float("nan"),
     )
+
+
+def _skipped(ctx: RunContext, block: LayerBlock, w0: np.ndarray, why: str,
+             started: float) -> None:
+    """Record the output layer left unchanged because ``why`` (no solve ran)."""
+    report = head_report(block, w0[None], w0[None], float("nan"))
+    report.lam, report.outcome = None, "skipped"
+    report.reason = f"output layer left unchanged: {why}"
+    report.seconds = time.perf_counter() - started
+    ctx.record(report)
 
 
 def _capped(idx: np.ndarray, cap: int, pick: np.random.Generator) -> np.ndarray:
@@ -173,12 +186,19 @@ def polish_head(state: ModelState, ctx: RunContext) -> tuple[bool, EvalResult | 
     solving = time.perf_counter()
     best: tuple[float, int, np.ndarray, float] | None = None
     solved = None  # the first finite solve, for the report when no lam keeps the retain bound
-    for lam_rel, w in logistic_path(xtr, ytr, w0, fixed, cfg.l2_grid, cfg.iterations, state.xp):
-        loss, correct = cross_entropy(xva @ w + fixed, yva)
-        solved = solved or (lam_rel, w, correct)
-        kept = retain is None or retain.kept(retain_preds(w))
-        if kept and (best is None or loss < best[0]):
-            best = (loss, correct, w, lam_rel)
+    try:
+        require_finite(xva, "the output layer's held-out input features")
+        for lam_rel, w in logistic_path(xtr, ytr, w0, fixed, cfg.l2_grid, cfg.iterations,
+                                        state.xp):
+            loss, correct = cross_entropy(xva @ w + fixed, yva)
+            solved = solved or (lam_rel, w, correct)
+            kept = retain is None or retain.kept(retain_preds(w))
+            if kept and (best is None or loss < best[0]):
+                best = (loss, correct, w, lam_rel)
+    except NonFiniteError as err:
+        state.clock.solve += time.perf_counter() - solving
+        _skipped(ctx, block, w0, str(err), started)
+        return True, None
     state.clock.solve += time.perf_counter() - solving
     if best is None and solved is not None:
         lam_rel, w, correct = solved
@@ -198,7 +218,7 @@ def polish_head(state: ModelState, ctx: RunContext) -> tuple[bool, EvalResult | 
     estimate = None
     if ctx.accept(state, loss, correct,
                   retain_preds=retain_preds(w) if retain is not None else None):
-        report.accepted, report.reason = True, report.reason + "kept"
+        report.accepted, report.reason, report.outcome = True, report.reason + "kept", "kept"
         if cfg.refit and refittable:
             # lam chosen, the held-out samples join the fit (as a CV refit does);
             # the reported held-out score stays that of the fit without them.
@@ -235,16 +255,23 @@ def head_cross_validated(
     if found is None:
         return None
     block, w0, fixed, (feats,) = found
+    if not bool(np.isfinite(feats).all()):
+        # the held-out path reports the skip (polish_head): no solve reaches LAPACK
+        return None
     labels = data.labels(idx)
     started = time.perf_counter()
     k = min(cfg.folds, len(idx))
     fold = ctx.rng.permutation(len(idx)) % k
     oof = {lam: np.full((len(idx), w0.shape[1]), np.nan) for lam in cfg.l2_grid}
-    for f in range(k):
-        fit, held = fold != f, fold == f
-        path = logistic_path(feats[fit], labels[fit], w0, fixed, cfg.l2_grid, cfg.iterations, xp)
-        for lam_rel, w in path:
-            oof[lam_rel][held] = feats[held] @ w + fixed
+    try:
+        for f in range(k):
+            fit, held = fold != f, fold == f
+            path = logistic_path(feats[fit], labels[fit], w0, fixed, cfg.l2_grid,
+                                 cfg.iterations, xp)
+            for lam_rel, w in path:
+                oof[lam_rel][held] = feats[held] @ w + fixed
+    except NonFiniteError:
+        return None  # as above: the held-out path reports it
     scored = {lam: cross_entropy(z, labels) for lam, z in oof.items() if np.isfinite(z).all()}
     z0 = feats @ w0 + fixed
     before = state.result(*cross_entropy(z0, labels), z0.argmax(axis=1), labels)
@@ -263,7 +290,7 @@ def head_cross_validated(
     score = Score(before.loss * len(idx), round(before.accuracy * len(idx)))  # type: ignore[operator]
     if final and score.better(loss, correct):
         state.set_weights(block.layer, block, w_new[None])
-        report.accepted, report.reason = True, report.reason + "kept"
+        report.accepted, report.reason, report.outcome = True, report.reason + "kept", "kept"
     else:
         report.reason += "out-of-fold score not better; reverted"
         after = before

@@ -127,6 +127,8 @@ def solve_layer(
     new_w = to_numpy(choice.weights)
     report = _report(sweep, layer, st, choice, new_w)
     if choice.lam == float("inf") or not np.isfinite(new_w).all():
-        report.reason = "no finite solution; layer left unchanged"
+        report.reason = f"no finite solution ({choice.why or 'non-finite weights'}); " \
+            "layer left unchanged"
+        report.outcome = "skipped"
         return None, report
     return new_w, report

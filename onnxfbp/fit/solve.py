@@ -30,14 +30,29 @@ import numpy as np
 from ..rules import Array, xp_of
 
 __all__ = [
+    "NonFiniteError",
     "NormalEquations",
     "Preconditioner",
     "PreconditionerSums",
     "RidgeChoice",
     "choose_ridge",
     "ridge_solve",
+    "require_finite",
     "spd_inverse",
 ]
+
+
+class NonFiniteError(ArithmeticError):
+    """A matrix about to be factored or solved holds NaN or infinity: LAPACK is
+    never called with it (a non-finite Cholesky input may crash the process). The
+    caller leaves the layer unchanged and reports ``str(error)`` as the reason."""
+
+
+def require_finite(a: Array, what: str) -> None:
+    """Raise :class:`NonFiniteError` unless every entry of ``a`` is finite."""
+    xp = xp_of(a)
+    if not bool(xp.isfinite(a).all()):
+        raise NonFiniteError(f"non-finite values in {what}; not factored")
 
 
 @dataclass
@@ -79,8 +94,9 @@ class NormalEquations:
 def cholesky_inverse(a: Array) -> Array:
     """``L^-1`` for the Cholesky factor ``L`` of a symmetric positive definite ``a``
     (``a^-1 = L^-T L^-1``), from the array module's own LAPACK (see
-    :func:`spd_inverse`)."""
+    :func:`spd_inverse`). :class:`NonFiniteError` if ``a`` is not finite."""
     xp = xp_of(a)
+    require_finite(a, "the matrix to factor")
     return xp.linalg.inv(xp.linalg.cholesky(a))
 
 
@@ -99,8 +115,12 @@ def spd_inverse(a: Array) -> Array:
 
 def ridge_solve(gram: Array, cross: Array, w0: Array, lam: float) -> Array:
     """``(G + lam I)^-1 (B + lam W0)`` per block; ``lam`` absolute. One solve each
-    (LU of the array module's LAPACK: an inverse would cost three times as much)."""
+    (LU of the array module's LAPACK: an inverse would cost three times as much).
+    :class:`NonFiniteError` if ``gram``, ``cross`` or ``w0`` is not finite."""
     xp = xp_of(gram)
+    require_finite(gram, "the Gram matrix")
+    require_finite(cross, "the cross products")
+    require_finite(w0, "the starting weights")
     out = xp.empty_like(cross)
     eye = xp.eye(gram.shape[-1], dtype=gram.dtype)
     for g in range(gram.shape[0]):
@@ -139,8 +159,12 @@ class Preconditioner:
 
     @classmethod
     def from_sums(cls, sums: PreconditionerSums, damping: float) -> Preconditioner:
+        """Factor the damped Gram of ``sums``; :class:`NonFiniteError` if its rows
+        are not finite (nothing reaches LAPACK then)."""
         xp = sums.xp
         m = max(sums.count, 1)
+        for part in ([sums.gram] if not sums.dual else sums.chunks):
+            require_finite(part, "the layer's input rows")
         if not sums.dual:
             cov = sums.gram / m
             lam = damping * (float(xp.mean(xp.diagonal(cov, axis1=1, axis2=2))) or 1.0)
@@ -206,6 +230,7 @@ class RidgeChoice:
     lam: float  # relative to the mean diagonal of G
     residual: float  # held-out residual of the chosen weights
     residual_before: float  # held-out residual of W0
+    why: str | None = None  # when no lam gave finite weights: the last reason
 
 
 def choose_ridge(
@@ -222,16 +247,24 @@ def choose_ridge(
     before = heldout_residual(w0, val) if val is not None else float("nan")
     candidates = list(grid) if val is not None else [sorted(grid)[len(grid) // 2]]
     best = RidgeChoice(w0, float("inf"), before, before)
+    why = None
+    if not np.isfinite(scale):
+        return RidgeChoice(w0, float("inf"), before, before,
+                           "non-finite values in the Gram matrix; not factored")
     for lam in candidates:
         try:
             w = ridge_solve(train.gram, train.cross, w0, lam * scale)
-        except Exception:  # LinAlgError: not positive definite at this lam
+        except NonFiniteError as err:  # the same for every lam
+            return RidgeChoice(w0, float("inf"), before, before, str(err))
+        except Exception as err:  # LinAlgError: not positive definite at this lam
+            why = f"solve failed ({err})"
             continue
         if not bool(xp.isfinite(w).all()):
+            why = "the solve gave non-finite weights"
             continue
         res = heldout_residual(w, val) if val is not None else 0.0
         if res < best.residual or best.lam == float("inf"):
             best = RidgeChoice(w, float(lam), res, before)
     if best.lam == float("inf"):
-        return RidgeChoice(w0, float("inf"), before, before)
+        return RidgeChoice(w0, float("inf"), before, before, why)
     return best

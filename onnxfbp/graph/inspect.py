@@ -30,6 +30,10 @@ its weights, and which layers a refine run would change.
   ``weight_of`` (the layer whose weight this node reshapes/transposes, if any)
   and ``note`` (e.g. for a Softmax after the logits);
 - ``summary``: node counts per status.
+
+Unnamed nodes are named as everywhere else (:func:`onnxfbp.graph.plan.node_names`):
+``<op>#<k>``, the ``k``-th (from 0) node of that op type in graph order, e.g.
+``Conv#3``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ import re
 from typing import TYPE_CHECKING, Any
 
 import onnx
+
+from .plan import node_names
 
 if TYPE_CHECKING:
     from ..schedules.state import ModelState
@@ -111,10 +117,12 @@ def inspect_model(
 
     layers: list[dict[str, Any]] = []
     weight_of: dict[str, str] = {}
+    names = node_names(model)
+    name_of = {id(node): name for node, name in zip(model.graph.node, names, strict=True)}
     for layer in plan.layers:
         via = _chain_nodes(layer.weight_tensor, producer, set(inits))
         for node in via:
-            weight_of[node.name] = layer.name
+            weight_of[name_of[id(node)]] = layer.name
         bias = None
         if layer.bias is not None:
             bias = {"initializer": layer.bias.initializer,
@@ -135,21 +143,21 @@ def inspect_model(
     nodes: list[dict[str, Any]] = []
     summary = {s: 0 for s in (STATUS_INVERSE, STATUS_CONSTANT, STATUS_OFF_PATH,
                                          STATUS_BOUNDARY)}
-    for node in model.graph.node:
-        rule = rule_of.get(node.name, "")
+    for name, node in zip(names, model.graph.node, strict=True):
+        rule = rule_of.get(name, "")
         status = _status(rule)
         summary[status] += 1
-        entry = by_layer.get(node.name)
+        entry = by_layer.get(name)
         note = None
         if plan.logits != plan.output_name and plan.logits in node.input:
             note = "after the logits: the label target is set on its input"
         nodes.append({
-            "name": node.name, "op": node.op_type, "rule": rule, "status": status,
+            "name": name, "op": node.op_type, "rule": rule, "status": status,
             "weights": {i: inits[i] for i in node.input if i in inits},
             "tensors": [i for i in node.input if i in float_inits],
-            "refined": node.name in refined,
+            "refined": name in refined,
             "why_not": None if entry is None else entry["why_not"],
-            "weight_of": weight_of.get(node.name),
+            "weight_of": weight_of.get(name),
             "note": note,
         })
     reverse_pass, kept_branch = _reverse_route(state) if schedule == "minibatch" else (None, None)

@@ -248,19 +248,34 @@ def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
     )
 
 
+def node_names(model: onnx.ModelProto) -> list[str]:
+    """The name of every node of ``model``'s graph, in graph order: its own, or for
+    an unnamed node ``<op>#<k>``, the ``k``-th (from 0) node of that op type in
+    graph order (``Conv#3``: the fourth Conv). Plan, inspect, refine and the
+    reports all name nodes this way; the written model keeps its nodes unnamed."""
+    seen: dict[str, int] = {}
+    out = []
+    for node in model.graph.node:
+        k = seen.get(node.op_type, 0)
+        seen[node.op_type] = k + 1
+        out.append(node.name or f"{node.op_type}#{k}")
+    return out
+
+
 def _statics(
     model: onnx.ModelProto, graph: gs.Graph, nodes: list[gs.Node]
 ) -> tuple[set[str], list[onnx.NodeProto], set[str]]:
     """Static (constant) tensors, the nodes that compute them (topological order)
-    and their names; unnamed nodes are named ``#i`` on the way."""
+    and their names; unnamed nodes get their :func:`node_names` name on the way."""
     static: set[str] = {name for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
     static |= {""}
     static_nodes: list[onnx.NodeProto] = []
     static_node_names: set[str] = set()
-    proto_by_name = {n.name or f"#{i}": n for i, n in enumerate(model.graph.node)}
+    names = node_names(model)  # gs keeps the graph's node order
+    proto_by_name = dict(zip(names, model.graph.node, strict=True))
     for i, node in enumerate(nodes):
         if not node.name:
-            node.name = f"#{i}"
+            node.name = names[i]
         if all(t.name in static for t in node.inputs) \
                 and node.op not in ("RandomNormal", "RandomUniform"):
             static.update(t.name for t in node.outputs)

@@ -90,6 +90,13 @@ LAYER_SCHEMA: dict[str, Any] = {
         "heldout_accuracy": {"type": ["number", "null"],
                              "description": "held-out accuracy of the candidate (kept or not)"},
         "seconds": {"type": "number", "minimum": 0, "description": "wall time of the visit"},
+        "outcome": {"type": ["string", "null"],
+                    "description": "kept, reverted (tried, then undone) or skipped (no finite "
+                                   "update, e.g. non-finite features: left unchanged)"},
+        "halvings": {"type": "integer", "minimum": 0,
+                     "description": "minibatch blow-ups survived, each halving the step"},
+        "clipped_steps": {"type": "integer", "minimum": 0,
+                          "description": "minibatch steps cut to the layer's trust region"},
     },
 }
 
@@ -179,12 +186,25 @@ SCHEMA: dict[str, Any] = {
                 "layers": {"type": "array", "items": {
                     "type": "object", "required": ["name", "op", "refined", "reason"],
                     "properties": {"name": {"type": "string"}, "op": {"type": "string"},
-                                   "refined": {"type": "boolean"},
-                                   "reason": {"type": ["string", "null"]}},
+                                   "refined": {"type": "boolean",
+                                               "description": "its weights changed"},
+                                   "selected": {"type": "boolean",
+                                                "description": "the run tried to refine it"},
+                                   "changed": {"type": "boolean",
+                                               "description": "its weights differ from the "
+                                                              "input model's"},
+                                   "outcome": {"type": "string",
+                                               "description": "changed, reverted, skipped, "
+                                                              "unchanged or not selected"},
+                                   "reason": {"type": ["string", "null"],
+                                              "description": "why it is not refined"}},
                 }},
             },
         },
         "config": {"type": "object", "description": "the RefineConfig of the run"},
+        "warnings": {"type": "array", "items": {"type": "string"},
+                     "description": "optional: suspicious data (a class missing or rare, "
+                                    "inputs far outside the retain data's range)"},
         "feature_maps": {"type": "object", "additionalProperties": FEATURE_MAP_SCHEMA,
                          "description": "optional: layer name -> feature maps of a few samples"},
     },
@@ -780,8 +800,9 @@ def _layer_rows(report: dict[str, Any]) -> list[list[str]]:
         rb, ra = v["residual_before"], v["residual_after"]
         drop = (f" ({(ra - rb) / rb:+.1%})" if rb and ra is not None and math.isfinite(rb)
                 and math.isfinite(ra) else "")
-        outcome = (f'<span class="{"kept" if v["accepted"] else "reverted"}">'
-                   f'{"kept" if v["accepted"] else "reverted"}</span> {_e(v["reason"])}')
+        word = v.get("outcome") or ("kept" if v["accepted"] else "reverted")
+        outcome = (f'<span class="{"kept" if word == "kept" else "reverted"}">'
+                   f'{_e(word)}</span> {_e(v["reason"])}')
         rows.append([
             str(v["sweep"] + 1), f"<code>{_e(v['name'])}</code>", _e(v["op"]),
             _e("×".join(str(d) for d in v["weight_shape"])), _num(v["lam"], ".3g"),
@@ -867,11 +888,12 @@ def build_html(report: dict[str, Any], *, title: str | None = None, source: str 
             total=len(report["layers"])))
     plan = report["plan"]
     plan_rows = [[f"<code>{_e(p['name'])}</code>", _e(p["op"]),
-                  '<span class="kept">yes</span>' if p["refined"] else "no", _e(p["reason"] or "")]
+                  '<span class="kept">yes</span>' if p["refined"] else "no",
+                  _e(p.get("outcome") or ""), _e(p["reason"] or "")]
                  for p in plan["layers"]]
     parts.append("<details><summary>all parametric layers of the graph "
                  f"({len(plan_rows)})</summary>"
-                 + _table(["layer", "op", "refined", "why not"], plan_rows)
+                 + _table(["layer", "op", "refined", "outcome", "why not"], plan_rows)
                  + (f"<p>transitional boundaries: {_e('; '.join(plan['boundaries']))}</p>"
                     if plan["boundaries"] else "") + "</details>")
 

@@ -19,7 +19,13 @@ class LayerReport:
     the chosen ridge ``lam / mean diag(G)`` of a least-squares sweep
     (``SweepConfig.ridge_grid``), the preconditioner ``damping`` of the minibatch
     schedule, or the chosen L2 weight of the output layer's logistic regression
-    (``HeadConfig.l2_grid``); None when no finite solve was found."""
+    (``HeadConfig.l2_grid``); None when no finite solve was found.
+
+    ``outcome`` says what became of the update: ``kept`` (the weights changed),
+    ``reverted`` (tried, then undone: ``reason`` says why, e.g. ``diverged at
+    step 13; step halved 3 times; reverted``) or ``skipped`` (no finite update,
+    e.g. non-finite features reached a solve: the layer is left unchanged).
+    ``accepted`` is ``outcome == "kept"``."""
 
     sweep: int
     name: str
@@ -33,6 +39,9 @@ class LayerReport:
     residual_after: float | None = None
     heldout_accuracy: float | None = None
     seconds: float = 0.0
+    outcome: str | None = None  # "kept", "reverted" (tried, then undone) or "skipped"
+    halvings: int = 0  # minibatch blow-ups survived (each halved the step)
+    clipped_steps: int = 0  # minibatch steps cut to the layer's trust region
 
 
 @dataclass
@@ -83,6 +92,7 @@ class RefineResult:
     created: str = ""
     data: dict[str, Any] = field(default_factory=dict)  # sample counts and sources
     gate: dict[str, Any] = field(default_factory=dict)  # metric, gain, min_gain, passed
+    warnings: list[str] = field(default_factory=list)  # suspicious data (onnxfbp.checks)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON report (strict JSON: non-finite numbers become null)."""
@@ -116,6 +126,7 @@ class RefineResult:
                 "plan": self.plan,
                 "config": self.config,
                 "feature_maps": self.feature_maps,
+                "warnings": self.warnings,
             }
         )
 

@@ -15,6 +15,7 @@ from ..fit.targets import label_target
 from ..reverse.arrays import reverse_target
 from ..run.backend import to_numpy
 from ..schedules.state import ModelState
+from .results import LayerReport
 
 __all__ = ["environment", "feature_maps", "plan_summary"]
 
@@ -37,10 +38,48 @@ def environment(state: ModelState) -> dict[str, Any]:
     }
 
 
-def plan_summary(state: ModelState) -> dict[str, Any]:
-    """Input, output, logits, classes, boundaries and every layer with its status."""
+def layer_changed(state: ModelState) -> dict[str, bool]:
+    """For each selected layer: whether its weight or bias values differ from the
+    input model's (the truth the report's ``refined`` shows)."""
+    out = {}
+    for layer in state.layers:
+        inits = [layer.weight.initializer]
+        if layer.bias is not None:
+            inits.append(layer.bias.initializer)
+        out[layer.name] = any(
+            not np.array_equal(state.values[i], state.original[i]) for i in inits)
+    return out
+
+
+def plan_summary(state: ModelState, reports: list[LayerReport] | None = None) -> dict[str, Any]:
+    """Input, output, logits, classes, boundaries and every layer with its status:
+    ``selected`` (the run tried to refine it), ``changed`` / ``refined`` (its weights
+    differ from the input model's: only then ``refined`` is true), ``outcome``
+    (``changed``, ``reverted``, ``skipped``, ``unchanged`` or ``not selected``) and ``reason``
+    (why it is not refined)."""
     plan = state.plan
-    refined = {layer.name for layer in state.layers}
+    selected = {layer.name for layer in state.layers}
+    changed = layer_changed(state)
+    last: dict[str, LayerReport] = {}
+    for report in reports or []:
+        last[report.name] = report
+    rows = []
+    for layer in plan.layers:
+        is_changed = changed.get(layer.name, False)
+        if is_changed:
+            outcome, reason = "changed", None
+        elif layer.name in selected:
+            undone = next((r for r in reversed(reports or []) if r.name == layer.name
+                           and r.outcome in ("reverted", "skipped")), None)
+            outcome = undone.outcome or "unchanged" if undone is not None else "unchanged"
+            reason = (undone.reason if undone is not None
+                      else last[layer.name].reason if layer.name in last
+                      else "selected; no update was kept")
+        else:
+            outcome, reason = "not selected", layer.reason or state.skipped.get(layer.name)
+        rows.append({"name": layer.name, "op": layer.op, "refined": is_changed,
+                     "selected": layer.name in selected, "changed": is_changed,
+                     "outcome": outcome, "reason": reason})
     return {
         "input": plan.input_name,
         "output": plan.output_name,
@@ -48,15 +87,7 @@ def plan_summary(state: ModelState) -> dict[str, Any]:
         "output_kind": plan.output_kind,
         "n_classes": plan.n_classes,
         "boundaries": plan.boundaries,
-        "layers": [
-            {
-                "name": layer.name,
-                "op": layer.op,
-                "refined": layer.name in refined,
-                "reason": layer.reason or state.skipped.get(layer.name),
-            }
-            for layer in plan.layers
-        ],
+        "layers": rows,
     }
 
 

@@ -20,10 +20,24 @@ are averaged (Polyak averaging, exponential with ``beta = average``),
 
 and every ``1 / checks_per_epoch`` epoch the held-out split scores ``W_avg``
 (``W`` when ``average`` is 0) while the steps go on from ``W``. A better score
-is kept as the result; a blow-up (held-out loss above 1.5x the best or not
-finite, or a step's logits not finite: then at once) goes back to the kept
-weights with half the step; ``patience`` checks or blow-ups with neither a
-better score nor a lower held-out loss end the schedule.
+is kept as the result; ``patience`` checks with neither a better score nor a
+lower held-out loss end the schedule.
+
+Each layer's step is held to its trust region,
+
+    dW <- dW min(1, trust ||W|| / ||dW||),
+
+so that no layer can move far on one batch however large its preconditioned
+step (a layer whose output feeds many others, such as a narrow first
+convolution before parallel branches, would otherwise overshoot and diverge).
+A blow-up — a mini-batch loss at the current weights above ``3 ref + 1`` for
+``ref`` the running mean of the batch losses, or not finite (then at once), or a
+held-out loss above 1.5x the best or not finite (at a check) — goes back to the
+kept weights with the step and the trust region halved, and the run goes on
+with every layer; blow-ups are counted apart from ``patience``, and more than
+``halvings`` of them end the schedule. Each layer's report says what happened:
+kept, reverted (no held-out gain, with the blow-ups' steps and halvings) or
+skipped (its rows were not finite: :class:`NonFiniteError`, no step).
 
 Where the deepest layer is a convolution whose branch to the next one allows
 it, its residual is computed at its kept positions only
@@ -41,8 +55,8 @@ from typing import Any
 import numpy as np
 
 from ..events import Message, StepBackedOff, StepChecked
-from ..fit.solve import Preconditioner, PreconditionerSums
-from ..fit.targets import label_target
+from ..fit.solve import NonFiniteError, Preconditioner, PreconditionerSums
+from ..fit.targets import cross_entropy, label_target
 from ..graph.plan import Layer
 from ..output.results import LayerReport
 from ..reverse.arrays import reverse
@@ -77,9 +91,15 @@ class Minibatch:
         self.kept_weights = dict(self.weights)
         self.averaged: dict[str, Array] = {}  # from the first step on; updated in place
         self.lr = self.cfg.lr
+        self.trust = self.cfg.trust  # halved with the step at each blow-up
         self.best_loss = ctx.score.loss
         self.improved = False
         self.stale = 0
+        self.halved = 0  # blow-ups so far, each halving the step
+        self.diverged: list[int] = []  # the steps at which they happened
+        self.clipped: dict[str, int] = {}  # steps cut to the trust region, per layer
+        self.skipped: dict[str, str] = {}  # layers that take no step, and why
+        self.batch_loss: float | None = None  # running mean loss of the mini-batches
         self.route: KeptRoute | None = None
         self.adjoint: Any = None
 
@@ -109,7 +129,13 @@ class Minibatch:
                 sums[layer.name].add(xr)
         state.clock.forward += time.perf_counter() - ft
         st = time.perf_counter()
-        precond = {name: Preconditioner.from_sums(s, cfg.damping) for name, s in sums.items()}
+        precond = {}
+        for name, layer_sums in sums.items():
+            try:
+                precond[name] = Preconditioner.from_sums(layer_sums, cfg.damping)
+            except NonFiniteError as err:  # the layer takes no step; the others go on
+                self.skipped[name] = f"its input rows: {err}"
+                ctx.progress(Message(f"{name}: {self.skipped[name]}; left unchanged"))
         state.clock.solve += time.perf_counter() - st
         return precond
 
@@ -136,11 +162,10 @@ class Minibatch:
             views = state.views()
             acts = state.forward(x, needed, on_device=True)
             z = acts[state.plan.logits].reshape(len(y), -1)
-            if step > 1 and not bool(state.xp.isfinite(z).all()):
+            if self.blew_up(step, z, y):
                 # the last step blew the weights up: back now, not at the next check
-                # (each step until then would be NaN)
-                self.back_off(step, "logits not finite; back to the kept weights")
-                if self.stale >= cfg.patience:
+                # (each step until then would make it worse)
+                if self.halved > cfg.halvings:
                     break
                 continue
             t_logits = label_target(z, state.xp.asarray(y), 1.0).reshape(
@@ -155,7 +180,7 @@ class Minibatch:
             if step % check_every and step != total:
                 continue
             self.check(step, total)
-            if self.stale >= cfg.patience:
+            if self.stale >= cfg.patience or self.halved > cfg.halvings:
                 break
         state.values = self.kept_values
         self.report(step, size, time.perf_counter() - started)
@@ -204,6 +229,8 @@ class Minibatch:
         assert self.route is not None
         branch, deepest, beta = self.route.branch, self.layers[-1], cfg.average
         for layer in self.layers:
+            if layer.name in self.skipped:
+                continue
             block = self.blocks[layer.name]
             if branch is not None and layer is deepest:
                 keep, positions = branch.draw(self.ctx.rng, cfg.step_positions)
@@ -216,7 +243,8 @@ class Minibatch:
             kept = xr.shape[1] // n if layer.kind == "conv" else 1
             cross = xp.matmul(xr.transpose(0, 2, 1), rr).astype(xp.float64)
             cross *= positions / max(kept, 1) / n
-            w = self.weights[layer.name] + self.lr * precond[layer.name].apply(cross)
+            w = self.weights[layer.name] + self.trusted(
+                layer.name, self.lr * precond[layer.name].apply(cross))
             self.weights[layer.name] = w
             if layer.name in self.averaged:
                 mean = self.averaged[layer.name]
@@ -226,11 +254,44 @@ class Minibatch:
                 self.averaged[layer.name] = w.copy()
             state.set_weights(layer, block, to_numpy(w))
 
+    def blew_up(self, step: int, z: Any, y: np.ndarray) -> bool:
+        """Whether this batch's mean loss at the current weights shows a blow-up (not
+        finite, or above ``3 ref + 1`` for ``ref`` the running mean of the batch
+        losses so far); then back off at once."""
+        xp = self.state.xp
+        loss = (cross_entropy(z, xp.asarray(y))[0] / max(len(y), 1)
+                if bool(xp.isfinite(z).all()) else float("nan"))  # no NaN arithmetic
+        ref = self.batch_loss
+        if ref is not None and (not np.isfinite(loss) or loss > 3 * ref + 1):
+            shown = f"{loss:.4g}" if np.isfinite(loss) else "not finite"
+            self.back_off(step, f"mini-batch loss {shown} (about {ref:.3g} before); "
+                                "back to the kept weights")
+            return True
+        self.batch_loss = loss if ref is None else 0.9 * ref + 0.1 * loss
+        return False
+
+    def trusted(self, name: str, dw: Any) -> Any:
+        """``dw`` within the layer's trust region ``||dw|| <= trust ||W||`` (scaled
+        down onto its border when outside; counted per layer)."""
+        xp, trust = self.state.xp, self.trust
+        if trust <= 0:
+            return dw
+        size = float(xp.linalg.norm(dw))
+        bound = trust * max(float(xp.linalg.norm(self.weights[name])), 1e-12)
+        if not np.isfinite(size):
+            self.clipped[name] = self.clipped.get(name, 0) + 1
+            return xp.zeros_like(dw)
+        if size > bound:
+            self.clipped[name] = self.clipped.get(name, 0) + 1
+            return dw * (bound / size)
+        return dw
+
     def check(self, step: int, total: int) -> None:
         """Score the averaged steps on the held-out split; keep, go on or back off."""
         state, ctx = self.state, self.ctx
         stepping = dict(state.values)  # the steps go on from here
-        scored = self.averaged  # with beta 0, the last step itself
+        # with beta 0, the last step itself; a layer that took no step as it is
+        scored = {name: self.averaged.get(name, w) for name, w in self.weights.items()}
         for layer in self.layers:
             state.set_weights(layer, self.blocks[layer.name], to_numpy(scored[layer.name]))
         loss, correct, _ = state.scores(ctx.data, ctx.val_idx)
@@ -249,35 +310,65 @@ class Minibatch:
         ctx.progress(StepChecked(step, total, correct / n, loss / n))
 
     def back_off(self, step: int, why: str) -> None:
-        """A blow-up: back to the kept weights, half the step, one stale count."""
-        self.state.values, self.weights = dict(self.kept_values), dict(self.kept_weights)
+        """A blow-up: back to the kept weights with half the step and the trust
+        region halved too; counted apart from ``patience`` (the run goes on with
+        every layer until ``halvings`` blow-ups)."""
+        self.state.values = dict(self.kept_values)
+        self.weights = {name: w.copy() for name, w in self.kept_weights.items()}
         self.averaged = {}
         self.lr /= 2
-        self.stale += 1
+        self.trust /= 2
+        self.halved += 1
+        self.diverged.append(step)
         self.ctx.progress(StepBackedOff(step, why, self.lr))
 
-    def report(self, steps: int, size: int, seconds: float) -> None:
-        """One report per layer: the kept weights' change, or reverted."""
-        cfg, ctx = self.cfg, self.ctx
+    def outcome(self, name: str) -> tuple[str, str]:
+        """``(outcome, why)`` of layer ``name``: kept, reverted or skipped, in words."""
+        cfg = self.cfg
+        blowups = ""
+        if self.diverged:
+            at = ", ".join(str(s) for s in self.diverged)
+            blowups = (f"diverged at step{'s' if len(self.diverged) > 1 else ''} {at}; "
+                       f"step halved {self.halved} time{'s' if self.halved > 1 else ''}")
+            if self.halved > cfg.halvings:
+                blowups += f" (more than the {cfg.halvings} allowed: stopped)"
+        if name in self.skipped:
+            return "skipped", f"{self.skipped[name]}; left unchanged"
         if not self.improved:
-            outcome = "no held-out gain; reverted"
-        elif cfg.average:
-            outcome = "best held-out score of the averaged steps kept"
-        else:
-            outcome = "best held-out score kept"
+            return "reverted", "; ".join(p for p in (blowups, "no held-out gain; reverted") if p)
+        kept = ("best held-out score of the averaged steps kept" if cfg.average
+                else "best held-out score kept")
+        parts = [kept]
+        if blowups:
+            parts.append(blowups + ", went on with every layer")
+        if self.clipped.get(name):
+            parts.append(f"{self.clipped[name]} steps cut to the trust region")
+        return "kept", "; ".join(parts)
+
+    def report(self, steps: int, size: int, seconds: float) -> None:
+        """One report per layer: the kept weights' change, or reverted / skipped
+        and why (blow-ups, halvings, steps cut to the trust region)."""
+        cfg, ctx = self.cfg, self.ctx
         for layer in self.layers:
             w_new = to_numpy(self.kept_weights[layer.name])
             start = self.w_start[layer.name]
             change = float(np.linalg.norm(w_new - start)) / max(float(np.linalg.norm(start)), 1e-12)
+            outcome, why = self.outcome(layer.name)
             ctx.record(LayerReport(
                 sweep=0,
                 name=layer.name,
                 op=layer.op,
                 weight_shape=list(np.asarray(self.blocks[layer.name].view.const(1)).shape),
-                accepted=self.improved,
-                reason=f"minibatch schedule, {steps} steps of {size}: {outcome}",
+                accepted=outcome == "kept",
+                reason=f"minibatch schedule, {steps} steps of {size}: {why}",
                 lam=cfg.damping,
-                relative_change=change if self.improved else 0.0,
+                relative_change=change if outcome == "kept" else 0.0,
                 heldout_accuracy=ctx.score.correct / len(ctx.val_idx),
                 seconds=seconds / len(self.layers),
+                outcome=outcome,
+                halvings=self.halved,
+                clipped_steps=self.clipped.get(layer.name, 0),
             ))
+        if self.diverged:
+            _, why = self.outcome(self.layers[0].name)
+            ctx.progress(Message(f"minibatch schedule: {why}"))

@@ -79,10 +79,12 @@ def _sequential(
             loss, correct, _ = state.scores(ctx.data, ctx.val_idx)
             if ctx.accept(state, loss, correct):
                 report.accepted, report.reason = True, "held-out score improved"
+                report.outcome = "kept"
                 improved = True
             else:
                 state.values = saved
                 report.reason = "held-out score did not improve; reverted"
+                report.outcome = "reverted"
             report.heldout_accuracy = correct / len(ctx.val_idx)
         report.seconds = time.perf_counter() - started
         ctx.record(report)
@@ -136,12 +138,13 @@ def _jacobi(
         reason, alpha, members = candidates[k]
         _apply(state, members, alpha)
         for *_, report in members:
-            report.accepted, report.reason = True, reason
+            report.accepted, report.reason, report.outcome = True, reason, "kept"
             report.heldout_accuracy = correct / len(ctx.val_idx)
         ctx.score.better(loss, correct)
     for *_, report in solved:
         if not report.accepted:
             report.reason = "not part of the kept update; reverted"
+            report.outcome = "reverted"
         report.seconds = (time.perf_counter() - started) / max(len(layers), 1)
         ctx.announce(report)
     return best is not None
