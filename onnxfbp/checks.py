@@ -95,6 +95,17 @@ def input_range_warning(adapt: InputStats, retain: InputStats) -> str | None:
             f"{retain.high:.4g}]); check that both get the same preprocessing")
 
 
+def range_warnings(data: LabelledData, retain: LabelledData | None,
+                   sample: int = 512) -> list[str]:
+    """:func:`input_range_warning` on the first ``sample`` inputs of the adaptation
+    and the retain data (none without retain data)."""
+    if retain is None:
+        return []
+    stats = [InputStats.of(d.take(np.arange(min(len(d), sample)))[0]) for d in (data, retain)]
+    line = input_range_warning(*stats)
+    return [line] if line else []
+
+
 def announce(lines: list[str], progress: Progress) -> list[str]:
     """Send each warning line to ``progress`` as a :class:`Message`; returns ``lines``."""
     for line in lines:

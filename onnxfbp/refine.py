@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checks import announce, label_warnings
+from .checks import announce, label_warnings, range_warnings
 from .config import RefineConfig
 from .data import JoinedData, LabelledData, from_arrays, load_data
 from .errors import GateError, UnsupportedModelError
@@ -284,7 +284,8 @@ def run_refine(
         if d is not None:
             d.validate(plan.input_shape, plan.n_classes)
     _check_refinable(state, progress)
-    warnings = announce(label_warnings(data, plan.n_classes), progress)
+    warnings = announce(label_warnings(data, plan.n_classes)
+                        + range_warnings(data, retain_data), progress)
     rng, train_idx, val_idx = split(len(data), state.config)
     timings["validate"] = time.perf_counter() - t0
     _few_heldout(state, len(val_idx), progress)

@@ -648,8 +648,8 @@ def test_signal_during_commit_places_neither_file(
     aborts the commit: the data file is taken back, neither file is left, and the
     interrupt is delivered after (never a half output)."""
     from onnxfbp import paths
-    from onnxfbp.output import patch
     from onnxfbp.graph.plan import load_model
+    from onnxfbp.output import patch
 
     source = _external_copy(tmp_path / "in")
     real_link = os.link

@@ -206,8 +206,8 @@ def test_cuda_provider_that_does_not_start_is_a_clear_error(
     """onnxruntime lists the CUDA provider but cannot start it (the wheel without its
     CUDA libraries; here: the CPU build made to list it). ``cuda`` says so in one line,
     ``auto`` runs on the CPU; neither gets a CPU session in CUDA's clothes."""
-    from onnxfbp.run import forward
     from onnxfbp.errors import OnnxfbpError
+    from onnxfbp.run import forward
 
     listed = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     monkeypatch.setattr(forward, "available_providers", lambda: listed)

@@ -202,3 +202,16 @@ def test_sweep_schedules_keep_the_retain_bound(
     assert rb is not None and ra is not None and ra.accuracy >= rb.accuracy - 0.01
     assert result.heldout_after.accuracy > result.heldout_before.accuracy + 0.05
     assert any(layer.accepted for layer in result.layers)
+
+
+def test_retain_inputs_on_another_scale_are_warned_about(
+    adapt: tuple[np.ndarray, np.ndarray], clean: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """Retain data preprocessed differently (scaled by 1/255 once more) is named in the
+    run's warnings; the same preprocessing is not."""
+    x, y = clean
+    small = RefineConfig.of(device="cpu", threads=1, epochs=0.25)
+    same = refine(MODEL, None, adapt, config=small, retain_data=(x, y))
+    assert not any("far outside" in w for w in same.warnings)
+    raw = refine(MODEL, None, adapt, config=small, retain_data=(x / 255.0, y))
+    assert any("far outside the retain data's range" in w for w in raw.warnings)
