@@ -22,6 +22,9 @@ Methods, each a child process timed by wall clock from its start to its exit
                 input model, status ``kept-input``.
     adam-1      ``tools/peer_adam.py`` (import torch, onnx2torch conversion, Adam lr 1e-3,
                 1 epoch, batch 64, ``torch.onnx.export``)
+    onnxfbp-retain, onnxfbp-retain-unlabelled
+                the same with ``--retain-data``: 1,000 unshifted images (2000-2999), with
+                their labels or without (the input model's outputs are then the targets)
     adam-tuned  ``tools/peer_adam.py --tune``: lr in (1e-4, 3e-4, 1e-3) x epochs 1-3 picked
                 on a seeded 20 % held out of the adaptation data, then retrained on all of
                 it (the tuning counts in its time)
@@ -89,7 +92,8 @@ from shifts import SHIFTS, apply_shift  # noqa: E402
 if TYPE_CHECKING:
     from numpy.typing import NDArray
 
-METHODS = ("onnxfbp", "adam-1", "adam-tuned")
+METHODS = ("onnxfbp", "adam-1", "adam-tuned", "onnxfbp-retain", "onnxfbp-retain-unlabelled")
+RETAIN = 1000  # original-domain samples (images 2000-2999, unshifted) for --retain-data
 TUNED = "adam-tuned"
 PLAIN_PEER = "adam-1"
 N_ADAPT = (2000, 500, 100)
@@ -136,8 +140,10 @@ class DataCache:
                     apply_shift(images[ev], shift, EVAL_SEED),
                 )
             adapt, shifted_eval = self._shifted[dataset, shift]
+        keep = slice(ADAPT_POOL, ADAPT_POOL + RETAIN)
         return {"x_adapt": adapt, "y_adapt": labels[:ADAPT_POOL], "x_eval": shifted_eval,
-                "x_orig": images[ev], "y_eval": labels[ev]}
+                "x_orig": images[ev], "y_eval": labels[ev],
+                "x_retain": images[keep], "y_retain": labels[keep]}
 
 
 # --------------------------------------------------------------------------- processes
@@ -208,9 +214,14 @@ def onnxfbp_layers(report_path: Path) -> dict[str, Any]:
 
 def method_command(method: str, model: Path, out: Path, data: Path, report: Path) -> list[str]:
     py = sys.executable
-    if method == "onnxfbp":
-        return [py, "-m", "onnxfbp.cli", "refine", str(model), str(out), "--data", str(data),
-                "--report", str(report), "--seed", "0", "--device", "cpu", "--quiet"]
+    if method.startswith("onnxfbp"):
+        cmd = [py, "-m", "onnxfbp.cli", "refine", str(model), str(out), "--data", str(data),
+               "--report", str(report), "--seed", "0", "--device", "cpu", "--quiet"]
+        if method == "onnxfbp-retain":
+            cmd += ["--retain-data", str(data.with_name("retain.npz"))]
+        elif method == "onnxfbp-retain-unlabelled":
+            cmd += ["--retain-data", str(data.with_name("retain_x.npz"))]
+        return cmd
     peer = [py, str(ROOT / "tools" / "peer_adam.py"), str(model), str(out), "--data", str(data),
             "--seed", "0", "--threads", str(THREADS), "--report", str(report)]
     if method == PLAIN_PEER:
@@ -240,6 +251,9 @@ def run_cell(model_name: str, shift: str, n: int, methods: list[str], cache: Dat
     with tempfile.TemporaryDirectory(prefix="onnxfbp-matrix-") as tmp:
         data = Path(tmp) / "adapt.npz"
         np.savez(data, x=spec.prep(d["x_adapt"][:n]), y=d["y_adapt"][:n])
+        if any(m.startswith("onnxfbp-retain") for m in methods):
+            np.savez(data.with_name("retain.npz"), x=spec.prep(d["x_retain"]), y=d["y_retain"])
+            np.savez(data.with_name("retain_x.npz"), x=spec.prep(d["x_retain"]))
         for method in methods:
             if reused and method in reused:
                 cell["methods"][method] = {**reused[method], "reused": True}
@@ -247,7 +261,7 @@ def run_cell(model_name: str, shift: str, n: int, methods: list[str], cache: Dat
             out, report = Path(tmp) / method / "out.onnx", Path(tmp) / method / "report.json"
             out.parent.mkdir()
             row = run_timed(method_command(method, model, out, data, report), timeout)
-            if method == "onnxfbp":
+            if method.startswith("onnxfbp"):
                 row.update(onnxfbp_layers(report))
             elif report.is_file():
                 rep = json.loads(report.read_text())
@@ -255,7 +269,7 @@ def run_cell(model_name: str, shift: str, n: int, methods: list[str], cache: Dat
             if row["rc"] == 0 and out.is_file():
                 row["status"] = "ok"
                 scored = out
-            elif method == "onnxfbp" and row["rc"] == EXIT_GATE:
+            elif method.startswith("onnxfbp") and row["rc"] == EXIT_GATE:
                 row["status"] = "kept-input"
                 scored = model
             else:
@@ -285,7 +299,8 @@ def reused_peers(path: Path | None) -> dict[tuple[str, str, int], dict[str, Any]
         fail(f"{path} does not exist; pass a results JSON written by --out")
     cells = json.loads(path.read_text())["cells"]
     return {(c["model"], c["shift"], c["n_adapt"]):
-            {m: r for m, r in c["methods"].items() if m != "onnxfbp"} for c in cells}
+            {m: r for m, r in c["methods"].items() if not m.startswith("onnxfbp")}
+            for c in cells}
 
 
 # --------------------------------------------------------------------------- summary
