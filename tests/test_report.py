@@ -24,14 +24,13 @@ from rich.console import Console
 from onnxfbp.cli.commands import _progress, main
 from onnxfbp.cli.progress import ProgressDisplay, render
 from onnxfbp.events import LayerVisited, Message, StepBackedOff, StepChecked
+from onnxfbp.output.html import build_html, render_html
 from onnxfbp.output.report import (
     EVAL_SCHEMA,
     LAYER_SCHEMA,
     SCHEMA,
     ReportError,
-    build_html,
     load_report,
-    render_html,
     validate_report,
 )
 from onnxfbp.output.results import LayerReport
@@ -221,17 +220,17 @@ def test_html_is_self_contained_and_every_image_is_a_png(
 
 
 def test_feature_map_figures_for_the_agreed_format() -> None:
-    from onnxfbp.output.report import _fig_feature_map  # noqa: PLC0415
+    from onnxfbp.output.figures import fig_feature_map  # noqa: PLC0415
 
     fms = with_feature_maps(
         {"feature_maps": {}}, np.random.default_rng(2))["feature_maps"]
-    conv = _fig_feature_map(CONV, fms[CONV], max_samples=3, max_channels=6)
+    conv = fig_feature_map(CONV, fms[CONV], max_samples=3, max_channels=6)
     assert conv is not None and len(conv.axes) == 3 * 2 * 3  # (actual, target, diff) x 2 x 3
-    dense = _fig_feature_map(GEMM3, fms[GEMM3], max_samples=3, max_channels=6)
+    dense = fig_feature_map(GEMM3, fms[GEMM3], max_samples=3, max_channels=6)
     assert dense is not None and len(dense.axes) == 2
     odd = {"op": "Conv", "actual": np.zeros((1, 1, 1, 2, 2)).tolist(),
            "target": np.zeros((1, 1, 1, 2, 2)).tolist()}
-    assert _fig_feature_map("odd", odd, 3, 6) is None
+    assert fig_feature_map("odd", odd, 3, 6) is None
     page = build_html({**json.loads(json.dumps(_minimal_report())), "feature_maps": {"odd": odd}})
     assert "cannot draw a feature map of shape [1, 1, 1, 2, 2]" in page
 

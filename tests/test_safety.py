@@ -626,7 +626,8 @@ def test_10_rendering_caps_giant_reports(tmp_path: Path) -> None:
     """20,000 layer visits and 1,500 classes: the tables are cut at MAX_TABLE_ROWS
     with a note, the layer figure draws the last visits, the confusion figure is
     bounded in size."""
-    from onnxfbp.output.report import MAX_TABLE_ROWS, build_html
+    from onnxfbp.output.figures import MAX_TABLE_ROWS
+    from onnxfbp.output.html import build_html
 
     k, n = 1500, 3000
     confusion = np.zeros((k, k), np.int64)

@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         if source.suffix.lower() == ".json":
             sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
             from onnxfbp.errors import OnnxfbpError  # noqa: PLC0415
-            from onnxfbp.output.report import render_html  # noqa: PLC0415
+            from onnxfbp.output.html import render_html  # noqa: PLC0415
 
             page = Path(args.html) if args.html else Path(tmp) / "report.html"
             try:

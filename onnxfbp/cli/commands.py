@@ -372,7 +372,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ..output.report import render_html  # noqa: PLC0415
+    from ..output.html import render_html  # noqa: PLC0415
 
     render_html(Path(args.report), Path(args.output), force=args.force)
     _emit(lambda: print(f"wrote {args.output}"))
