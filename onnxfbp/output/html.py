@@ -162,11 +162,7 @@ def _per_class_table(report: dict[str, Any]) -> str:
     return _table(header, rows, numeric=range(1, len(header)))
 
 
-def build_html(report: dict[str, Any], *, title: str | None = None, source: str | None = None,
-               max_samples: int = 3, max_channels: int = 6, max_feature_layers: int = 6) -> str:
-    """One self-contained HTML page for a (validated) report."""
-    parts: list[str] = []
-    title = title or "onnxfbp refine report"
+def _header(report: dict[str, Any], title: str, source: str | None) -> str:
     sub = []
     if source:
         sub.append(f"report: {_e(source)}")
@@ -175,10 +171,11 @@ def build_html(report: dict[str, Any], *, title: str | None = None, source: str 
     sub.append(f"refined model: {_e(report['written'] or '(not written)')}")
     sub.append(f"schema {_e(report['schema'])}")
     sub.append(f"rendered {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
-    parts.append(f"<h1>{_e(title)}</h1><p class=\"sub\">{' · '.join(sub)}</p>")
-    parts.append(_cards(report))
+    return f"<h1>{_e(title)}</h1><p class=\"sub\">{' · '.join(sub)}</p>" + _cards(report)
 
-    parts.append("<h2>Accuracy</h2>")
+
+def _accuracy_section(report: dict[str, Any]) -> list[str]:
+    parts = ["<h2>Accuracy</h2>"]
     acc = _img(fig_accuracy(report), "accuracy before and after",
                "held-out: the part of the adaptation data set aside for choices; "
                "eval: the separate evaluation data, when given; "
@@ -189,7 +186,6 @@ def build_html(report: dict[str, Any], *, title: str | None = None, source: str 
     table = _per_class_table(report)
     if table:
         parts.append(f"<details><summary>per-class accuracy table</summary>{table}</details>")
-
     parts.append("<h2>Confusion matrices</h2>")
     conf = fig_confusions(report)
     if conf is None:
@@ -199,8 +195,11 @@ def build_html(report: dict[str, Any], *, title: str | None = None, source: str 
                           "rows: true class, columns: predicted class; colour: fraction of the "
                           "row; change: after − before counts, green where the refined model is "
                           "better"))
+    return parts
 
-    parts.append("<h2>Layers</h2>")
+
+def _layers_section(report: dict[str, Any]) -> list[str]:
+    parts = ["<h2>Layers</h2>"]
     layer_fig = fig_layers(report)
     if layer_fig is None:
         parts.append('<p class="note">No layer was visited.</p>')
@@ -228,8 +227,12 @@ def build_html(report: dict[str, Any], *, title: str | None = None, source: str 
                  + _table(["layer", "op", "refined", "outcome", "why not"], plan_rows)
                  + (f"<p>transitional boundaries: {_e('; '.join(plan['boundaries']))}</p>"
                     if plan["boundaries"] else "") + "</details>")
+    return parts
 
-    parts.append("<h2>Feature maps</h2>")
+
+def _feature_maps_section(report: dict[str, Any], max_samples: int, max_channels: int,
+                          max_feature_layers: int) -> list[str]:
+    parts = ["<h2>Feature maps</h2>"]
     fmaps = report.get("feature_maps") or {}
     if not fmaps:
         parts.append('<p class="note">This report has no feature maps (<code>feature_maps</code> '
@@ -247,8 +250,17 @@ def build_html(report: dict[str, Any], *, title: str | None = None, source: str 
             parts.append(_img(fig, f"feature maps of {name}",
                               f"{name}: layer output (actual) next to the target reconstructed "
                               "from the labels"))
+    return parts
 
-    parts.append("<h2>Time</h2>")
+
+def build_html(report: dict[str, Any], *, title: str | None = None, source: str | None = None,
+               max_samples: int = 3, max_channels: int = 6, max_feature_layers: int = 6) -> str:
+    """One self-contained HTML page for a (validated) report."""
+    title = title or "onnxfbp refine report"
+    parts = [_header(report, title, source), *_accuracy_section(report),
+             *_layers_section(report),
+             *_feature_maps_section(report, max_samples, max_channels, max_feature_layers),
+             "<h2>Time</h2>"]
     tfig = fig_timings(report)
     if tfig is not None:
         parts.append(_img(tfig, "time per phase"))
@@ -256,7 +268,6 @@ def build_html(report: dict[str, Any], *, title: str | None = None, source: str 
     parts.append(_kv_table(report["environment"]))
     parts.append("<details><summary>configuration</summary>" + _kv_table(report["config"])
                  + "</details>")
-
     body = "\n".join(parts)
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
