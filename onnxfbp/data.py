@@ -24,6 +24,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -308,11 +309,7 @@ def _rows(path: Path, input_key: str | None) -> int:
                 raise DataError(f"shard {path} has members {names}; it needs the inputs "
                                 f"under {input_key or 'x'!r} or 'x'")
             with zf.open(member) as f:
-                version = np.lib.format.read_magic(f)
-                if version == (1, 0):
-                    shape, _, _ = np.lib.format.read_array_header_1_0(f)
-                else:
-                    shape, _, _ = np.lib.format.read_array_header_2_0(f)
+                shape, _ = _npy_header(f)
     except DataError:
         raise
     except _READ_ERRORS as exc:
@@ -437,6 +434,15 @@ def _why(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def _npy_header(f: Any) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    """Shape and dtype from the header of the ``.npy`` stream ``f`` (left just after it)."""
+    if np.lib.format.read_magic(f) == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+    else:
+        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    return shape, dtype
+
+
 def _check_members(path: Path) -> None:
     """Refuse an npz whose ``.npy`` members declare more bytes than they hold: reads
     stay bounded by the file (a forged header cannot ask for terabytes)."""
@@ -446,11 +452,7 @@ def _check_members(path: Path) -> None:
                 if not info.filename.endswith(".npy"):
                     continue
                 with zf.open(info) as f:
-                    version = np.lib.format.read_magic(f)
-                    if version == (1, 0):
-                        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-                    else:
-                        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+                    shape, dtype = _npy_header(f)
                     header = f.tell()
                 need = int(np.prod(shape, dtype=object)) * dtype.itemsize
                 if need > info.file_size - header:

@@ -62,15 +62,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import resource
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -81,8 +78,6 @@ from benchlib import (
     CIFAR_MEAN,
     CIFAR_STD,
     EVAL_BATCH,
-    ROOT,
-    busy_cpu_s,
     child_env,
     datasets_module,
     dynamic_batch,
@@ -94,6 +89,7 @@ from benchlib import (
     ort_session,
     output_kind,
     peer_loss,
+    run_timed_process,
     versions,
 )
 
@@ -574,32 +570,9 @@ class ChildResult:
 def run_child(argv: list[str], timeout: float, quiet_threads: bool = True) -> ChildResult:
     """Run ``bench.py argv`` in a fresh interpreter and wait for it with ``os.wait4``."""
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv]
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        busy0, self0 = busy_cpu_s(), sum(os.times()[:2])
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=child_env(quiet_threads),
-                                cwd=ROOT)
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        wall = time.perf_counter() - t0
-        proc.returncode = code = os.waitstatus_to_exitcode(status)
-        cpu = usage.ru_utime + usage.ru_stime
-        foreign = busy_cpu_s() - busy0 - cpu - (sum(os.times()[:2]) - self0)
-        out.seek(0)
-        err.seek(0)
-        return ChildResult(
-            code=code,
-            wall_s=wall,
-            peak_rss_mb=usage.ru_maxrss / 1024,
-            cpu_s=cpu,
-            foreign_cpu=max(0.0, foreign / (wall * len(os.sched_getaffinity(0)))),
-            stdout=out.read().decode(errors="replace"),
-            stderr=err.read().decode(errors="replace"),
-        )
+    t = run_timed_process(cmd, timeout, child_env(quiet_threads))
+    return ChildResult(code=t.code, wall_s=t.wall_s, peak_rss_mb=t.peak_rss_mb, cpu_s=t.cpu_s,
+                       foreign_cpu=t.other_load, stdout=t.stdout, stderr=t.stderr)
 
 
 def run_method(

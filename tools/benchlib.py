@@ -375,3 +375,48 @@ def train_initializers(net: torch.nn.Module) -> list[str]:
                 mod.register_parameter(name, torch.nn.Parameter(buf.detach().clone()))
                 promoted.append(f"{mod_name}.{name}")
     return promoted
+
+
+@dataclass
+class Timed:
+    """A child process run to its end: exit code, wall seconds from spawn to exit, its
+    CPU seconds and peak RSS, the share of all cores other processes kept busy
+    meanwhile, and what it printed."""
+
+    code: int
+    wall_s: float
+    cpu_s: float
+    peak_rss_mb: float
+    other_load: float
+    stdout: str
+    stderr: str
+
+
+def run_timed_process(cmd: list[str], timeout: float, env: dict[str, str],
+                      capture_stdout: bool = True) -> Timed:
+    """Run ``cmd`` from the project root and wait for it with ``os.wait4`` (its own
+    resource usage); killed after ``timeout`` seconds."""
+    import tempfile
+    import threading
+    import time
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        busy0, self0 = busy_cpu_s(), sum(os.times()[:2])
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out if capture_stdout else subprocess.DEVNULL,
+                                stderr=err, env=env, cwd=ROOT)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        wall = time.perf_counter() - t0
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
+        cpu = usage.ru_utime + usage.ru_stime
+        foreign = busy_cpu_s() - busy0 - cpu - (sum(os.times()[:2]) - self0)
+        out.seek(0)
+        err.seek(0)
+        return Timed(code, wall, cpu, usage.ru_maxrss / 1024,
+                     max(0.0, foreign / (wall * len(os.sched_getaffinity(0)))),
+                     out.read().decode(errors="replace"), err.read().decode(errors="replace"))

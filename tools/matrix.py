@@ -63,14 +63,11 @@ import argparse
 import concurrent.futures
 import datetime as dt
 import json
-import os
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,13 +75,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (  # noqa: E402
     MODELS,
     ROOT,
-    busy_cpu_s,
     child_env,
     datasets_module,
     load_images01,
     machine_info,
     ort_run,
     ort_session,
+    run_timed_process,
     versions,
 )
 from shifts import SHIFTS, apply_shift  # noqa: E402
@@ -152,25 +149,9 @@ class DataCache:
 def run_timed(cmd: list[str], timeout: float) -> dict[str, Any]:
     """Run ``cmd``; exit code, wall seconds from spawn to exit, its CPU seconds, the share
     of all cores busy with other processes meanwhile, and the tail of its stderr."""
-    with tempfile.TemporaryFile() as err:
-        busy0, self0 = busy_cpu_s(), sum(os.times()[:2])
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=child_env(),
-                                cwd=ROOT)
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        wall = time.perf_counter() - t0
-        proc.returncode = code = os.waitstatus_to_exitcode(status)
-        cpu = usage.ru_utime + usage.ru_stime
-        foreign = busy_cpu_s() - busy0 - cpu - (sum(os.times()[:2]) - self0)
-        err.seek(0)
-        tail = err.read().decode(errors="replace").strip().splitlines()
-    return {"rc": code, "process_s": wall, "cpu_s": cpu,
-            "other_load": max(0.0, foreign / (wall * len(os.sched_getaffinity(0)))),
+    t = run_timed_process(cmd, timeout, child_env(), capture_stdout=False)
+    tail = t.stderr.strip().splitlines()
+    return {"rc": t.code, "process_s": t.wall_s, "cpu_s": t.cpu_s, "other_load": t.other_load,
             "stderr_tail": tail[-1][:300] if tail else ""}
 
 

@@ -133,13 +133,10 @@ def demo_cases() -> dict[str, Callable[[], dict[str, Any]]]:
 
 
 def _resize32(images01: np.ndarray) -> np.ndarray:
-    from PIL import Image  # noqa: PLC0415
+    """As tests/test_models.py prepares LeNet's input (without the channel axis)."""
+    from benchlib import prep_resize32  # noqa: PLC0415
 
-    out = np.empty((len(images01), 32, 32), np.float32)
-    for i, img in enumerate(images01):
-        pil = Image.fromarray(img.astype(np.float32), mode="F")
-        out[i] = np.asarray(pil.resize((32, 32), Image.BILINEAR))
-    return out
+    return prep_resize32(images01)[:, 0]
 
 
 SHARED: dict[str, tuple[Callable[[np.ndarray], np.ndarray], str, dict[str, Any]]] = {
