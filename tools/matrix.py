@@ -235,9 +235,10 @@ def run_cell(model_name: str, shift: str, n: int, methods: list[str], cache: Dat
         if any(m.startswith("onnxfbp-retain") for m in methods):
             np.savez(data.with_name("retain.npz"), x=spec.prep(d["x_retain"]), y=d["y_retain"])
             np.savez(data.with_name("retain_x.npz"), x=spec.prep(d["x_retain"]))
+        for method, row in (reused or {}).items():
+            cell["methods"][method] = {**row, "reused": True}
         for method in methods:
-            if reused and method in reused:
-                cell["methods"][method] = {**reused[method], "reused": True}
+            if method in cell["methods"]:
                 continue
             out, report = Path(tmp) / method / "out.onnx", Path(tmp) / method / "report.json"
             out.parent.mkdir()
@@ -461,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     peers = reused_peers(args.peers_from)
     if args.peers_from:
         result["meta"]["peers_from"] = args.peers_from.name
+        reused = {m for rows in peers.values() for m in rows}
+        result["methods"] = methods + [m for m in METHODS if m in reused and m not in methods]
     lock = threading.Lock()
 
     def one(job: tuple[str, str, int]) -> None:
