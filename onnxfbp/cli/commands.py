@@ -103,21 +103,11 @@ def _print_retain(result: Any, stream: Any) -> None:
           file=stream)
 
 
-def _finite_json(value: Any) -> Any:
-    """``value`` with every non-finite float as None: JSON output is always valid JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_json(v) for v in value]
-    if hasattr(value, "tolist"):  # NumPy scalars and arrays
-        return _finite_json(value.tolist())
-    return value
-
-
 def _dumps(payload: Any, **kwargs: Any) -> str:
-    return json.dumps(_finite_json(payload), allow_nan=False, **kwargs)
+    """Strict JSON: non-finite numbers become null."""
+    from ..output.results import finite_json  # noqa: PLC0415
+
+    return json.dumps(finite_json(payload), allow_nan=False, **kwargs)
 
 
 def _emit(write: Callable[[], object]) -> None:

@@ -96,7 +96,7 @@ class RefineResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON report (strict JSON: non-finite numbers become null)."""
-        return _finite(
+        return finite_json(
             {
                 "schema": "onnxfbp.report/1",
                 "created": self.created,
@@ -131,11 +131,15 @@ class RefineResult:
         )
 
 
-def _finite(value: Any) -> Any:
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float as None (NumPy scalars and arrays as
+    lists): what JSON output holds, so that it is always valid JSON."""
     if isinstance(value, float):
         return value if np.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [finite_json(v) for v in value]
+    if hasattr(value, "tolist"):  # NumPy scalars and arrays
+        return finite_json(value.tolist())
     return value
