@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +62,13 @@ def cifar() -> tuple[np.ndarray, np.ndarray]:
         pytest.skip(f"CIFAR-10 not found under {data_dir()}; set ONNXFBP_DATA_DIR")
     images, labels = cifar10_test()
     return images.astype(np.float32) / 255.0, labels
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    """A scratch folder with a copy of the demo model (``model.onnx``) and its first
+    300 labelled samples (``adapt.npz``)."""
+    shutil.copy(PROJECT / "models" / "demo_mnist_cnn.onnx", tmp_path / "model.onnx")
+    with np.load(PROJECT / "models" / "demo_adapt.npz") as z:
+        np.savez(tmp_path / "adapt.npz", input=z["input"][:300], y=z["y"][:300])
+    return tmp_path

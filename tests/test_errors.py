@@ -82,15 +82,6 @@ def refused(work: Path, *args: str | Path, code: int = EXIT_USER_ERROR) -> str:
     return lines[0][len(prefix):]
 
 
-@pytest.fixture
-def work(tmp_path: Path) -> Path:
-    """A scratch folder with a copy of the demo model and 300 labelled samples."""
-    shutil.copy(DEMO, tmp_path / "model.onnx")
-    with np.load(ADAPT) as z:
-        np.savez(tmp_path / "adapt.npz", input=z["input"][:300], y=z["y"][:300])
-    return tmp_path
-
-
 def _demo_arrays(n: int = 300) -> tuple[np.ndarray, np.ndarray]:
     with np.load(ADAPT) as z:
         return z["input"][:n].copy(), z["y"][:n].copy()

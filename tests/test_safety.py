@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -75,15 +74,6 @@ def script(*args: str | Path, cwd: Path, timeout: float = 120,
     return subprocess.run([sys.executable, "-m", "onnxfbp.cli", *map(str, args)], cwd=cwd,
                           env=ENV, text=True, timeout=timeout, check=False,
                           **kwargs)  # type: ignore[call-overload]
-
-
-@pytest.fixture
-def work(tmp_path: Path) -> Path:
-    """A copy of the demo model and 300 labelled samples."""
-    shutil.copy(DEMO, tmp_path / "model.onnx")
-    with np.load(ADAPT) as z:
-        np.savez(tmp_path / "adapt.npz", input=z["input"][:300], y=z["y"][:300])
-    return tmp_path
 
 
 def external_copy(folder: Path, name: str = "model.onnx") -> Path:
