@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
-from onnx.reference import ReferenceEvaluator
 
-from ..errors import ModelError, UnsupportedModelError
+from ..errors import UnsupportedModelError
 from ..rules import RULES, NodeView, onnx_default
 from .load import allow_nonfinite_weights, load_model
+from .weights import TensorSource, users, weight_source
+from .weights import static_values as static_values_of
 
 __all__ = [
     "Layer",
@@ -42,8 +42,6 @@ __all__ = [
     "plan_model",
 ]
 
-# Ops through which a weight may be reached from its initializer (value-preserving).
-_WEIGHT_CHAIN_OPS = ("Identity", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
 # Monotone output activations: the label target is set on their input (same argmax).
 _OUTPUT_ACTIVATIONS = {
     "Softmax": "probabilities",
@@ -54,36 +52,6 @@ _OUTPUT_ACTIVATIONS = {
 
 def opset_version(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
-
-
-@dataclass(frozen=True)
-class TensorSource:
-    """Where a weight tensor's value comes from: an initializer, then a chain of
-    value-preserving nodes (op, attributes, shape constant) applied in order."""
-
-    initializer: str
-    chain: tuple[tuple[str, dict[str, Any], np.ndarray | None], ...] = ()
-
-    def apply(self, value: np.ndarray) -> np.ndarray:
-        for op, attrs, const in self.chain:
-            value = _chain_forward(op, attrs, const, value)
-        return value
-
-    def write_back(self, new_value: np.ndarray, original: np.ndarray) -> np.ndarray:
-        """The initializer value that makes the chain produce ``new_value``."""
-        for op, attrs, _ in reversed(self.chain):
-            if op == "Transpose":
-                perm = attrs.get("perm") or list(range(new_value.ndim))[::-1]
-                new_value = new_value.transpose(np.argsort(perm))
-            # Reshape-like ops: the final reshape to the initializer's shape does it.
-        return new_value.reshape(original.shape).astype(original.dtype)
-
-
-def _chain_forward(
-    op: str, attrs: dict[str, Any], const: np.ndarray | None, v: np.ndarray
-) -> np.ndarray:
-    view = NodeView(op, op, attrs, {1: const} if const is not None else {}, (0,), 2)
-    return np.asarray(RULES[op].forward(view, [v]))
 
 
 @dataclass
@@ -106,6 +74,7 @@ class Layer:
     bias_tensor: str | None = None
     bias_add_node: str | None = None
     reason: str | None = None  # why it is not refined, if it is not
+    shared: tuple[str, ...] = ()  # the other layers reading the same stored weight
 
     @property
     def refinable(self) -> bool:
@@ -169,28 +138,6 @@ def _attrs(node: gs.Node) -> dict[str, Any]:
     return out
 
 
-def _static_values(
-    model: onnx.ModelProto, names: set[str], static_nodes: list[onnx.NodeProto]
-) -> dict[str, np.ndarray]:
-    """Evaluate constant subgraphs (Constant nodes, weight chains) once, on CPU."""
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    wanted = sorted(n for n in names if n not in values)
-    if wanted and static_nodes:
-        graph = onnx.helper.make_graph(
-            static_nodes, "static", [],
-            [onnx.helper.make_empty_tensor_value_info(n) for n in wanted],
-            list(model.graph.initializer),
-        )
-        sub = onnx.helper.make_model(graph, opset_imports=list(model.opset_import))
-        sub.ir_version = model.ir_version
-        try:
-            results = ReferenceEvaluator(sub).run(None, {})
-        except Exception as exc:
-            raise ModelError(f"cannot evaluate the model's constant subgraphs: {exc}") from exc
-        values.update({n: np.asarray(v) for n, v in zip(wanted, results, strict=True)})
-    return values
-
-
 def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
     """Analyse ``model``: logits tensor, reverse path with rules, refinable layers."""
     graph = gs.import_onnx(model)
@@ -216,7 +163,7 @@ def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
         t.name for n in nodes if n.name not in static_node_names for t in n.inputs
         if t.name in static and t.name
     }
-    static_values = _static_values(model, needed_static, static_nodes)
+    static_values = static_values_of(model, needed_static, static_nodes)
     walk = _Walk(producer, consumers, static, static_values, opset)
     walk.run(logits)
     plan_nodes = [walk.plan_node(node) for node in nodes if node.name in walk.on_path]
@@ -225,6 +172,7 @@ def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
         for node in nodes
         if node.op in ("Conv", "Gemm", "MatMul") and node.name in walk.on_path
     ]
+    _share(layers)
     status = walk.status
     for node in nodes:
         if node.name in walk.on_path or node.name in walk.absorbed:
@@ -346,7 +294,7 @@ class _Walk:
             node = self.producer[tname]
             if node.name in self.on_path or node.name in self.status:
                 continue
-            stack.extend(self._visit(node))
+            stack.extend(_visited(self, node))
 
     def _visit(self, node: gs.Node) -> list[str]:
         """Mark ``node``; the tensors the walk goes on to."""
@@ -398,6 +346,17 @@ class _Walk:
         )
 
 
+def _visited(walk: _Walk, node: gs.Node) -> list[str]:
+    """``walk._visit(node)``; an error planning the node makes it a boundary whose
+    reason is ``not understood: <error>`` (inspect lists it; nothing crashes)."""
+    try:
+        return walk._visit(node)
+    except Exception as exc:  # noqa: BLE001 - an odd node is reported, never a crash
+        walk.on_path.discard(node.name)
+        walk._boundary(node, f"not understood: {_why(exc)}")
+        return []
+
+
 def _view(
     node: gs.Node, dynamic: tuple[int, ...], static: set[str], opset: int,
     values: dict[str, np.ndarray],
@@ -445,8 +404,9 @@ def _fused_activation(
                 beta = values.get(other.name)
                 if beta is None and isinstance(other, gs.Constant):
                     beta = np.asarray(other.values)
-                if beta is not None and np.asarray(beta).size == 1 and float(beta) > 0:
-                    return "Swish", {"alpha": float(beta)}, x, [sig.name, scale.name]
+                beta = np.asarray(beta).reshape(-1) if beta is not None else np.zeros(0)
+                if beta.size == 1 and float(beta[0]) > 0:
+                    return "Swish", {"alpha": float(beta[0])}, x, [sig.name, scale.name]
         hard = only(gate, "HardSigmoid")
         if hard is not None and hard.inputs[0].name == x \
                 and abs(float(hard.attrs.get("alpha", onnx_default("HardSigmoid", "alpha")))
@@ -472,55 +432,58 @@ def _pick_score_output(graph: gs.Graph) -> str:
     return str(chosen[0].name)
 
 
-def _weight_source(
-    name: str, producer: dict[str, gs.Node], consumers: dict[str, list[gs.Node]],
-    init_names: set[str], values: dict[str, np.ndarray],
-) -> tuple[TensorSource | None, str | None, list[str]]:
-    """Trace ``name`` back to an initializer through value-preserving nodes.
-
-    Returns the source, or a reason, and the nodes along the way."""
-    chain: list[tuple[str, dict[str, Any], np.ndarray | None]] = []
-    via: list[str] = []
-    cursor = name
-    while cursor not in init_names:
-        node = producer.get(cursor)
-        if node is None or node.op not in _WEIGHT_CHAIN_OPS:
-            op = node.op if node is not None else "a graph input"
-            return None, f"weight {name!r} is computed by {op}, not stored", via
-        const = None
-        if len(node.inputs) > 1 and node.inputs[1].name:
-            const = values.get(node.inputs[1].name)
-            if const is None and isinstance(node.inputs[1], gs.Constant):
-                const = np.asarray(node.inputs[1].values)
-        chain.insert(0, (node.op, _attrs(node), const))
-        via.append(node.name)
-        cursor = node.inputs[0].name
-    return TensorSource(cursor, tuple(chain)), None, via
-
-
 def _layer(
     node: gs.Node, producer: dict[str, gs.Node], consumers: dict[str, list[gs.Node]],
-    static: set[str], values: dict[str, np.ndarray], init_names: set[str], on_path: set[str],
+    static: set[str], values: dict[str, np.ndarray], stored: set[str], on_path: set[str],
+) -> Layer:
+    """The :class:`Layer` of a Conv/Gemm/MatMul on the reverse path: where its weight
+    and bias are stored, or why it is not refined (an unexpected form of the node
+    gives ``not understood: <reason>`` rather than an error)."""
+    try:
+        return _layer_of(node, producer, consumers, static, values, stored, on_path)
+    except Exception as exc:  # noqa: BLE001 - an odd node is reported, never a crash
+        return Layer(name=node.name, op=node.op, kind="conv" if node.op == "Conv" else "dense",
+                     input=node.inputs[0].name if node.inputs else "",
+                     output=node.outputs[0].name if node.outputs else "",
+                     weight=TensorSource(""), weight_tensor="",
+                     reason=f"not understood: {_why(exc)}")
+
+
+def _why(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__
+
+
+def _layer_of(
+    node: gs.Node, producer: dict[str, gs.Node], consumers: dict[str, list[gs.Node]],
+    static: set[str], values: dict[str, np.ndarray], stored: set[str], on_path: set[str],
 ) -> Layer:
     kind = "conv" if node.op == "Conv" else "dense"
     weight_name = node.inputs[1].name
-    source, reason, via = _weight_source(weight_name, producer, consumers, init_names, values)
+    source, reason, _ = weight_source(weight_name, producer, stored, values, _attrs)
     layer = Layer(
         name=node.name, op=node.op, kind=kind, input=node.inputs[0].name,
         output=node.outputs[0].name, weight=source or TensorSource(weight_name),
         weight_tensor=weight_name, reason=reason,
     )
-    if reason is not None:
+    if source is None:
         return layer
-    users = _users(source.initializer, consumers, producer)  # type: ignore[union-attr]
-    if users != {node.name}:
-        layer.reason = f"weight {source.initializer!r} is shared by nodes {sorted(users)}"  # type: ignore[union-attr]
+    readers = users(source.initializer, consumers, producer)
+    if readers != {node.name}:
+        layer.shared = tuple(sorted(readers - {node.name}))  # biases stay fixed
         return layer
+
+    def own(name: str, reader: str) -> TensorSource | None:
+        src, _, _ = weight_source(name, producer, stored, values, _attrs)
+        if src is None or users(src.initializer, consumers, producer) != {reader}:
+            return None
+        return src
+
     bias_index = 2
     if len(node.inputs) > bias_index and node.inputs[bias_index].name:
         bias_name = node.inputs[bias_index].name
-        bsrc, breason, _ = _weight_source(bias_name, producer, consumers, init_names, values)
-        if bsrc is not None and _users(bsrc.initializer, consumers, producer) == {node.name}:
+        bsrc = own(bias_name, node.name)
+        if bsrc is not None:
             bias_value = values.get(bsrc.initializer)
             if bias_value is not None and bias_value.size == _out_channels(node, values):
                 layer.bias, layer.bias_tensor = bsrc, bias_name
@@ -531,17 +494,35 @@ def _layer(
         add = outs[0]
         other = next((t for t in add.inputs if t.name != node.outputs[0].name), None)
         if other is not None and other.name in static:
-            bsrc, _, _ = _weight_source(other.name, producer, consumers, init_names, values)
+            bsrc = own(other.name, add.name)
             value = values.get(other.name)
             if value is None and isinstance(other, gs.Constant):
                 value = np.asarray(other.values)
             channels = _out_channels(node, values)
             if bsrc is not None and value is not None \
-                    and _is_channel_vector(value, kind, channels) \
-                    and _users(bsrc.initializer, consumers, producer) == {add.name}:
+                    and _is_channel_vector(value, kind, channels):
                 layer.bias, layer.bias_tensor, layer.bias_add_node = bsrc, other.name, add.name
                 layer.output = add.outputs[0].name
     return layer
+
+
+def _share(layers: list[Layer]) -> None:
+    """Layers that read one stored weight are refined together (their rows
+    stacked) when every reader is such a layer reading it in the same layout;
+    otherwise each gets the plain reason why not."""
+    by_name = {layer.name: layer for layer in layers}
+    for layer in layers:
+        if not layer.shared or layer.reason is not None:
+            continue
+        others = [by_name.get(name) for name in layer.shared]
+        strangers = [name for name, other in zip(layer.shared, others, strict=True)
+                     if other is None or other.weight_tensor != layer.weight_tensor
+                     or other.op != layer.op or other.reason is not None]
+        if strangers:
+            layer.reason = (
+                f"its weight {layer.weight.initializer!r} is also read by {strangers}, "
+                "which are not layers on the reverse path reading it as this one does; "
+                "left unchanged")
 
 
 def _out_channels(node: gs.Node, values: dict[str, np.ndarray]) -> int:
@@ -564,22 +545,6 @@ def _is_channel_vector(value: np.ndarray, kind: str, channels: int) -> bool:
         return shape[-1] == channels if shape else False
     # conv output is (N, C, H, W): the constant must broadcast along axis 1.
     return shape in ([channels, 1, 1], [1, channels, 1, 1])
-
-
-def _users(
-    initializer: str, consumers: dict[str, list[gs.Node]], producer: dict[str, gs.Node]
-) -> set[str]:
-    """Names of the non-chain nodes that read ``initializer`` (through weight chains)."""
-    users: set[str] = set()
-    stack = [initializer]
-    while stack:
-        name = stack.pop()
-        for node in consumers.get(name, []):
-            if node.op in _WEIGHT_CHAIN_OPS and node.inputs[0].name == name:
-                stack.extend(t.name for t in node.outputs)
-            else:
-                users.add(node.name)
-    return users
 
 
 def describe_layer_weight(layer: Layer, values: dict[str, np.ndarray]) -> tuple[int, ...]:

@@ -1,6 +1,7 @@
 """Patch: write refined weights into a copy of the input model.
 
-Only initializer *values* change: the same names, dtypes and shapes, the same
+Only stored weight *values* change (initializers, and the value attributes of
+Constant nodes that hold weights): the same names, dtypes and shapes, the same
 nodes, attributes, inputs, outputs, opsets and metadata. Tensors that the input
 kept in an external data file are kept external in ``OUT.onnx.data``. The file
 is checked (onnx.checker, then loaded by onnxruntime) in a temporary folder
@@ -21,6 +22,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from ..errors import OutputError
+from ..graph.weights import constant_value, write_constant
 from ..paths import (
     NAME_MAX,
     Commit,
@@ -77,36 +79,54 @@ class NonFiniteRefinedWarning(UserWarning):
 
 
 def with_initializers(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of ``model`` whose named initializers hold ``values`` (same dtype/shape).
+    """A copy of ``model`` whose named stored tensors hold ``values`` (same dtype and
+    shape): initializers by name, Constant nodes by their output's name (written in
+    the form the node holds its value, :func:`onnxfbp.graph.weights.write_constant`).
 
     No refined weight is ever non-finite: a value with NaN or Inf (after the cast to
-    the initializer's dtype) is not written; the tensor keeps its original value and
+    the stored dtype) is not written; the tensor keeps its original value and
     a :class:`NonFiniteRefinedWarning` names it (the CLI prints it on stderr and
     lists it under ``notes`` in the report).
     """
     out = copy.deepcopy(model)
     for tensor in out.graph.initializer:
-        if tensor.name not in values:
-            continue
-        old = numpy_helper.to_array(tensor)
-        new = np.asarray(values[tensor.name])
-        if new.shape != old.shape:
-            raise ValueError(f"refined {tensor.name} has shape {new.shape}, expected {old.shape}")
-        with np.errstate(over="ignore", invalid="ignore"):
-            cast = new.astype(old.dtype)
-        if cast.dtype.kind in "fc" and not np.isfinite(cast).all():
-            if np.array_equal(cast, old, equal_nan=True):
-                continue  # unchanged (a non-finite input let through by --allow-nonfinite-input)
-            import warnings  # noqa: PLC0415
-
-            warnings.warn(NonFiniteRefinedWarning(
-                f"refined weight {tensor.name!r} held NaN or Inf; its original value was kept"),
-                stacklevel=2)
-            continue
-        replacement = numpy_helper.from_array(cast, tensor.name)
-        replacement.doc_string = tensor.doc_string
-        tensor.CopyFrom(replacement)
+        if tensor.name in values:
+            cast = _checked_value(tensor.name, numpy_helper.to_array(tensor), values[tensor.name])
+            if cast is not None:
+                replacement = numpy_helper.from_array(cast, tensor.name)
+                replacement.doc_string = tensor.doc_string
+                tensor.CopyFrom(replacement)
+    initializers = {t.name for t in out.graph.initializer}
+    for node in out.graph.node:
+        if node.op_type == "Constant" and len(node.output) == 1 \
+                and node.output[0] in values and node.output[0] not in initializers:
+            old = constant_value(node)
+            if old is None:
+                raise ValueError(f"Constant {node.output[0]} holds no value onnxfbp writes")
+            cast = _checked_value(node.output[0], old, values[node.output[0]])
+            if cast is not None:
+                write_constant(node, cast)
     return out
+
+
+def _checked_value(name: str, old: np.ndarray, value: np.ndarray) -> np.ndarray | None:
+    """``value`` cast to ``old``'s dtype, or None to keep ``old`` (unchanged, or not
+    finite: then a :class:`NonFiniteRefinedWarning` says so)."""
+    new = np.asarray(value)
+    if new.shape != old.shape:
+        raise ValueError(f"refined {name} has shape {new.shape}, expected {old.shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = new.astype(old.dtype)
+    if cast.dtype.kind in "fc" and not np.isfinite(cast).all():
+        if np.array_equal(cast, old, equal_nan=True):
+            return None  # unchanged (a non-finite input let through by --allow-nonfinite-input)
+        import warnings  # noqa: PLC0415
+
+        warnings.warn(NonFiniteRefinedWarning(
+            f"refined weight {name!r} held NaN or Inf; its original value was kept"),
+            stacklevel=3)
+        return None
+    return cast
 
 
 def stage_refined(model: onnx.ModelProto, output: Path, commit: Commit, input_path: Path,

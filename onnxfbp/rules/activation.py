@@ -213,9 +213,9 @@ def clip_bounds(node: NodeView) -> tuple[float, float]:
     lo = node.attr("min")
     hi = node.attr("max")
     if 1 in node.static and node.static[1].size:
-        lo = float(node.static[1])
+        lo = float(np.asarray(node.static[1]).reshape(-1)[0])
     if 2 in node.static and node.static[2].size:
-        hi = float(node.static[2])
+        hi = float(np.asarray(node.static[2]).reshape(-1)[0])
     return float(lo), float(hi)
 
 

@@ -27,6 +27,7 @@ from ..events import LayerVisited, Progress
 from ..fit.layers import LayerBlock
 from ..fit.targets import cross_entropy
 from ..graph.plan import Layer, Plan, load_model, plan_model
+from ..graph.weights import lift_constants
 from ..output.results import EvalResult, LayerReport, eval_result
 from ..run.backend import array_module, cupy_or_none
 from ..run.device import run_to_device
@@ -191,7 +192,8 @@ class ModelState:
         self.device = device
         self.layers, self.skipped = select_layers(self.plan, config) if layers else ([], {})
         self.runner = ForwardRunner(
-            self.model, self.plan.input_name, self._weight_inputs(), self._extra_outputs(),
+            lift_constants(self.model, self._weight_inputs()), self.plan.input_name,
+            self._weight_inputs(), self._extra_outputs(),
             self.providers, config.run.batch_size, config.run.threads,
         )
         self.values: dict[str, np.ndarray] = dict(self.runner.initial_weights)
