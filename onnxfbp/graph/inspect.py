@@ -17,16 +17,19 @@ its weights, and which layers a refine run would change.
 - ``refined_layers``: the node names a refine run with the same ``--schedule``
   and ``--deep`` would change, in the order it visits them (from the output back);
 - ``layers``: every Conv/Gemm/MatMul on the reverse path, with ``kind``,
-  ``weight`` {initializer, shape, via}, ``bias`` {initializer, shape, add_node}
-  or null, ``refined`` and ``why_not``;
+  ``weight`` {initializer, store, shape, via}, ``bias`` {initializer, store,
+  shape, add_node} or null, ``refined`` and ``why_not``; ``store`` is where the
+  value lives: ``initializer``, or ``constant`` (a Constant node's value, the
+  ``initializer`` field then naming that node's output);
 - ``boundaries``: nodes where targets stop, with the reason;
 - ``nodes``: every node in graph order, with ``name``, ``op``, ``rule`` (the
   planner's status: ``rule`` = on the reverse path with an inverse rule,
   ``constant`` = computes a constant, ``not on the reverse path``, or the
   reason the node stops the targets), ``status`` (the same as one word:
   ``inverse``, ``constant``, ``off-path`` or ``boundary``), ``weights``
-  (initializer inputs and their shapes), ``tensors`` (those of them that are
-  floating point, i.e. not shapes or axes), ``refined``, ``why_not``,
+  (inputs stored as initializers or Constant nodes, and their shapes),
+  ``tensors`` (those of them that are floating point, i.e. not shapes or axes),
+  ``refined``, ``why_not``,
   ``weight_of`` (the layer whose weight this node reshapes/transposes, if any)
   and ``note`` (e.g. for a Softmax after the logits);
 - ``summary``: node counts per status.
@@ -45,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import onnx
 
 from .plan import node_names
+from .weights import constant_values
 
 if TYPE_CHECKING:
     from ..schedules.state import ModelState
@@ -112,6 +116,10 @@ def inspect_model(
     float_inits = {t.name for t in model.graph.initializer
                    if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
                                       onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)}
+    for name, value in constant_values(model).items():  # weights held by Constant nodes
+        inits.setdefault(name, [int(d) for d in value.shape])
+        if value.dtype.kind == "f":
+            float_inits.add(name)
     producer = {out: node for node in model.graph.node for out in node.output}
     rule_of = {name: status for name, _, status in plan.all_nodes}
 
@@ -125,7 +133,7 @@ def inspect_model(
             weight_of[name_of[id(node)]] = layer.name
         bias = None
         if layer.bias is not None:
-            bias = {"initializer": layer.bias.initializer,
+            bias = {"initializer": layer.bias.initializer, "store": layer.bias.store,
                     "shape": inits.get(layer.bias.initializer),
                     "add_node": layer.bias_add_node}
         why_not = None
@@ -133,7 +141,7 @@ def inspect_model(
             why_not = layer.reason or state.skipped.get(layer.name) or "not refined"
         layers.append({
             "name": layer.name, "op": layer.op, "kind": layer.kind,
-            "weight": {"initializer": layer.weight.initializer,
+            "weight": {"initializer": layer.weight.initializer, "store": layer.weight.store,
                        "shape": inits.get(layer.weight.initializer),
                        "via": [node.op_type for node in reversed(via)]},
             "bias": bias, "refined": layer.name in refined, "why_not": why_not,

@@ -38,6 +38,7 @@ __all__ = [
     "CHAIN_OPS",
     "TensorSource",
     "constant_value",
+    "constant_values",
     "lift_constants",
     "static_values",
     "users",
@@ -46,8 +47,9 @@ __all__ = [
 
 # Ops through which a weight may reach its layer from where it is stored (value-preserving).
 CHAIN_OPS = ("Identity", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Cast")
-_FLOAT_TYPES: dict[int, Any] = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
-                onnx.TensorProto.FLOAT16: np.float16}
+_FLOAT_TYPES: dict[int, Any] = {onnx.TensorProto.FLOAT: np.float32,
+                                onnx.TensorProto.DOUBLE: np.float64,
+                                onnx.TensorProto.FLOAT16: np.float16}
 CONSTANT_ATTRS = ("value", "value_float", "value_floats")  # the float forms a weight may take
 
 
@@ -105,7 +107,8 @@ def constant_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+def constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The value of every Constant node of the main graph, by its output's name."""
     out = {}
     for node in model.graph.node:
         if node.op_type == "Constant" and (node.domain or "") in ("", "ai.onnx") \
@@ -135,7 +138,7 @@ def static_values(
     or where it declines the subgraph by the ONNX reference evaluator; a
     :class:`ModelError` names both reasons if neither evaluates it."""
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    values.update({k: v for k, v in _constants(model).items() if k not in values})
+    values.update({k: v for k, v in constant_values(model).items() if k not in values})
     wanted = sorted(n for n in names if n not in values)
     if not wanted or not static_nodes:
         return values
@@ -147,11 +150,12 @@ def static_values(
     sub = onnx.helper.make_model(graph, opset_imports=_default_domain(model))
     sub.ir_version = model.ir_version
     errors = []
-    for evaluate in (_by_onnxruntime, _by_reference):
+    for label, evaluate in (("onnxruntime", _by_onnxruntime),
+                            ("the ONNX reference evaluator", _by_reference)):
         try:
             results = evaluate(sub, wanted)
         except Exception as exc:  # noqa: BLE001 - the next evaluator, then the error
-            errors.append(f"{evaluate.__doc__}: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+            errors.append(f"{label}: {str(exc).splitlines()[0] if str(exc) else exc!r}")
             continue
         values.update({n: np.asarray(v) for n, v in zip(wanted, results, strict=True)})
         return values
@@ -170,7 +174,6 @@ def _in_default_domain(node: onnx.NodeProto) -> onnx.NodeProto:
 
 
 def _by_onnxruntime(sub: onnx.ModelProto, wanted: list[str]) -> list[Any]:
-    """onnxruntime"""
     import onnxruntime as ort  # noqa: PLC0415
 
     options = ort.SessionOptions()
@@ -181,7 +184,6 @@ def _by_onnxruntime(sub: onnx.ModelProto, wanted: list[str]) -> list[Any]:
 
 
 def _by_reference(sub: onnx.ModelProto, wanted: list[str]) -> list[Any]:
-    """the ONNX reference evaluator"""
     from onnx.reference import ReferenceEvaluator  # noqa: PLC0415
 
     return list(ReferenceEvaluator(sub).run(wanted, {}))
@@ -275,7 +277,8 @@ def write_constant(node: onnx.NodeProto, new: np.ndarray) -> None:
     for attr in node.attribute:
         if attr.name == "value":
             replacement = numpy_helper.from_array(new, attr.t.name)
-            replacement.doc_string = attr.t.doc_string
+            if attr.t.HasField("doc_string"):
+                replacement.doc_string = attr.t.doc_string
             attr.t.CopyFrom(replacement)
             return
         if attr.name == "value_float":
