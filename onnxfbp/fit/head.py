@@ -99,9 +99,9 @@ def head_features(
     """The output layer's block, current weights ``W0`` (d [+1], k), fixed bias,
     and its input features (a column of ones for the bias) for each index set
     of ``splits``. None unless it is a dense layer on per-sample features that
-    feeds the logits through shape-only nodes."""
+    feeds the logits through shape-only nodes and whose weight no other layer reads."""
     head = state.layers[0]
-    if head.kind != "dense" or any(
+    if head.kind != "dense" or head.shared or any(
         state.plan.nodes[i].op not in _SHAPE_ONLY for i in state.downstream[head.name]
     ):
         return None

@@ -75,6 +75,7 @@ class Layer:
     bias_add_node: str | None = None
     reason: str | None = None  # why it is not refined, if it is not
     shared: tuple[str, ...] = ()  # the other layers reading the same stored weight
+    layout: str = field(default="", repr=False)  # op and attributes; sharers must agree
 
     @property
     def refinable(self) -> bool:
@@ -172,7 +173,7 @@ def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
         for node in nodes
         if node.op in ("Conv", "Gemm", "MatMul") and node.name in walk.on_path
     ]
-    _share(layers)
+    _share(layers, static_values)
     status = walk.status
     for node in nodes:
         if node.name in walk.on_path or node.name in walk.absorbed:
@@ -471,6 +472,7 @@ def _layer_of(
     readers = users(source.initializer, consumers, producer)
     if readers != {node.name}:
         layer.shared = tuple(sorted(readers - {node.name}))  # biases stay fixed
+        layer.layout = f"{node.op} {sorted(_attrs(node).items())!r}"
         return layer
 
     def own(name: str, reader: str) -> TensorSource | None:
@@ -506,18 +508,32 @@ def _layer_of(
     return layer
 
 
-def _share(layers: list[Layer]) -> None:
+def _share(layers: list[Layer], values: dict[str, np.ndarray]) -> None:
     """Layers that read one stored weight are refined together (their rows
-    stacked) when every reader is such a layer reading it in the same layout;
+    stacked; biases kept) when every reader is such a layer reading it in the
+    same layout (the same chain result) with the same op and attributes;
     otherwise each gets the plain reason why not."""
     by_name = {layer.name: layer for layer in layers}
+
+    def layout(layer: Layer) -> np.ndarray | None:
+        stored = values.get(layer.weight.initializer)
+        if stored is None:
+            return None
+        probe = np.arange(stored.size, dtype=np.float64).reshape(stored.shape)
+        return layer.weight.apply(probe)
+
     for layer in layers:
         if not layer.shared or layer.reason is not None:
             continue
-        others = [by_name.get(name) for name in layer.shared]
-        strangers = [name for name, other in zip(layer.shared, others, strict=True)
-                     if other is None or other.weight_tensor != layer.weight_tensor
-                     or other.op != layer.op or other.reason is not None]
+        mine = layout(layer)
+        strangers = []
+        for name in layer.shared:
+            other = by_name.get(name)
+            theirs = layout(other) if other is not None else None
+            if other is None or other.reason is not None or other.layout != layer.layout \
+                    or mine is None or theirs is None or mine.shape != theirs.shape \
+                    or not np.array_equal(mine, theirs):
+                strangers.append(name)
         if strangers:
             layer.reason = (
                 f"its weight {layer.weight.initializer!r} is also read by {strangers}, "

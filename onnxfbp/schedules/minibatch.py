@@ -63,7 +63,7 @@ from ..reverse.arrays import reverse
 from ..reverse.select import KeptRoute, choose_reverse, kept_route
 from ..rules import Array
 from ..run.backend import to_numpy
-from .state import ModelState, RunContext
+from .state import ModelState, RunContext, whole_groups
 
 __all__ = ["Minibatch", "train_minibatch"]
 
@@ -80,7 +80,16 @@ class Minibatch:
     def __init__(self, state: ModelState, ctx: RunContext) -> None:
         self.state, self.ctx = state, ctx
         self.cfg = state.config.minibatch
-        self.layers: list[Layer] = state.layers
+        self.layers: list[Layer] = whole_groups(state.layers, state.skipped, True)
+        # layers reading one stored weight take one step together: ``leader`` maps
+        # each to the first of its group, whose weights, Gram and step they share
+        self.leader: dict[str, str] = {}
+        first: dict[str, str] = {}
+        for layer in self.layers:
+            key = layer.weight.initializer if layer.shared else "\0" + layer.name
+            self.leader[layer.name] = first.setdefault(key, layer.name)
+        self.members = {lead: [n for n, m in self.leader.items() if m == lead]
+                        for lead in first.values()}
         views = state.views()
         self.blocks = {layer.name: state.block(layer, views) for layer in self.layers}
         xp = state.xp
@@ -123,10 +132,12 @@ class Minibatch:
                 xr, _ = self.blocks[layer.name].rows(
                     acts[layer.input], acts[layer.output], ctx.rng, cfg.gram_positions
                 )
-                if layer.name not in sums:  # rows expected in all: keep them if fewer than d
-                    expected = xr.shape[1] / len(x) * len(sample)
-                    sums[layer.name] = PreconditionerSums(xr.shape[2] > expected, state.xp)
-                sums[layer.name].add(xr)
+                key = self.leader[layer.name]  # a shared weight: all its readers' rows
+                if key not in sums:  # rows expected in all: keep them if fewer than d
+                    expected = (xr.shape[1] / len(x) * len(sample)
+                                * len(self.members[key]))
+                    sums[key] = PreconditionerSums(xr.shape[2] > expected, state.xp)
+                sums[key].add(xr)
         state.clock.forward += time.perf_counter() - ft
         st = time.perf_counter()
         precond = {}
@@ -134,8 +145,9 @@ class Minibatch:
             try:
                 precond[name] = Preconditioner.from_sums(layer_sums, cfg.damping)
             except NonFiniteError as err:  # the layer takes no step; the others go on
-                self.skipped[name] = f"its input rows: {err}"
-                ctx.progress(Message(f"{name}: {self.skipped[name]}; left unchanged"))
+                for member in self.members[name]:
+                    self.skipped[member] = f"its input rows: {err}"
+                    ctx.progress(Message(f"{member}: {self.skipped[member]}; left unchanged"))
         state.clock.solve += time.perf_counter() - st
         return precond
 
@@ -224,10 +236,13 @@ class Minibatch:
         self, acts: dict[str, Any], residuals: Any, views: dict[str, Any],
         precond: dict[str, Preconditioner], n: int,
     ) -> None:
-        """One preconditioned step of every layer, and the running average."""
+        """One preconditioned step of every layer, and the running average. Layers
+        reading one stored weight take one step: their ``X^T R`` averaged, with the
+        Gram of all their rows (the step of the summed least squares)."""
         state, cfg, xp = self.state, self.cfg, self.state.xp
         assert self.route is not None
         branch, deepest, beta = self.route.branch, self.layers[-1], cfg.average
+        crosses: dict[str, Any] = {}
         for layer in self.layers:
             if layer.name in self.skipped:
                 continue
@@ -242,17 +257,24 @@ class Minibatch:
                 positions = int(np.prod(out.shape[2:])) if layer.kind == "conv" else 1
             kept = xr.shape[1] // n if layer.kind == "conv" else 1
             cross = xp.matmul(xr.transpose(0, 2, 1), rr).astype(xp.float64)
-            cross *= positions / max(kept, 1) / n
+            cross *= positions / max(kept, 1) / n / len(self.members[self.leader[layer.name]])
+            key = self.leader[layer.name]
+            crosses[key] = crosses[key] + cross if key in crosses else cross
+        for layer in self.layers:
+            if layer.name not in crosses:
+                continue
             w = self.weights[layer.name] + self.trusted(
-                layer.name, self.lr * precond[layer.name].apply(cross))
-            self.weights[layer.name] = w
+                layer.name, self.lr * precond[layer.name].apply(crosses[layer.name]))
             if layer.name in self.averaged:
                 mean = self.averaged[layer.name]
                 mean *= beta
                 mean += (1 - beta) * w
             else:
                 self.averaged[layer.name] = w.copy()
-            state.set_weights(layer, block, to_numpy(w))
+            for member in self.members[layer.name]:
+                self.weights[member] = w
+                self.averaged[member] = self.averaged[layer.name]
+            state.set_weights(layer, self.blocks[layer.name], to_numpy(w))
 
     def blew_up(self, step: int, z: Any, y: np.ndarray) -> bool:
         """Whether this batch's mean loss at the current weights shows a blow-up (not

@@ -160,7 +160,30 @@ def select_layers(plan: Plan, config: RefineConfig) -> tuple[list[Layer], dict[s
             skipped[layer.name] = f"beyond --max-layers {limit}"
         else:
             layers.append(layer)
-    return layers, skipped
+    return whole_groups(layers, skipped, config.schedule == "minibatch"), skipped
+
+
+def whole_groups(layers: list[Layer], skipped: dict[str, str], minibatch: bool) -> list[Layer]:
+    """``layers`` less those whose stored weight is shared (:attr:`Layer.shared`)
+    with a layer not in ``layers``, or with any layer outside the minibatch
+    schedule (the only one that stacks the rows of all a weight's readers);
+    ``skipped`` says why for each."""
+    kept = list(layers)
+    while True:
+        names = {layer.name for layer in kept}
+        out = []
+        for layer in kept:
+            where = f"its weight {layer.weight.initializer!r} is shared with {list(layer.shared)}"
+            if layer.shared and not minibatch:
+                skipped[layer.name] = (f"{where}; only the minibatch schedule refines a shared "
+                                       "weight (with the rows of all its readers)")
+            elif missing := [n for n in layer.shared if n not in names]:
+                skipped[layer.name] = f"{where}, and this run does not refine {missing}"
+            else:
+                out.append(layer)
+        if len(out) == len(kept):
+            return out
+        kept = out
 
 
 class ModelState:

@@ -34,8 +34,10 @@ class Sweeps:
 
 def sweepable(state: ModelState, layer: Layer) -> bool:
     """A dense layer with at most ``sweep_max_inputs`` inputs whose target reaches
-    it without a Conv inverse: worth a full-pass sweep after the minibatch run."""
-    if layer.kind != "dense" or nodes_after(state.plan, layer.output, False) is None:
+    it without a Conv inverse and whose weight no other layer reads: worth a
+    full-pass sweep after the minibatch run."""
+    if layer.kind != "dense" or layer.shared \
+            or nodes_after(state.plan, layer.output, False) is None:
         return False
     return state.block(layer).weights().shape[1] <= state.config.minibatch.sweep_max_inputs
 
