@@ -12,8 +12,12 @@ folder) -> ``plan_model`` (onnx-graphsurgeon view of the graph) -> ``Plan``:
   or a declined rule are *transitional boundaries*: targets stop there and the
   layers before them are left alone;
 - the refinable layers (Conv, Gemm, MatMul with constant weights), each with
-  where its weight and bias values live in the file (an initializer directly,
-  or through Reshape / Transpose / Identity nodes, or a bias in a following Add).
+  where its weight and bias values live in the file (an initializer or a
+  Constant node, directly or through Reshape / Transpose / Identity / Cast
+  nodes, or a bias in a following Add: :mod:`onnxfbp.graph.weights`); layers
+  that read one stored weight are refined together (:attr:`Layer.shared`);
+- a node the planner cannot understand (an error planning it) is a boundary
+  with the reason ``not understood: <error>``, never a crash.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import onnx_graphsurgeon as gs
 from ..errors import UnsupportedModelError
 from ..rules import RULES, NodeView, onnx_default
 from .load import allow_nonfinite_weights, load_model
-from .weights import TensorSource, users, weight_source
+from .weights import TensorSource, share_weights, users, weight_source
 from .weights import static_values as static_values_of
 
 __all__ = [
@@ -173,7 +177,7 @@ def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
         for node in nodes
         if node.op in ("Conv", "Gemm", "MatMul") and node.name in walk.on_path
     ]
-    _share(layers, static_values)
+    share_weights(layers, static_values)
     status = walk.status
     for node in nodes:
         if node.name in walk.on_path or node.name in walk.absorbed:
@@ -506,39 +510,6 @@ def _layer_of(
                 layer.bias, layer.bias_tensor, layer.bias_add_node = bsrc, other.name, add.name
                 layer.output = add.outputs[0].name
     return layer
-
-
-def _share(layers: list[Layer], values: dict[str, np.ndarray]) -> None:
-    """Layers that read one stored weight are refined together (their rows
-    stacked; biases kept) when every reader is such a layer reading it in the
-    same layout (the same chain result) with the same op and attributes;
-    otherwise each gets the plain reason why not."""
-    by_name = {layer.name: layer for layer in layers}
-
-    def layout(layer: Layer) -> np.ndarray | None:
-        stored = values.get(layer.weight.initializer)
-        if stored is None:
-            return None
-        probe = np.arange(stored.size, dtype=np.float64).reshape(stored.shape)
-        return layer.weight.apply(probe)
-
-    for layer in layers:
-        if not layer.shared or layer.reason is not None:
-            continue
-        mine = layout(layer)
-        strangers = []
-        for name in layer.shared:
-            other = by_name.get(name)
-            theirs = layout(other) if other is not None else None
-            if other is None or other.reason is not None or other.layout != layer.layout \
-                    or mine is None or theirs is None or mine.shape != theirs.shape \
-                    or not np.array_equal(mine, theirs):
-                strangers.append(name)
-        if strangers:
-            layer.reason = (
-                f"its weight {layer.weight.initializer!r} is also read by {strangers}, "
-                "which are not layers on the reverse path reading it as this one does; "
-                "left unchanged")
 
 
 def _out_channels(node: gs.Node, values: dict[str, np.ndarray]) -> int:

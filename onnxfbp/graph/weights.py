@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -34,12 +34,16 @@ from onnx import numpy_helper
 from ..errors import ModelError
 from ..rules import RULES, NodeView
 
+if TYPE_CHECKING:
+    from .plan import Layer
+
 __all__ = [
     "CHAIN_OPS",
     "TensorSource",
     "constant_value",
     "constant_values",
     "lift_constants",
+    "share_weights",
     "static_values",
     "users",
     "weight_source",
@@ -248,6 +252,39 @@ def users(
             else:
                 out.add(node.name)
     return out
+
+
+def share_weights(layers: list[Layer], values: dict[str, np.ndarray]) -> None:
+    """Layers that read one stored weight are refined together (their rows
+    stacked; biases kept) when every reader is such a layer reading it in the
+    same layout (the same chain result) with the same op and attributes;
+    otherwise each gets the plain reason why not."""
+    by_name = {layer.name: layer for layer in layers}
+
+    def layout(layer: Layer) -> np.ndarray | None:
+        stored = values.get(layer.weight.initializer)
+        if stored is None:
+            return None
+        probe = np.arange(stored.size, dtype=np.float64).reshape(stored.shape)
+        return layer.weight.apply(probe)
+
+    for layer in layers:
+        if not layer.shared or layer.reason is not None:
+            continue
+        mine = layout(layer)
+        strangers = []
+        for name in layer.shared:
+            other = by_name.get(name)
+            theirs = layout(other) if other is not None else None
+            if other is None or other.reason is not None or other.layout != layer.layout \
+                    or mine is None or theirs is None or mine.shape != theirs.shape \
+                    or not np.array_equal(mine, theirs):
+                strangers.append(name)
+        if strangers:
+            layer.reason = (
+                f"its weight {layer.weight.initializer!r} is also read by {strangers}, "
+                "which are not layers on the reverse path reading it as this one does; "
+                "left unchanged")
 
 
 def lift_constants(model: onnx.ModelProto, names: set[str] | list[str]) -> onnx.ModelProto:
