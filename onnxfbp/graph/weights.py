@@ -146,10 +146,15 @@ def static_values(
     wanted = sorted(n for n in names if n not in values)
     if not wanted or not static_nodes:
         return values
+    nodes = _ancestors(static_nodes, set(wanted))
+    read = {name for node in nodes for name in node.input}
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+           for node in nodes for a in node.attribute):  # subgraphs read outer names
+        read |= {t.name for t in model.graph.initializer}
     graph = onnx.helper.make_graph(
-        [_in_default_domain(n) for n in static_nodes], "static", [],
+        [_in_default_domain(n) for n in nodes], "static", [],
         [onnx.helper.make_empty_tensor_value_info(n) for n in wanted],
-        list(model.graph.initializer),
+        [t for t in model.graph.initializer if t.name in read],
     )
     sub = onnx.helper.make_model(graph, opset_imports=_default_domain(model))
     sub.ir_version = model.ir_version
@@ -167,6 +172,17 @@ def static_values(
         f"cannot evaluate the model's constant subgraphs ({'; '.join(errors)}); "
         "check that onnxruntime runs the model"
     )
+
+
+def _ancestors(nodes: list[onnx.NodeProto], wanted: set[str]) -> list[onnx.NodeProto]:
+    """The nodes of ``nodes`` (topological order) that ``wanted`` depends on."""
+    needed = set(wanted)
+    keep = []
+    for node in reversed(nodes):
+        if needed.intersection(node.output):
+            keep.append(node)
+            needed.update(node.input)
+    return keep[::-1]
 
 
 def _in_default_domain(node: onnx.NodeProto) -> onnx.NodeProto:
