@@ -104,17 +104,28 @@ def _refine(path: Path, out: Path, data: tuple[np.ndarray, np.ndarray]) -> Any:
     return refine(path, out, data[0], data[1], config=RefineConfig.of(device="cpu", seed=0))
 
 
+@pytest.fixture(scope="module")
+def legacy_refined(shared_models: Path, legacy_rot: Any,
+                   tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The original legacy CNN, its inspect view and its refined initializers."""
+    folder = tmp_path_factory.mktemp("legacy")
+    original = load_model(shared_models / LEGACY)
+    onnx.save(original, folder / "orig.onnx")
+    _refine(folder / "orig.onnx", folder / "orig_out.onnx", legacy_rot)
+    return {"model": original, "inspect": inspect_model(folder / "orig.onnx"),
+            "refined": {t.name: numpy_helper.to_array(t)
+                        for t in onnx.load(folder / "orig_out.onnx").graph.initializer}}
+
+
 @pytest.mark.parametrize("chains", [False, True], ids=["constant", "chain"])
 def test_constant_node_weights_refine_like_initializers(
-    chains: bool, shared_models: Path, legacy_rot: Any, tmp_path: Path
+    chains: bool, legacy_refined: dict[str, Any], legacy_rot: Any, tmp_path: Path
 ) -> None:
-    original = load_model(shared_models / LEGACY)
-    rewritten = as_constants(original, chains)
-    onnx.save(original, tmp_path / "orig.onnx")
+    rewritten = as_constants(legacy_refined["model"], chains)
     onnx.save(rewritten, tmp_path / "const.onnx")
     assert not rewritten.graph.initializer
 
-    a, b = inspect_model(tmp_path / "orig.onnx"), inspect_model(tmp_path / "const.onnx")
+    a, b = legacy_refined["inspect"], inspect_model(tmp_path / "const.onnx")
     assert b["refined_layers"] == a["refined_layers"] and len(a["refined_layers"]) == 4
     assert {layer["weight"]["store"] for layer in b["layers"]} == {"constant"}
     if chains:  # the stored (flat) shape, reached through Reshape and Identity
@@ -123,10 +134,8 @@ def test_constant_node_weights_refine_like_initializers(
         assert [layer["weight"]["shape"] for layer in b["layers"]] == \
             [layer["weight"]["shape"] for layer in a["layers"]]
 
-    _refine(tmp_path / "orig.onnx", tmp_path / "orig_out.onnx", legacy_rot)
     _refine(tmp_path / "const.onnx", tmp_path / "const_out.onnx", legacy_rot)
-    want = {t.name: numpy_helper.to_array(t)
-            for t in onnx.load(tmp_path / "orig_out.onnx").graph.initializer}
+    want = legacy_refined["refined"]
     written = onnx.load(tmp_path / "const_out.onnx")
     assert not written.graph.initializer
     assert skeleton(written) == skeleton(rewritten)  # only Constant values differ
@@ -189,6 +198,9 @@ def test_opsets_7_to_23_load_and_plan(version: int, shared_models: Path, tmp_pat
     assert plan.opset == version
     assert [layer.name for layer in plan.refinable] == \
         [layer.name for layer in plan_model(original).refinable]
+    if version in (7, 23):  # the whole inspect (onnxruntime sessions) at both ends
+        info = inspect_model(path)
+        assert info["opset"] == version and len(info["refined_layers"]) == 8
 
 
 def test_constant_folding_falls_back_to_the_reference_evaluator(
