@@ -142,6 +142,23 @@ def test_inspect_exits_0_with_a_status_per_node(
     assert not any("not understood" in (n["rule"] or "") for n in info["nodes"]), info["nodes"]
 
 
+def test_a_constant_weight_with_nan_is_left_alone_with_the_reason(tmp_path: Path) -> None:
+    from onnxfbp.graph.plan import load_model, plan_model  # noqa: PLC0415
+
+    model = _model(relu)
+    w2 = next(t for t in model.graph.initializer if t.name == "W2")
+    value = numpy_helper.to_array(w2).copy()
+    value[0, 0] = np.nan
+    rest = [t for t in model.graph.initializer if t.name != "W2"]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(rest)
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["W2"], value=_t("W2", value)))
+    onnx.save(model, tmp_path / "m.onnx")
+    layers = {layer.name: layer for layer in plan_model(load_model(tmp_path / "m.onnx")).layers}
+    assert layers["gemm"].reason is not None and "NaN or Inf" in layers["gemm"].reason
+    assert layers["mm"].refinable
+
+
 def test_a_node_that_fails_to_plan_is_named_not_a_crash(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

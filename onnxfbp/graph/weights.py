@@ -250,6 +250,10 @@ def _checked(
     value = values.get(source.initializer)
     if value is not None and np.asarray(value).dtype.kind != "f":
         return None, f"weight {name!r} is stored as {np.asarray(value).dtype}, not a float"
+    if value is not None and source.store == "constant" and not np.isfinite(value).all():
+        # (initializers are checked when the model is loaded; Constant nodes may
+        # hold masks such as -inf, so a non-finite one is only left alone)
+        return None, f"weight {name!r} (a Constant node) holds NaN or Inf; left unchanged"
     return source, None
 
 
