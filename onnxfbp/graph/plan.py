@@ -447,7 +447,8 @@ def _layer(
     try:
         return _layer_of(node, producer, consumers, static, values, stored, on_path)
     except Exception as exc:  # noqa: BLE001 - an odd node is reported, never a crash
-        return Layer(name=node.name, op=node.op, kind="conv" if node.op == "Conv" else "dense",
+        return Layer(name=node.name, op=node.op,
+                     kind="conv" if node.op in ("Conv", "ConvTranspose") else "dense",
                      input=node.inputs[0].name if node.inputs else "",
                      output=node.outputs[0].name if node.outputs else "",
                      weight=TensorSource(""), weight_tensor="",
@@ -463,15 +464,17 @@ def _layer_of(
     node: gs.Node, producer: dict[str, gs.Node], consumers: dict[str, list[gs.Node]],
     static: set[str], values: dict[str, np.ndarray], stored: set[str], on_path: set[str],
 ) -> Layer:
-    kind = "conv" if node.op == "Conv" else "dense"
+    kind = "conv" if node.op in ("Conv", "ConvTranspose") else "dense"
     weight_name = node.inputs[1].name
     source, reason, _ = weight_source(weight_name, producer, stored, values, _attrs)
+    if reason is None and node.op == "ConvTranspose" and int(node.attrs.get("group", 1)) != 1:
+        reason = "a ConvTranspose with groups > 1 passes targets but is not refined"
     layer = Layer(
         name=node.name, op=node.op, kind=kind, input=node.inputs[0].name,
         output=node.outputs[0].name, weight=source or TensorSource(weight_name),
         weight_tensor=weight_name, reason=reason,
     )
-    if source is None:
+    if source is None or reason is not None:
         return layer
     readers = users(source.initializer, consumers, producer)
     if readers != {node.name}:
