@@ -450,7 +450,7 @@ def test_inspect_json_demo_model() -> None:
     assert nodes["/features/features.1/Relu"]["weights"] == {}
     layers = {entry["name"]: entry for entry in info["layers"]}
     assert layers[GEMM3]["weight"] == {"initializer": "classifier.3.weight", "shape": [10, 64],
-                                       "via": []}
+                                       "via": [], "store": "initializer"}
     assert layers[GEMM3]["bias"]["shape"] == [10] and layers[CONV]["kind"] == "conv"
 
     deep = inspect_json(DEMO_MODEL, "--deep", "--schedule", "jacobi")
@@ -477,9 +477,10 @@ def test_inspect_json_cntk_mnist8(shared_models: Path) -> None:
     assert info["summary"] == {"inverse": 11, "constant": 1, "off-path": 0, "boundary": 0}
     layers = {entry["name"]: entry for entry in info["layers"]}
     assert layers["Times212"]["weight"] == {"initializer": "Parameter193",
-                                            "shape": [16, 4, 4, 10], "via": ["Reshape"]}
+                                            "shape": [16, 4, 4, 10], "via": ["Reshape"],
+                                            "store": "initializer"}
     assert layers["Times212"]["bias"] == {"initializer": "Parameter194", "shape": [1, 10],
-                                          "add_node": "Plus214"}
+                                          "add_node": "Plus214", "store": "initializer"}
     assert layers["Convolution110"]["bias"]["add_node"] == "Plus112"
     assert info["boundaries"] == []
 
