@@ -126,3 +126,38 @@ def test_a_tied_weight_outside_the_minibatch_schedule_or_half_selected_is_skippe
     kept = whole_groups(last_two, skipped, True)
     assert [layer.name for layer in kept] == [last_two[0].name]
     assert "this run does not refine" in skipped[last_two[1].name]
+
+
+def test_an_output_layer_tied_to_a_layer_left_out_is_left_unchanged(
+    mnist: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """With few held-out samples the run keeps to the output layer; when that layer
+    shares its weight with an earlier one, it is left unchanged and says why."""
+    from onnx import TensorProto, helper  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(
+        (rng.standard_normal((784, 10)) * 0.05).astype(np.float32), "W1")
+    t = numpy_helper.from_array(
+        (np.eye(10) + 0.1 * rng.standard_normal((10, 10))).astype(np.float32), "T")
+    nodes = [helper.make_node("Flatten", ["x"], ["f"], name="flat"),
+             helper.make_node("MatMul", ["f", "W1"], ["a"], name="mm1"),
+             helper.make_node("Relu", ["a"], ["b"], name="relu1"),
+             helper.make_node("MatMul", ["b", "T"], ["c"], name="tied1"),
+             helper.make_node("Relu", ["c"], ["d"], name="relu2"),
+             helper.make_node("MatMul", ["d", "T"], ["y"], name="tied2")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 28, 28])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], [w1, t])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    x, y = mnist
+    result = refine(tmp_path / "m.onnx", tmp_path / "out.onnx", x[:200], y[:200],
+                    config=RefineConfig.of(device="cpu", seed=0))
+    rows = {row["name"]: row for row in result.plan["layers"]}
+    assert rows["tied2"]["outcome"] == "not selected"
+    assert "this run does not refine ['tied1']" in rows["tied2"]["reason"]
+    out = {t.name: numpy_helper.to_array(t)
+           for t in onnx.load(tmp_path / "out.onnx").graph.initializer}
+    np.testing.assert_array_equal(out["T"], numpy_helper.to_array(t))

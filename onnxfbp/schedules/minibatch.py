@@ -70,6 +70,14 @@ __all__ = ["Minibatch", "train_minibatch"]
 
 def train_minibatch(state: ModelState, ctx: RunContext) -> bool:
     """Run the schedule on ``state.layers``; whether a held-out gain was kept."""
+    whole = whole_groups(state.layers, state.skipped, True)
+    kept = {layer.name for layer in whole}
+    for layer in state.layers:
+        if layer.name not in kept:  # a shared weight's reader whose partners were cut
+            ctx.progress(Message(f"{layer.name}: {state.skipped[layer.name]}; left unchanged"))
+    state.layers = whole
+    if not whole:
+        return False
     return Minibatch(state, ctx).run()
 
 
@@ -80,7 +88,7 @@ class Minibatch:
     def __init__(self, state: ModelState, ctx: RunContext) -> None:
         self.state, self.ctx = state, ctx
         self.cfg = state.config.minibatch
-        self.layers: list[Layer] = whole_groups(state.layers, state.skipped, True)
+        self.layers: list[Layer] = state.layers  # whole groups of shared weights
         # layers reading one stored weight take one step together: ``leader`` maps
         # each to the first of its group, whose weights, Gram and step they share
         self.leader: dict[str, str] = {}
