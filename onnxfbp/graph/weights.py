@@ -188,7 +188,8 @@ def _ancestors(nodes: list[onnx.NodeProto], wanted: set[str]) -> list[onnx.NodeP
 def _in_default_domain(node: onnx.NodeProto) -> onnx.NodeProto:
     if node.domain != "ai.onnx":
         return node
-    out = copy.copy(node)
+    out = onnx.NodeProto()
+    out.CopyFrom(node)
     out.domain = ""
     return out
 
