@@ -229,3 +229,39 @@ def test_constant_folding_falls_back_to_the_reference_evaluator(
     with pytest.raises(ModelError, match="no kernel") as err:
         static_values(model, {"w2"}, list(graph.node))
     assert "\n" not in str(err.value)
+
+
+def test_value_floats_bias_is_written_back_in_its_own_form(
+    mnist: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """A softmax-regression head whose weight is a Constant ``value`` and whose bias
+    (a following Add) is a Constant ``value_floats``: both are refined and written
+    back in the attribute form they came in (digits at half resolution: a small
+    output-layer solve)."""
+    x, y = mnist
+    x = np.ascontiguousarray(x[:300, ::2, ::2])
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((196, 10)) * 0.01).astype(np.float32), "w")
+    nodes = [helper.make_node("Constant", [], ["W"], value=w),
+             helper.make_node("Constant", [], ["b"], value_floats=[0.0] * 10),
+             helper.make_node("Flatten", ["x"], ["f"], name="flat"),
+             helper.make_node("MatMul", ["f", "W"], ["z"], name="mm"),
+             helper.make_node("Add", ["z", "b"], ["y"], name="bias")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 14, 14])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 10])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    layer = plan_model(load_model(tmp_path / "m.onnx")).refinable[0]
+    assert layer.bias is not None and layer.bias.store == "constant"
+    result = refine(tmp_path / "m.onnx", tmp_path / "out.onnx", x, y[:300],
+                    config=RefineConfig.of(device="cpu", seed=0))
+    assert result.heldout_after.accuracy > result.heldout_before.accuracy + 0.3
+    written = onnx.load(tmp_path / "out.onnx")
+    assert skeleton(written).graph.node[0] == skeleton(model).graph.node[0]
+    forms = {n.output[0]: [a.name for a in n.attribute]
+             for n in written.graph.node if n.op_type == "Constant"}
+    assert forms == {"W": ["value"], "b": ["value_floats"]}
+    bias = np.asarray(written.graph.node[1].attribute[0].floats)
+    assert bias.shape == (10,) and np.isfinite(bias).all() and np.abs(bias).max() > 0
