@@ -177,3 +177,21 @@ def test_a_node_that_fails_to_plan_is_named_not_a_crash(
     assert relu_node["status"] == "boundary"
     assert relu_node["rule"].startswith("not understood: TypeError: only 0-dimensional")
     assert info["refined_layers"] == ["gemm"]
+
+
+def _shared_model_files() -> list[str]:
+    from shared_data import models_dir  # noqa: PLC0415
+
+    root = models_dir()
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.onnx")) if root.is_dir() else []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", _shared_model_files())
+def test_inspect_every_shared_model_exits_0(
+    name: str, shared_models: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["inspect", str(shared_models / name), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["refined_layers"]
+    assert not any((n["rule"] or "").startswith("not understood") for n in info["nodes"])
