@@ -29,6 +29,7 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from ..errors import ModelError, UnsupportedModelError
+from ..quant.qdq import fused_qdq
 from ..rules import RULES, NodeView, onnx_default
 from .load import allow_nonfinite_weights, load_model
 
@@ -350,7 +351,8 @@ class _Walk:
 
     def _visit(self, node: gs.Node) -> list[str]:
         """Mark ``node``; the tensors the walk goes on to."""
-        gated = _fused_activation(node, self.producer, self.consumers, self.static_values)
+        gated = fused_qdq(node, self.producer, self.static_values) \
+            or _fused_activation(node, self.producer, self.consumers, self.static_values)
         if gated is not None:
             self.fused[node.name] = gated[:3]
             self.absorbed.update(gated[3])
