@@ -26,7 +26,8 @@ __all__ = ["gptq_round", "output_error"]
 
 
 def gptq_round(w: np.ndarray, gram: np.ndarray, scale: np.ndarray, zero: np.ndarray,
-               lo: np.ndarray, hi: np.ndarray, damping: float = 0.01) -> np.ndarray:
+               lo: np.ndarray, hi: np.ndarray, damping: float = 0.01, block: int = 128
+               ) -> np.ndarray:
     """Grid values (d, k) for float weights ``w`` (d, k) with ``gram`` (d, d); the grid of
     entry ``(i, j)`` is ``(q - zero[i, j]) * scale[i, j]``, ``lo[i] <= q <= hi[i]``."""
     w = np.array(w, dtype=np.float64)
@@ -35,18 +36,39 @@ def gptq_round(w: np.ndarray, gram: np.ndarray, scale: np.ndarray, zero: np.ndar
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     h += damping * float(np.mean(np.diag(h))) * np.eye(d)
-    try:
-        u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H^-1 = U^T U
-    except np.linalg.LinAlgError:
-        u = np.diag(1.0 / np.sqrt(np.diag(h)))  # no feedback: nearest rounding
+    u = _upper_inverse_factor(h)
     out = np.empty_like(w)
-    for i in range(d):
-        q = np.clip(np.rint(w[i] / scale[i] + zero[i]), lo[i], hi[i])
-        out[i] = (q - zero[i]) * scale[i]
-        if i + 1 < d:
+    for start in range(0, d, block):  # GPTQ's lazy batches: feedback inside, then once
+        stop = min(start + block, d)
+        errs = np.empty((stop - start, w.shape[1]))
+        for i in range(start, stop):
+            q = np.clip(np.rint(w[i] / scale[i] + zero[i]), lo[i], hi[i])
+            out[i] = (q - zero[i]) * scale[i]
             err = (w[i] - out[i]) / u[i, i]
-            w[i + 1:] -= np.outer(u[i, i + 1:], err)
+            errs[i - start] = err
+            if i + 1 < stop:
+                w[i + 1:stop] -= np.outer(u[i, i + 1:stop], err)
+        if stop < d:
+            w[stop:] -= u[start:stop, stop:].T @ errs
     return out
+
+
+def _upper_inverse_factor(h: np.ndarray) -> np.ndarray:
+    """Upper triangular ``U`` with ``U^T U = h^-1``: ``h = R R^T`` with ``R = U^-1``
+    upper, from the Cholesky factor of ``h`` in reversed order (one factorization
+    and one triangular inverse, no full inverse). Diagonal (no feedback, nearest
+    rounding) if ``h`` is not positive definite."""
+    from scipy.linalg import lapack  # noqa: PLC0415
+
+    rev = slice(None, None, -1)
+    try:
+        r = np.linalg.cholesky(h[rev, rev])[rev, rev]  # upper, h = r r^T
+    except np.linalg.LinAlgError:
+        return np.diag(1.0 / np.sqrt(np.diag(h)))
+    u, info = lapack.dtrtri(r, lower=0)
+    if info != 0 or not np.isfinite(u).all():
+        return np.diag(1.0 / np.sqrt(np.diag(h)))
+    return np.asarray(u)
 
 
 def output_error(w: np.ndarray, q: np.ndarray, gram: np.ndarray) -> float:
