@@ -433,6 +433,7 @@ def refine(
     kept = _as_retain(retain_data, name) if retain_data is not None else None
     result = run_refine(state, adapt, held, progress, kept)
     if coach is not None:
+        coach.settle(state, result, progress or _quiet)
         result.data["teacher"] = {"path": str(teacher), **coach.summary}
     _gate(result, config)
     if output is not None:

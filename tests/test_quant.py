@@ -145,6 +145,7 @@ def test_int8_label_refinement_keeps_the_model_quantized(
     assert result.eval_after is not None and abs(result.eval_after.accuracy - after) < 0.01
 
 
+@pytest.mark.slow
 def test_teacher_recovers_int4_on_unlabelled_data(
         qdq: dict[str, Path], mnist: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
     x = _prep(mnist[0][:300])  # no labels
@@ -157,6 +158,9 @@ def test_teacher_recovers_int4_on_unlabelled_data(
     assert len(rounding["layers"]) == 4
     for layer in rounding["layers"]:
         assert layer["output_error_gptq"] < layer["output_error_nearest"], layer
+    agreement = rounding["heldout_agreement"]
+    assert set(agreement) == {"nearest", "weights", "features"}
+    assert agreement[rounding["kept"]] == max(agreement.values())
     before, after = _accuracy(qdq["int4"], xe, ye), _accuracy(out, xe, ye)
     teacher = _accuracy(qdq["float"], xe, ye)
     assert after > before, (before, after, teacher)

@@ -112,7 +112,7 @@ def bench(key: str, n: int, n_eval: int, tmp: Path) -> dict[str, object]:
         rec[tag] = {"before": before, "after": after, "seconds": time.perf_counter() - t,
                     "recovered_fraction": (after - before) / lost if lost > 0 else None,
                     "gap_after": teacher_acc - after,
-                    "rounding": result.data["teacher"].get("rounding", {}).get("kept")}
+                    "rounding": result.data["teacher"].get("rounding")}
     out["teacher_recovery"] = rec
     return out
 

@@ -27,7 +27,7 @@ from ..data import LabelledData, from_arrays
 from ..errors import UnsupportedModelError
 from ..events import Message, Progress
 from ..fit.layers import LayerBlock
-from ..fit.solve import PreconditionerSums
+from ..fit.solve import NormalEquations, choose_ridge
 from ..graph.plan import Layer
 from ..schedules.state import ModelState
 from .qdq import QuantWeight
@@ -59,6 +59,8 @@ class Teacher:
     state: ModelState
     path: str
     summary: dict[str, Any] = field(default_factory=dict)
+    input_eval: Any = None  # the quantized input model on the evaluation data
+    start: dict[str, np.ndarray] = field(default_factory=dict)  # values after round_start
 
     def logits(self, data: LabelledData, idx: np.ndarray | None = None) -> np.ndarray:
         idx = np.arange(len(data)) if idx is None else idx
@@ -104,7 +106,8 @@ class Teacher:
         if held is not None:
             held.validate(student.plan.input_shape, student.plan.n_classes)
             self.summary["teacher_eval_accuracy"] = self.accuracy(held)
-            self.summary["input_eval_accuracy"] = student.evaluate(held).accuracy
+            self.input_eval = student.evaluate(held)
+            self.summary["input_eval_accuracy"] = self.input_eval.accuracy
         self.summary["targets"] = "teacher predictions"
         labelled = self.relabel(data)
         progress(Message(f"teacher {self.path}: its predictions on {len(data)} samples are "
@@ -112,45 +115,77 @@ class Teacher:
         if student.quant:
             rng, train, val = split(len(labelled), student.config)
             self.round_start(student, labelled, train, val, rng, progress)
+        self.start = dict(student.values)
         return labelled
+
+    def settle(self, student: ModelState, result: Any, progress: Progress) -> None:
+        """After the run: if it ended below the rounding start (on the evaluation data
+        when given, else on the held-out split), go back to the start; the report's
+        ``eval.before`` is the input model's (the gate compares with it)."""
+        before, after = result.heldout_before, result.heldout_after
+        if result.eval_before is not None and result.eval_after is not None:
+            before, after = result.eval_before, result.eval_after
+        if after.accuracy < before.accuracy:
+            student.values.clear()
+            student.values.update(self.start)
+            result.model = student.patched_model()
+            result.heldout_after = result.heldout_before
+            result.eval_after = result.eval_before
+            self.summary["schedule"] = (f"reverted: it ended at {after.accuracy:.4f}, below the "
+                                        f"rounding start's {before.accuracy:.4f}")
+            progress(Message(f"teacher: the schedule's result {self.summary['schedule']}"))
+        else:
+            self.summary["schedule"] = "kept"
+        if self.input_eval is not None:
+            result.eval_before = self.input_eval
 
     def round_start(self, student: ModelState, data: LabelledData, train: np.ndarray,
                     val: np.ndarray, rng: np.random.Generator, progress: Progress) -> None:
-        """Round every matching quantized layer from the teacher's float weights with
-        its Gram (module doc); keep it if the held-out agreement improves."""
+        """Round the matching quantized layers again (module doc), two ways: toward
+        the teacher's float weights, and toward the weights that reconstruct the
+        teacher's layer outputs from the quantized model's inputs; keep the one
+        (or the input's nearest rounding) with the best held-out agreement."""
         started = time.perf_counter()
-        qmap = student.quant
-        before = student.scores(data, val)
         kept = dict(student.values)
-        rounded: list[dict[str, Any]] = []
         sample = train[: min(len(train), student.config.minibatch.precond_samples)]
-        for layer in reversed(student.layers):  # forward order
-            qw = qmap.weights.get(layer.weight.initializer)
-            tl = self._teacher_layer(layer, qw) if qw is not None else None
-            if qw is None or tl is None:
-                continue
-            done = self._round_layer(student, layer, tl, qw, data, sample, rng)
-            if done is not None:
-                rounded.append(done)
-        after = student.scores(data, val)
-        better = after[1] > before[1] or (after[1] == before[1] and after[0] < before[0])
-        if not better:
+        scores = {"nearest": student.scores(data, val)}
+        results: dict[str, tuple[dict[str, np.ndarray], list[dict[str, Any]]]] = {}
+        for mode in ("weights", "features"):
             student.values.clear()
             student.values.update(kept)
+            rounded = []
+            for layer in reversed(student.layers):  # forward order
+                qw = student.quant.weights.get(layer.weight.initializer)
+                tl = self._teacher_layer(layer, qw) if qw is not None else None
+                if qw is None or tl is None:
+                    continue
+                done = self._round_layer(student, layer, tl, qw, data, sample,
+                                         np.random.default_rng(rng.integers(2**31)), mode)
+                if done is not None:
+                    rounded.append(done)
+            if rounded:
+                scores[mode] = student.scores(data, val)
+                results[mode] = (dict(student.values), rounded)
+        best = max(scores, key=lambda k: (scores[k][1], -scores[k][0]))
+        student.values.clear()
+        student.values.update(results[best][0] if best in results else kept)
         n = max(len(val), 1)
         self.summary["rounding"] = {
-            "method": "gptq", "layers": rounded, "kept": bool(better and rounded),
-            "heldout_agreement_nearest": before[1] / n, "heldout_agreement_gptq": after[1] / n,
+            "method": "gptq", "kept": best,
+            "heldout_agreement": {k: v[1] / n for k, v in scores.items()},
+            "layers": results.get(best, results.get("weights", (None, [])))[1],
             "seconds": time.perf_counter() - started,
         }
-        progress(Message(
-            f"teacher rounding (GPTQ, {len(rounded)} layers): held-out agreement with the "
-            f"teacher {before[1] / n:.4f} (nearest) -> {after[1] / n:.4f}; "
-            + ("kept" if better and rounded else "nearest rounding kept")))
+        agreement = ", ".join(f"{k} {v[1] / n:.4f}" for k, v in scores.items())
+        progress(Message(f"teacher rounding (GPTQ): held-out agreement with the teacher "
+                         f"{agreement}; kept {best}"))
 
     def _round_layer(self, student: ModelState, layer: Layer, tl: Layer, qw: QuantWeight,
                      data: LabelledData, sample: np.ndarray, rng: np.random.Generator,
-                     ) -> dict[str, Any] | None:
+                     mode: str) -> dict[str, Any] | None:
+        """Round ``layer`` by GPTQ toward the teacher's weights (``mode`` ``weights``)
+        or toward the ridge solution (toward them) that maps the quantized model's
+        inputs to the teacher's outputs of the layer (``features``)."""
         tvals = self.state.plan.static_values
         w_t = tvals.get(tl.weight_tensor)
         if w_t is None or tuple(w_t.shape) != qw.shape:
@@ -180,14 +215,22 @@ class Teacher:
         hi = np.full(target.shape[1], qw.qrange[1], np.float64)
         if block.has_bias_row and bias_q is not None:
             lo[-1], hi[-1] = bias_q.qrange
-        sums = PreconditionerSums(False)
+        groups, d, k = target.shape
+        fit, check = NormalEquations(groups, d, k), NormalEquations(groups, d, k)
         positions = student.config.minibatch.gram_positions
-        for x, _ in data.batches(sample, student.config.run.batch_size):
-            acts = student.forward(x, [layer.input, layer.output])
-            xr, _ = block.rows(acts[layer.input], acts[layer.output], rng, positions)
-            sums.add(xr)
-        gram = np.asarray(sums.gram)
+        for i, (x, _) in enumerate(data.batches(sample, 50)):
+            acts = student.forward(x, [layer.input])
+            t_out = self.state.forward(x, [tl.output])[tl.output]
+            xr, tr = block.rows(acts[layer.input], t_out, rng, positions)
+            (check if i % 5 == 4 else fit).add(xr, tr)  # every fifth batch chooses lam
+        gram = np.asarray(fit.gram + check.gram)
         current = block.weights()
+        if mode == "features":
+            choice = choose_ridge(fit, check if check.rows else None, target,
+                                  (1e-4, 1e-3, 1e-2, 1e-1, 1.0))
+            if choice.why is not None:
+                return None
+            target = np.asarray(choice.weights)
         out = np.stack([gptq_round(target[g], gram[g], scale[g], zero[g], lo, hi)
                         for g in range(target.shape[0])])
         before = sum(output_error(target[g], current[g], gram[g]) for g in range(len(gram)))
