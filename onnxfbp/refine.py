@@ -426,8 +426,10 @@ def refine(
         from .quant.teacher import open_teacher  # noqa: PLC0415
 
         coach = open_teacher(teacher, state)
-        adapt = coach.prepare(state, _as_retain((data, y) if y is not None else data, name),  # type: ignore[arg-type]
-                              held, progress or _quiet)
+        given = (load_data(data, name, labels_optional=True)
+                 if isinstance(data, (str, os.PathLike)) and y is None
+                 else _as_retain((data, y) if y is not None else data, name))  # type: ignore[arg-type]
+        adapt = coach.prepare(state, given, held, progress or _quiet)
     else:
         adapt = _as_data((data, y) if y is not None else data, name)  # type: ignore[arg-type]
     kept = _as_retain(retain_data, name) if retain_data is not None else None

@@ -173,3 +173,19 @@ def test_teacher_with_other_shapes_is_a_one_line_error(
     with pytest.raises(UnsupportedModelError, match="--teacher .*do not match"):
         refine(qdq["int8"], None, (x, None),
                teacher=shared_models / "cifar10_pytorch18_vnncomp_resnet2b.onnx")
+
+
+def test_cli_bad_teacher_is_one_line_with_exit_code(
+        qdq: dict[str, Path], shared_models: Path, mnist: tuple[np.ndarray, np.ndarray],
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from onnxfbp import cli  # noqa: PLC0415
+    from onnxfbp.errors import EXIT_USER_ERROR  # noqa: PLC0415
+
+    np.savez(tmp_path / "calib.npz", x=_prep(mnist[0][:20]))  # no labels
+    code = cli.main(["refine", str(qdq["int8"]), str(tmp_path / "out.onnx"),
+                     "--data", str(tmp_path / "calib.npz"), "--quiet", "--teacher",
+                     str(shared_models / "cifar10_pytorch18_vnncomp_resnet2b.onnx")])
+    err = capsys.readouterr().err
+    assert code == EXIT_USER_ERROR, err
+    assert err.startswith("onnxfbp: error: --teacher ") and err.count("\n") == 1
+    assert not (tmp_path / "out.onnx").exists()
