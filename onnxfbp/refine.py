@@ -399,6 +399,7 @@ def refine(
     retain_data: RetainLike | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    teacher: str | os.PathLike[str] | None = None,
 ) -> RefineResult:
     """Refine ``model`` on labelled data and write the result to ``output``.
 
@@ -410,16 +411,32 @@ def refine(
     Returns the report; raises :class:`OnnxfbpError` subclasses for user errors
     and :class:`GateError` when the held-out gate is not met or the retain
     accuracy drops more than ``max_retain_drop`` (then nothing is written).
+    With ``teacher`` (the float model a QDQ ``model`` was quantized from) the
+    labels are optional: the teacher's predictions are the targets
+    (:mod:`onnxfbp.quant.teacher`).
     """
     config = config or RefineConfig()
     if output is not None:
         check_output_path(Path(model), Path(output), force)
     state = ModelState(model, config)
     name = state.plan.input_name
-    adapt = _as_data((data, y) if y is not None else data, name)  # type: ignore[arg-type]
     held = _as_data(eval_data, name) if eval_data is not None else None
+    coach = None
+    if teacher is not None:
+        from .quant.teacher import open_teacher  # noqa: PLC0415
+
+        coach = open_teacher(teacher, state)
+        given = (load_data(data, name, labels_optional=True)
+                 if isinstance(data, (str, os.PathLike)) and y is None
+                 else _as_retain((data, y) if y is not None else data, name))  # type: ignore[arg-type]
+        adapt = coach.prepare(state, given, held, progress or _quiet)
+    else:
+        adapt = _as_data((data, y) if y is not None else data, name)  # type: ignore[arg-type]
     kept = _as_retain(retain_data, name) if retain_data is not None else None
     result = run_refine(state, adapt, held, progress, kept)
+    if coach is not None:
+        coach.settle(state, result, progress or _quiet)
+        result.data["teacher"] = {"path": str(teacher), **coach.summary}
     _gate(result, config)
     if output is not None:
         t = time.perf_counter()

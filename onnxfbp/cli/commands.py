@@ -246,7 +246,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     report = Path(args.report) if args.report else None
     _run_paths(model, output, report, args.force,
                data=[(args.data, "data"), (args.eval_data, "eval data"),
-                     (args.retain_data, "retain data")])
+                     (args.retain_data, "retain data"), (args.teacher, "teacher model")])
     _check_holdout(args)
     remove_stale_staging([output, *([report] if report else [])])
     notes: list[str] = []
@@ -255,6 +255,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
             result = refine(
                 args.model, None, args.data, config=_config(args), eval_data=args.eval_data,
                 retain_data=args.retain_data, force=args.force, progress=_progress(args.quiet),
+                teacher=args.teacher,
             )
     except GateError as exc:  # no model is written, but the report says why (written: null)
         failed = getattr(exc, "result", None)
@@ -426,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retain-data",
                    help="original-domain data to keep (labels optional: without y the "
                         "model's own predictions are the targets)")
+    p.add_argument("--teacher",
+                   help="float model the (quantized) MODEL came from: its predictions are the "
+                        "targets (--data needs no labels); see docs/quant.md")
     p.add_argument("--max-retain-drop", type=_finite_float,
                    help="exit 3 unless the retain held-out accuracy drops at most this "
                         "much (default 0.01)")

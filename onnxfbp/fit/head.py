@@ -101,8 +101,13 @@ def head_features(
     of ``splits``. None unless it is a dense layer on per-sample features that
     feeds the logits through shape-only nodes and whose weight no other layer reads."""
     head = state.layers[0]
+    ops = dict((name, op) for name, op, _ in state.plan.all_nodes)
+    # an activation Q/DQ pair (planned as Clip under the DequantizeLinear's name)
+    # rounds the logits only: the fit is made on the float logits
     if head.kind != "dense" or head.shared or any(
-        state.plan.nodes[i].op not in _SHAPE_ONLY for i in state.downstream[head.name]
+        state.plan.nodes[i].op not in _SHAPE_ONLY
+        and ops.get(state.plan.nodes[i].name) != "DequantizeLinear"
+        for i in state.downstream[head.name]
     ):
         return None
     started = time.perf_counter()

@@ -17,6 +17,7 @@ its weights, and which layers a refine run would change.
 - ``refined_layers``: the node names a refine run with the same ``--schedule``
   and ``--deep`` would change, in the order it visits them (from the output back);
 - ``layers``: every Conv/Gemm/MatMul on the reverse path, with ``kind``,
+  ``quantized`` (a QDQ weight: {initializer, type, bits, granularity}, else null),
   ``weight`` {initializer, store, shape, via}, ``bias`` {initializer, store,
   shape, add_node} or null, ``refined`` and ``why_not``; ``store`` is where the
   value lives: ``initializer``, or ``constant`` (a Constant node's value, the
@@ -145,6 +146,7 @@ def inspect_model(
                        "shape": inits.get(layer.weight.initializer),
                        "via": [node.op_type for node in reversed(via)]},
             "bias": bias, "refined": layer.name in refined, "why_not": why_not,
+            "quantized": _quantized(state, layer.weight.initializer),
         })
     by_layer = {entry["name"]: entry for entry in layers}
 
@@ -187,6 +189,15 @@ def inspect_model(
         "nodes": nodes,
         "summary": summary,
     }
+
+
+def _quantized(state: ModelState, tensor: str) -> dict[str, Any] | None:
+    """A QDQ weight's integer initializer, type, bit width and granularity."""
+    qw = state.quant.weights.get(tensor)
+    if qw is None:
+        return None
+    return {"initializer": qw.initializer, "type": qw.type_name, "bits": qw.bits,
+            "granularity": qw.granularity}
 
 
 def _shape(shape: list[int] | None) -> str:
@@ -262,6 +273,8 @@ def render_table(info: dict[str, Any], console: Any = None) -> None:
             weights = f"W {_shape(w['shape'])}"
             if w["via"]:
                 weights += f" via {'+'.join(w['via'])}"
+            if layer.get("quantized"):
+                weights += f" [{layer['quantized']['type']} {layer['quantized']['granularity']}]"
             if layer["bias"] is not None:
                 b = layer["bias"]
                 weights += f", b {_shape(b['shape'])}"

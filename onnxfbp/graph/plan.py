@@ -31,6 +31,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import UnsupportedModelError
+from ..quant.qdq import fused_qdq
 from ..rules import RULES, NodeView, onnx_default
 from .load import allow_nonfinite_weights, load_model
 from .weights import TensorSource, share_weights, users, weight_source
@@ -303,7 +304,8 @@ class _Walk:
 
     def _visit(self, node: gs.Node) -> list[str]:
         """Mark ``node``; the tensors the walk goes on to."""
-        gated = _fused_activation(node, self.producer, self.consumers, self.static_values)
+        gated = fused_qdq(node, self.producer, self.static_values) \
+            or _fused_activation(node, self.producer, self.consumers, self.static_values)
         if gated is not None:
             self.fused[node.name] = gated[:3]
             self.absorbed.update(gated[3])

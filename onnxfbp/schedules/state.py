@@ -29,6 +29,7 @@ from ..fit.targets import cross_entropy
 from ..graph.plan import Layer, Plan, load_model, plan_model
 from ..graph.weights import lift_constants
 from ..output.results import EvalResult, LayerReport, eval_result
+from ..quant.qdq import float_view
 from ..run.backend import array_module, cupy_or_none
 from ..run.device import run_to_device
 from ..run.forward import ForwardRunner, choose_providers
@@ -203,7 +204,8 @@ class ModelState:
         self.timings: dict[str, float] = {}
         self.clock = Clock()
         start = time.perf_counter()
-        self.model: onnx.ModelProto = load_model(self.model_path)
+        # a QDQ model is refined as its float view; weights are kept on its grid
+        self.model, self.quant = float_view(load_model(self.model_path))
         self.plan: Plan = plan_model(self.model, config.layers.output_name)
         self.timings["plan"] = time.perf_counter() - start
         self.providers = choose_providers(config.run.device)
@@ -290,16 +292,20 @@ class ModelState:
         """Write the solved block ``new_w`` back into ``layer``'s initializers."""
         weight_value, bias_value = block.split(new_w)
         init = layer.weight.initializer
-        self.values[init] = layer.weight.write_back(np.asarray(weight_value), self.values[init])
+        self.values[init] = self.quant.project(
+            init, layer.weight.write_back(np.asarray(weight_value), self.values[init]))
         if bias_value is not None and layer.bias is not None:
             binit = layer.bias.initializer
-            self.values[binit] = layer.bias.write_back(np.asarray(bias_value), self.values[binit])
+            self.values[binit] = self.quant.project(
+                binit, layer.bias.write_back(np.asarray(bias_value), self.values[binit]))
 
     def patched_model(self) -> onnx.ModelProto:
         """The input model with refined initializer values; nothing else changed."""
         from ..output.patch import with_initializers  # noqa: PLC0415
 
         changed = {k: v for k, v in self.values.items() if not np.array_equal(v, self.original[k])}
+        if self.quant:  # integers into the input's own initializers
+            return self.quant.patched(changed)
         return with_initializers(self.model, changed)
 
     # ------------------------------------------------------------ forward

@@ -1,0 +1,77 @@
+"""Rounding with the layer's Gram: GPTQ / OBQ-style error feedback.
+
+For a layer with input rows ``X`` (im2col rows for a convolution, a column of
+ones for the bias) and float weights ``W`` (d x k, the solver's layout), the
+integer weights ``Q`` (on the layer's grid: ``(q - zp) * s``, ``q`` clipped to
+its type's range) should keep the layer's output: minimize
+
+    ||X (W - Q)||^2 = tr((W - Q)^T H (W - Q)),      H = X^T X (+ damping)
+
+Rows of ``W`` (input columns) are rounded one at a time; the error of row ``i``
+is spread over the rows not yet rounded by the optimal (OBS) update
+
+    e = (w_i - q_i) / U_ii,      W[i+1:] -= U[i, i+1:]^T e
+
+with ``U`` the upper Cholesky factor of ``H^-1`` (Frantar et al., GPTQ, 2022).
+The bias row is rounded last, on its own (fine, int32) grid, so it absorbs
+the rest of the error. Nearest rounding (``rint(W / s) + zp``) is the same with
+no feedback.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["gptq_round", "output_error"]
+
+
+def gptq_round(w: np.ndarray, gram: np.ndarray, scale: np.ndarray, zero: np.ndarray,
+               lo: np.ndarray, hi: np.ndarray, damping: float = 0.01, block: int = 128
+               ) -> np.ndarray:
+    """Grid values (d, k) for float weights ``w`` (d, k) with ``gram`` (d, d); the grid of
+    entry ``(i, j)`` is ``(q - zero[i, j]) * scale[i, j]``, ``lo[i] <= q <= hi[i]``."""
+    w = np.array(w, dtype=np.float64)
+    d = w.shape[0]
+    h = np.array(gram, dtype=np.float64)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    h += damping * float(np.mean(np.diag(h))) * np.eye(d)
+    u = _upper_inverse_factor(h)
+    out = np.empty_like(w)
+    for start in range(0, d, block):  # GPTQ's lazy batches: feedback inside, then once
+        stop = min(start + block, d)
+        errs = np.empty((stop - start, w.shape[1]))
+        for i in range(start, stop):
+            q = np.clip(np.rint(w[i] / scale[i] + zero[i]), lo[i], hi[i])
+            out[i] = (q - zero[i]) * scale[i]
+            err = (w[i] - out[i]) / u[i, i]
+            errs[i - start] = err
+            if i + 1 < stop:
+                w[i + 1:stop] -= np.outer(u[i, i + 1:stop], err)
+        if stop < d:
+            w[stop:] -= u[start:stop, stop:].T @ errs
+    return out
+
+
+def _upper_inverse_factor(h: np.ndarray) -> np.ndarray:
+    """Upper triangular ``U`` with ``U^T U = h^-1``: ``h = R R^T`` with ``R = U^-1``
+    upper, from the Cholesky factor of ``h`` in reversed order (one factorization
+    and one triangular inverse, no full inverse). Diagonal (no feedback, nearest
+    rounding) if ``h`` is not positive definite."""
+    from scipy.linalg import lapack  # noqa: PLC0415
+
+    rev = slice(None, None, -1)
+    try:
+        r = np.linalg.cholesky(h[rev, rev])[rev, rev]  # upper, h = r r^T
+    except np.linalg.LinAlgError:
+        return np.diag(1.0 / np.sqrt(np.diag(h)))
+    u, info = lapack.dtrtri(r, lower=0)
+    if info != 0 or not np.isfinite(u).all():
+        return np.diag(1.0 / np.sqrt(np.diag(h)))
+    return np.asarray(u)
+
+
+def output_error(w: np.ndarray, q: np.ndarray, gram: np.ndarray) -> float:
+    """``tr((W - Q)^T H (W - Q))``: the squared output change summed over rows."""
+    e = np.asarray(w, np.float64) - np.asarray(q, np.float64)
+    return float((e * (gram @ e)).sum())
