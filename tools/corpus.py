@@ -36,15 +36,14 @@ from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import corpus_nets as nets  # noqa: E402
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402, N812
+from corpus_data import SPLITS, TASKS, sample  # noqa: E402
 from numpy.typing import NDArray  # noqa: E402
-
-import corpus_nets as nets  # noqa: E402
-from corpus_data import CLASSIFY, SPLITS, TASKS, sample  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "models" / "corpus"
