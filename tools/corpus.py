@@ -2,6 +2,7 @@
 write the labelled data of one corpus model.
 
     python tools/corpus.py [--only NAME ...] [--out models/corpus] [--no-dynamo]
+    python tools/corpus.py paddle --python PADDLE_ENV/bin/python
     python tools/corpus.py data NAME --n N [--part adapt|eval|train] [--shift S]
                                      [--seed K] --out FILE.npz
 
@@ -30,7 +31,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -382,8 +383,52 @@ def write_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_paddle(python: str, out: Path) -> list[dict[str, str]]:
+    """``paddle_se_cnn``: ``tools/corpus_paddle.py`` run by ``python`` (an environment
+    with paddlepaddle and paddle2onnx), trained on the same images, measured here."""
+    import subprocess
+    import tempfile
+
+    spec, name = SPECS["se_cnn"], "paddle_se_cnn"
+    path = out / f"{name}.onnx"
+    with tempfile.TemporaryDirectory(prefix="corpus-paddle-") as tmp:
+        train_npz = Path(tmp) / "train.npz"
+        np.savez(train_npz, **sample("se_cnn", "train"))
+        t0 = time.perf_counter()
+        subprocess.run([python, str(Path(__file__).with_name("corpus_paddle.py")),
+                        str(train_npz), str(Path(tmp) / "m.onnx")], check=True, cwd=tmp)
+        train_s = time.perf_counter() - t0
+        onnx.save(onnx.load(str(Path(tmp) / "m.onnx")), str(path))
+    m = onnx.load(str(path))
+    clean = sample("se_cnn", "eval")
+    shifted = sample("se_cnn", "eval", shift=spec.shift, seed=EVAL_SEED)
+    feed = replace(spec, inputs=(m.graph.input[0].name,), outputs=(m.graph.output[0].name,))
+    row = {"file": path.name, "name": name, "exporter":
+           f"paddle2onnx {m.producer_version or ''} (paddle.onnx.export, opset 11)".strip(),
+           "architecture": "PP-LCNet-like (PaddlePaddle): Conv+BN+HardSwish, depthwise Conv, "
+           "squeeze-excitation (HardSigmoid gate), pointwise Conv, GAP, Linear",
+           "task": "classify", "labels": spec.labels, "preprocessing": PREP,
+           "training_data": TRAIN_DATA, "shift": spec.shift, **describe(path)}
+    x_clean, x_shift = {feed.inputs[0]: clean["input"]}, {feed.inputs[0]: shifted["input"]}
+    row["clean_metric"] = fmt(metrics(feed, run_onnx(path, x_clean, feed.inputs), clean))
+    row["shifted_metric"] = fmt(metrics(feed, run_onnx(path, x_shift, feed.inputs), shifted))
+    row["notes"] = (f"ops: {row.pop('ops')}; BatchNormalization kept; weights are "
+                    f"initializers (paddle2onnx 2.x); size {path.stat().st_size} B; "
+                    f"trained and exported in {train_s:.0f} s")
+    print(f"  {path.name}: clean {row['clean_metric']}; rot {row['shifted_metric']}")
+    return [row]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["paddle"]:
+        p = argparse.ArgumentParser(prog="corpus.py paddle")
+        p.add_argument("--python", required=True,
+                       help="the Python of an environment with paddlepaddle and paddle2onnx")
+        p.add_argument("--out", default=str(OUT))
+        a = p.parse_args(argv[1:])
+        write_manifest(Path(a.out), build_paddle(a.python, Path(a.out)))
+        return 0
     if argv[:1] == ["data"]:
         p = argparse.ArgumentParser(prog="corpus.py data", description=__doc__,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
