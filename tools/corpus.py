@@ -95,17 +95,19 @@ SPECS: dict[str, Spec] = {
     "bbox_regress": Spec(nets.BoxRegress, "CNN regressor of a digit's box on a 56x56 "
                          "canvas (strided Convs, Gemm)", "regress", ("input",), ("box",),
                          "y float32 [N, 4] = (x0, y0, x1, y1) / 56", "contrast", 8),
-    "seg_fcn": Spec(nets.SegFcn, "U-Net-like segmenter: strided Convs, ConvTranspose, "
-                    "Resize (bilinear), skip Concats, 1x1 Conv to 11 classes",
+    "seg_fcn": Spec(nets.SegFcn, "U-Net-like segmenter: strided Convs, image-level "
+                    "context (GAP, Conv, broadcast Add), ConvTranspose, Resize (bilinear), "
+                    "skip Concats, 1x1 Conv to 11 classes",
                     "segment", ("input",), ("logits",),
-                    "y int64 [N, 56, 56]: 0 background, digit + 1, 255 ignore", "rot", 5),
+                    "y int64 [N, 56, 56]: 0 background, digit + 1, 255 ignore", "rot", 8),
     "mask_sigmoid": Spec(nets.MaskNet, "dense binary mask: strided Conv encoder, Resize "
                          "(nearest) decoder, skip Concat, Sigmoid output", "mask",
                          ("input",), ("mask",), "y float32 [N, 1, 56, 56] in {0, 1}",
                          "noise", 4),
-    "two_input_sum": Spec(nets.TwoInputSum, "two CNN trunks (one per input), Concat, "
-                          "Gemm head: 19 classes = sum of the two digits", "classify",
-                          ("a", "b"), ("logits",), "y int64 [N] in 0..18", "rot", 10),
+    "two_input_sum": Spec(nets.TwoInputSum, "two CNN trunks with 10-way Gemm heads (one "
+                          "per input), Concat, Gemm MLP: 19 classes = sum of the two digits",
+                          "classify", ("a", "b"), ("logits",), "y int64 [N] in 0..18", "rot",
+                          8),
     "two_output": Spec(nets.TwoOutput, "CNN trunk, two Gemm heads: class logits and "
                        "rotation angle", "multi", ("input",), ("logits", "angle"),
                        "y_class int64 [N]; y_angle float32 [N, 1] = degrees / 45",
@@ -136,7 +138,8 @@ def loss_of(spec: Spec, out: Any, lab: list[torch.Tensor]) -> torch.Tensor:
     if spec.task == "regress":
         return F.mse_loss(out, lab[0])
     if spec.task == "segment":
-        return F.cross_entropy(out, lab[0], ignore_index=255)
+        weight = torch.tensor([0.2] + [1.0] * 10)  # background is ~95 % of the pixels
+        return F.cross_entropy(out, lab[0], weight=weight, ignore_index=255)
     if spec.task == "mask":
         return F.binary_cross_entropy(out, lab[0])
     return F.cross_entropy(out[0], lab[0]) + F.mse_loss(out[1], lab[1])
@@ -156,12 +159,19 @@ def train(name: str) -> torch.nn.Module:
         data = sample(name, "train", seed=100 + epoch)
         xs = [torch.from_numpy(data[k]) for k in spec.inputs]
         ys = [torch.from_numpy(data[k]) for k in label_keys(name)]
+        aux = [torch.from_numpy(data[k]) for k in ("y_a", "y_b") if k in data]
         order = torch.randperm(len(xs[0]), generator=gen)
         total = 0.0
         for start in range(0, len(order), BATCH):
             idx = order[start:start + BATCH]
             opt.zero_grad()
-            loss = loss_of(spec, net(*[x[idx] for x in xs]), [y[idx] for y in ys])
+            batch = [x[idx] for x in xs]
+            if aux:  # two_input_sum: supervise the per-digit heads too
+                out, la, lb = net.parts(*batch)  # type: ignore[operator]
+                loss = (loss_of(spec, out, [ys[0][idx]]) + F.cross_entropy(la, aux[0][idx])
+                        + F.cross_entropy(lb, aux[1][idx]))
+            else:
+                loss = loss_of(spec, net(*batch), [y[idx] for y in ys])
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(idx)

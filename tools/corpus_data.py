@@ -20,7 +20,8 @@ Samples per task (images x = pixel / 255, float32, NCHW):
   digit + 1 where pixel > 0.5, 255 (ignore) on the antialiased rim in between.
 - ``mask_sigmoid``: the same canvas; ``y`` float32 [N, 1, 56, 56] = 1 where pixel > 0.5.
 - ``two_input_sum``: ``a`` and ``b`` [N, 1, 28, 28] (image i and image perm(i) of the
-  part), ``y`` int64 [N] = label(a) + label(b) in 0..18.
+  part), ``y`` int64 [N] = label(a) + label(b) in 0..18 (the ``train`` part also has
+  ``y_a`` and ``y_b``, the two digits' labels, for the auxiliary heads of training).
 
 Shifts: the geometric ones (``rot``, ``elastic``, ``translate``) move the digit before it
 is pasted, so labels follow it; the others (noise, blur, contrast, ...) change pixel values
@@ -142,7 +143,10 @@ def sample(task: str, part: str, n: int | None = None, shift: str = "none",
         perm = rng.permutation(len(x))
         a = _appearance(_geometric(x, shift, seed), shift, seed)
         b = _appearance(_geometric(x[perm], shift, seed + 1), shift, seed + 1)
-        return {"a": _nchw(a), "b": _nchw(b), "y": y + y[perm]}
+        out = {"a": _nchw(a), "b": _nchw(b), "y": y + y[perm]}
+        if part == "train":  # the digits' own labels, for the trunks' auxiliary heads
+            out.update({"y_a": y, "y_b": y[perm]})
+        return out
     canvas = paste(_geometric(x, shift, seed), rng)
     shown = _nchw(_appearance(canvas, shift, seed))
     if task == "bbox_regress":

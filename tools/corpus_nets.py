@@ -15,7 +15,7 @@ models are made of today:
                   Linear classifier.
 - ``RotRegress``  CNN regressing a digit's rotation angle, output ``[N, 1]``.
 - ``BoxRegress``  CNN regressing a digit's box on a 56x56 canvas, output ``[N, 4]``.
-- ``SegFcn``      U-Net-like segmenter (ConvTranspose and Resize, skip Concats),
+- ``SegFcn``      U-Net-like segmenter (strided Convs, ConvTranspose, Resize, skip Concats),
                   output ``[N, 11, 56, 56]`` logits.
 - ``MaskNet``     dense binary mask model, Resize decoder, Sigmoid output ``[N, 1, 56, 56]``.
 - ``TwoInputSum`` two digit images ``a``, ``b`` -> logits of their sum ``[N, 19]``.
@@ -207,27 +207,31 @@ class BoxRegress(nn.Module):
 
 
 class SegFcn(nn.Module):
-    """U-Net-like: 56 -> 28 -> 14, ConvTranspose back to 28, Resize back to 56, skip
-    Concats, a 1x1 Conv to 11 classes (background + 10 digits)."""
+    """U-Net-like: 56 -> 28 -> 14 -> 7 (strided Convs), image-level context at 7x7
+    (``m + ReLU(Conv(GAP(m)))``, a broadcast Add), ConvTranspose back to 14, Resize to 28
+    and to 56 (bilinear), skip Concats, a 1x1 Conv to 11 classes (background + 10)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.e1 = nn.Conv2d(1, 8, 3, 1, 1)     # 56
-        self.e2 = nn.Conv2d(8, 16, 3, 2, 1)    # 28
-        self.e3 = nn.Conv2d(16, 32, 3, 2, 1)   # 14
-        self.m = nn.Conv2d(32, 32, 3, 1, 1)
-        self.up = nn.ConvTranspose2d(32, 16, 2, 2)  # 28
-        self.d2 = nn.Conv2d(32, 16, 3, 1, 1)
-        self.d1 = nn.Conv2d(24, 8, 3, 1, 1)
-        self.out = nn.Conv2d(8, 11, 1)
+        self.e1 = nn.Conv2d(1, 16, 3, 2, 1)    # 28
+        self.e2 = nn.Conv2d(16, 32, 3, 2, 1)   # 14
+        self.e3 = nn.Conv2d(32, 48, 3, 2, 1)   # 7
+        self.m1, self.m2 = nn.Conv2d(48, 48, 3, 1, 1), nn.Conv2d(48, 48, 3, 1, 1)
+        self.ctx = nn.Conv2d(48, 48, 1)
+        self.up = nn.ConvTranspose2d(48, 32, 2, 2)  # 14
+        self.d2 = nn.Conv2d(64, 32, 3, 1, 1)
+        self.d1 = nn.Conv2d(48, 16, 3, 1, 1)
+        self.out = nn.Conv2d(16, 11, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         e1 = F.relu(self.e1(x))
         e2 = F.relu(self.e2(e1))
-        m = F.relu(self.m(F.relu(self.e3(e2))))
+        m = F.relu(self.m2(F.relu(self.m1(F.relu(self.e3(e2))))))
+        m = m + F.relu(self.ctx(F.adaptive_avg_pool2d(m, 1)))
         d2 = F.relu(self.d2(torch.cat([F.relu(self.up(m)), e2], 1)))
         u = F.interpolate(d2, scale_factor=2.0, mode="bilinear", align_corners=False)
-        return self.out(F.relu(self.d1(torch.cat([u, e1], 1))))
+        y = self.out(F.relu(self.d1(torch.cat([u, e1], 1))))
+        return F.interpolate(y, scale_factor=2.0, mode="bilinear", align_corners=False)
 
 
 class MaskNet(nn.Module):
@@ -249,16 +253,22 @@ class MaskNet(nn.Module):
 
 
 class TwoInputSum(nn.Module):
-    """Two digit images -> logits of the sum of their labels (19 classes)."""
+    """Two digit images -> logits of the sum of their labels (19 classes): a CNN trunk
+    and a 10-way Linear per input, Concat of the two, a 2-layer MLP. Trained with the
+    two per-digit heads supervised too (``parts``), which the sum alone learns slowly."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ta, self.tb = _trunk28(8), _trunk28(8)
-        self.fc1, self.fc2 = nn.Linear(2 * 16 * 49, 64), nn.Linear(64, 19)
+        self.ha, self.hb = nn.Linear(16 * 49, 10), nn.Linear(16 * 49, 10)
+        self.fc1, self.fc2 = nn.Linear(20, 64), nn.Linear(64, 19)
+
+    def parts(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        la, lb = self.ha(self.ta(a)), self.hb(self.tb(b))
+        return self.fc2(F.relu(self.fc1(torch.cat([la, lb], 1)))), la, lb
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        h = torch.cat([self.ta(a), self.tb(b)], 1)
-        return self.fc2(F.relu(self.fc1(h)))
+        return self.parts(a, b)[0]
 
 
 class TwoOutput(nn.Module):
