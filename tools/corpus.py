@@ -85,10 +85,10 @@ SPECS: dict[str, Spec] = {
                      "classify", ("input",), ("logits",), "y int64 [N]", "rot", 16),
     "fcn_cls": Spec(nets.FcnCls, "encoder-decoder: strided Convs, ConvTranspose, Concat "
                     "skip, Resize (bilinear), Conv, GAP, Linear classifier",
-                    "classify", ("input",), ("logits",), "y int64 [N]", "rot", 10),
+                    "classify", ("input",), ("logits",), "y int64 [N]", "rot", 8),
     "effnet_tiny": Spec(nets.EffNetTiny, "EfficientNet-like: MBConv with SE (SiLU, "
                         "Sigmoid gate), SiLU, residual Add, Linear head",
-                        "classify", ("input",), ("logits",), "y int64 [N]", "rot", 12),
+                        "classify", ("input",), ("logits",), "y int64 [N]", "rot", 8),
     "rot_regress": Spec(nets.RotRegress, "CNN regressor of the rotation angle (Conv, "
                         "MaxPool, Gemm)", "regress", ("input",), ("angle",),
                         "y float32 [N, 1] = degrees / 45", "noise", 8),

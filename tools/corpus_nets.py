@@ -152,7 +152,9 @@ class VitTiny(nn.Module):
 
 
 class FcnCls(nn.Module):
-    """Conv s2 -> Conv s2 -> ConvTranspose x2 -> Resize x2 -> Conv -> GAP -> Linear."""
+    """Encoder-decoder then a classifier: Conv s2 -> Conv s2 (7x7) -> ConvTranspose (14)
+    -> Concat skip -> Conv -> Resize x2 (28, bilinear) -> Conv s2 -> Conv s2 (7) -> GAP
+    -> Linear."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -160,7 +162,8 @@ class FcnCls(nn.Module):
         self.e2 = nn.Conv2d(16, 32, 3, 2, 1)   # 7
         self.up = nn.ConvTranspose2d(32, 32, 2, 2)  # 14
         self.c1 = nn.Conv2d(48, 32, 3, 1, 1)
-        self.c2 = nn.Conv2d(32, 64, 3, 2, 1)   # 28 -> 14
+        self.c2 = nn.Conv2d(32, 48, 3, 2, 1)   # 28 -> 14
+        self.c3 = nn.Conv2d(48, 64, 3, 2, 1)   # 7
         self.fc = nn.Linear(64, 10)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -168,7 +171,7 @@ class FcnCls(nn.Module):
         u = F.relu(self.up(F.relu(self.e2(e1))))
         y = F.relu(self.c1(torch.cat([u, e1], 1)))
         y = F.interpolate(y, scale_factor=2.0, mode="bilinear", align_corners=False)  # 28
-        y = F.relu(self.c2(y))
+        y = F.relu(self.c3(F.relu(self.c2(y))))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
 
 
