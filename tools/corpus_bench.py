@@ -192,7 +192,20 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_f(me.get('process_s'), '.1f')} | {_f(tuned.get('gain'), '+.3f')} | "
             f"{_f(tuned.get('drop'), '+.3f')} | {_f(tuned.get('process_s'), '.1f')} | "
             f"{_f(plain.get('process_s'), '.1f')} |")
-    lines += ["", "Boundaries `inspect` reports (per file):", ""]
+    loads = sorted(r["other_load"] for c in result["cells"] for r in c["methods"].values()
+                   if r.get("other_load") is not None)
+    lines += ["", "Peers ran on the legacy file (the same weights as the other two exports); "
+              "their numbers repeat on those rows. Times are whole processes; the median "
+              "share of the cores busy with other processes meanwhile was "
+              f"{_f(loads[len(loads) // 2] if loads else None, '.2f')}.", ""]
+    failed = [(c["file"], c["shift"], m, r.get("stderr_tail", ""))
+              for c in result["cells"] for m, r in c["methods"].items()
+              if r.get("status") == "failed"]
+    if failed:
+        lines += ["Failed runs (last line of stderr):", ""]
+        lines += [f"- `{f}` {sh} {m}: {tail}" for f, sh, m, tail in failed]
+        lines.append("")
+    lines += ["Boundaries `inspect` reports (per file):", ""]
     for file, info in files.items():
         b = "; ".join(sorted(set(info.get("boundaries") or []))) or "none"
         err = info.get("inspect_error")
