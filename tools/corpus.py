@@ -15,7 +15,8 @@ turned into a ``Constant`` node (paddle2onnx's layout: no initializers at all;
 ``constant_rewrite``). The metric of each file is measured on the held-out images
 8000-9999, clean and under the model's documented shift (seed 2), and every row of
 ``MANIFEST.tsv`` is rewritten. Seeds are fixed and torch runs deterministic kernels on
-one thread, so a rebuild writes the same weights on the same machine.
+one thread (a rebuild on the same machine and versions should give the same weights;
+not checked byte for byte).
 
 The ``data`` form writes an npz: inputs under the graph input names, labels under
 ``y`` (``y_class`` and ``y_angle`` for ``two_output``), shaped as documented in
@@ -84,7 +85,7 @@ SPECS: dict[str, Spec] = {
                      "attention (MatMul, Softmax), LayerNorm, GELU (Erf), Linear head",
                      "classify", ("input",), ("logits",), "y int64 [N]", "rot", 16),
     "fcn_cls": Spec(nets.FcnCls, "encoder-decoder: strided Convs, ConvTranspose, Concat "
-                    "skip, Resize (bilinear), Conv, GAP, Linear classifier",
+                    "skip, Resize (bilinear), strided Convs, GAP, Linear classifier",
                     "classify", ("input",), ("logits",), "y int64 [N]", "rot", 8),
     "effnet_tiny": Spec(nets.EffNetTiny, "EfficientNet-like: MBConv with SE (SiLU, "
                         "Sigmoid gate), SiLU, residual Add, Linear head",
