@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -399,6 +400,7 @@ def refine(
     retain_data: RetainLike | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    client: Any = None,
 ) -> RefineResult:
     """Refine ``model`` on labelled data and write the result to ``output``.
 
@@ -410,16 +412,30 @@ def refine(
     Returns the report; raises :class:`OnnxfbpError` subclasses for user errors
     and :class:`GateError` when the held-out gate is not met or the retain
     accuracy drops more than ``max_retain_drop`` (then nothing is written).
+    With a ``distributed.Client`` as ``client`` the passes over the data run on its
+    workers, which read ``data`` (a path) themselves (:mod:`onnxfbp.cluster`).
     """
     config = config or RefineConfig()
     if output is not None:
         check_output_path(Path(model), Path(output), force)
-    state = ModelState(model, config)
-    name = state.plan.input_name
-    adapt = _as_data((data, y) if y is not None else data, name)  # type: ignore[arg-type]
-    held = _as_data(eval_data, name) if eval_data is not None else None
-    kept = _as_retain(retain_data, name) if retain_data is not None else None
+    state: ModelState
+    adapt: LabelledData
+    held: LabelledData | None
+    if client is not None:
+        from .cluster import start  # noqa: PLC0415 (dask only when asked for)
+
+        state, adapt, held = start(client, model, config, data if y is None else (data, y),
+                                   eval_data, retain_data, progress or _quiet)
+        kept = None
+    else:
+        state = ModelState(model, config)
+        name = state.plan.input_name
+        adapt = _as_data((data, y) if y is not None else data, name)  # type: ignore[arg-type]
+        held = _as_data(eval_data, name) if eval_data is not None else None
+        kept = _as_retain(retain_data, name) if retain_data is not None else None
     result = run_refine(state, adapt, held, progress, kept)
+    if client is not None:
+        result.environment["cluster"] = state.record()  # type: ignore[attr-defined]
     _gate(result, config)
     if output is not None:
         t = time.perf_counter()

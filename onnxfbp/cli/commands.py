@@ -18,7 +18,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from importlib import resources
 from pathlib import Path
 from types import FrameType
@@ -245,16 +245,17 @@ def cmd_refine(args: argparse.Namespace) -> int:
     model, output = Path(args.model), Path(args.output)
     report = Path(args.report) if args.report else None
     _run_paths(model, output, report, args.force,
-               data=[(args.data, "data"), (args.eval_data, "eval data"),
-                     (args.retain_data, "retain data")])
+               data=[] if args.dask else [(args.data, "data"), (args.eval_data, "eval data"),
+                                          (args.retain_data, "retain data")])  # dask: workers
     _check_holdout(args)
     remove_stale_staging([output, *([report] if report else [])])
     notes: list[str] = []
     try:
-        with _noted_warnings(notes):
+        with _noted_warnings(notes), _dask_client(args.dask) as client:
             result = refine(
                 args.model, None, args.data, config=_config(args), eval_data=args.eval_data,
                 retain_data=args.retain_data, force=args.force, progress=_progress(args.quiet),
+                client=client,
             )
     except GateError as exc:  # no model is written, but the report says why (written: null)
         failed = getattr(exc, "result", None)
@@ -278,6 +279,15 @@ def cmd_refine(args: argparse.Namespace) -> int:
         _emit(summary)
         commit.commit()
     return 0
+
+
+def _dask_client(spec: str | None) -> Any:
+    """A Dask client for ``--dask`` (closed after the run), or none."""
+    if spec is None:
+        return nullcontext(None)
+    from ..cluster import cluster_client  # noqa: PLC0415
+
+    return cluster_client(spec)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -451,6 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="jacobi / sequential: also refine layers behind convolutions")
     p.add_argument("--output-name", help="class-score output of the graph (default: found)")
     p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--dask", metavar="ADDRESS", default=None,
+                   help="run the passes over the data on a Dask cluster: local:N (N worker "
+                        "processes here) or a scheduler address tcp://host:8786; --data must "
+                        "be a path every worker can read (docs/cluster.md)")
     common(p)
     p.set_defaults(func=cmd_refine)
 
