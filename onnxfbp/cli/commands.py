@@ -18,7 +18,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import contextmanager, suppress
 from importlib import resources
 from pathlib import Path
 from types import FrameType
@@ -235,6 +235,7 @@ def _write_report_only(path: Path, payload: dict[str, Any], force: bool) -> None
 
 
 def cmd_refine(args: argparse.Namespace) -> int:
+    from ..cluster.client import optional_client  # noqa: PLC0415
     from ..errors import GateError  # noqa: PLC0415
     from ..output.patch import stage_refined  # noqa: PLC0415
     from ..paths import Commit, remove_stale_staging  # noqa: PLC0415
@@ -251,7 +252,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     remove_stale_staging([output, *([report] if report else [])])
     notes: list[str] = []
     try:
-        with _noted_warnings(notes), _dask_client(args.dask) as client:
+        with _noted_warnings(notes), optional_client(args.dask) as client:
             result = refine(
                 args.model, None, args.data, config=_config(args), eval_data=args.eval_data,
                 retain_data=args.retain_data, force=args.force, progress=_progress(args.quiet),
@@ -279,15 +280,6 @@ def cmd_refine(args: argparse.Namespace) -> int:
         _emit(summary)
         commit.commit()
     return 0
-
-
-def _dask_client(spec: str | None) -> Any:
-    """A Dask client for ``--dask`` (closed after the run), or none."""
-    if spec is None:
-        return nullcontext(None)
-    from ..cluster import cluster_client  # noqa: PLC0415
-
-    return cluster_client(spec)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

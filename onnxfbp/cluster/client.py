@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from .engine import ClusterError
 
-__all__ = ["cluster_client", "local_threads", "parse_spec"]
+__all__ = ["cluster_client", "local_threads", "optional_client", "parse_spec"]
 
 _HINT = "give --dask local:N (N worker processes here) or a scheduler address tcp://host:8786"
 
@@ -79,3 +79,8 @@ def cluster_client(spec: str, timeout: float = 20.0) -> Iterator[Any]:
                            "start dask worker processes against it") from exc
     finally:
         client.close()
+
+
+def optional_client(spec: str | None) -> Any:
+    """:func:`cluster_client` for ``--dask SPEC``; without one, no client (None)."""
+    return nullcontext(None) if spec is None else cluster_client(spec)
