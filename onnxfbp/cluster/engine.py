@@ -110,6 +110,7 @@ class ClusterState(ModelState):
         self.calls = 0  # sums passes so far: seeds each one's conv position draws
         self.settings = config.to_dict()  # threads None: each worker's Dask nthreads
         started = time.perf_counter()
+        _same_onnxfbp(client)
         # the model goes to every worker once; tasks name it by this future
         self.model_ref = client.scatter(self.model.SerializeToString(), broadcast=True,
                                         hash=False)
@@ -276,6 +277,23 @@ class ClusterState(ModelState):
             "schedule": self.config.schedule,
             "phases": {k: dict(v) for k, v in self.phases.items()},
         }
+
+
+def _same_onnxfbp(client: Any) -> None:
+    """A one-line error unless every worker runs this onnxfbp version."""
+    from .. import __version__  # noqa: PLC0415
+
+    hint = ("install the same onnxfbp (pip install 'onnxfbp[dask]') on the scheduler and "
+            "every worker host, then rerun")
+    try:
+        versions = client.run(worker.version)
+    except Exception as exc:  # noqa: BLE001 (an unpickling error names the missing module)
+        raise ClusterError(f"the Dask workers cannot run onnxfbp ({type(exc).__name__}: "
+                           f"{_why(exc)}); {hint}") from exc
+    other = sorted({v for v in versions.values() if v != __version__})
+    if other:
+        raise ClusterError(f"the Dask workers run onnxfbp {', '.join(other)}, this process "
+                           f"{__version__}; {hint}")
 
 
 def open_data(engine: ClusterState, path: str, what: str,

@@ -33,7 +33,7 @@ from ..config import RefineConfig
 from ..data import LabelledData, from_arrays, load_data
 from ..errors import DataError
 
-__all__ = ["ShardRef", "add_parts", "features_task", "labels_task", "list_shards",
+__all__ = ["ShardRef", "add_parts", "version", "features_task", "labels_task", "list_shards",
            "readable", "scores_task", "sums_task", "take_task", "validate_task"]
 
 NPY_ROWS = 5000  # rows per shard of an x.npy / y.npy folder
@@ -57,6 +57,13 @@ class ShardRef:
     @property
     def size(self) -> int:
         return self.stop - self.start
+
+
+def version() -> str:
+    """The onnxfbp version this worker runs."""
+    from .. import __version__  # noqa: PLC0415
+
+    return __version__
 
 
 def readable(path: str) -> str | None:
