@@ -34,7 +34,7 @@ import numpy as np
 from ..config import RefineConfig
 from ..data import LabelledData
 from ..errors import OnnxfbpError
-from ..events import Progress, ShardsDone
+from ..events import Message, Progress, ShardsDone
 from ..fit.head import SEED_SALT
 from ..fit.normal import LayerSums, new_sums
 from ..graph.plan import Layer
@@ -46,6 +46,21 @@ __all__ = ["ClusterError", "ClusterState", "ShardData"]
 
 class ClusterError(OnnxfbpError):
     """The cluster could not be reached, or lost the workers a run needs."""
+
+
+class _Lost(ClusterError):
+    """A task or its result was lost with a worker (the pass may be rerun)."""
+
+
+_LOST = ("CancelledError", "FutureCancelledError", "KilledWorker", "CommClosedError",
+         "StreamClosedError", "FutureLostError")
+
+
+def _failed(phase: str, exc: BaseException) -> ClusterError:
+    """The one-line error of a pass that failed on the cluster."""
+    kind = _Lost if type(exc).__name__ in _LOST else ClusterError
+    return kind(f"the cluster failed during {phase}: {type(exc).__name__}: {_why(exc)}; "
+                "check the workers (logs, memory) and rerun; nothing was written")
 
 
 def _why(exc: BaseException) -> str:
@@ -151,10 +166,8 @@ class ClusterState(ModelState):
         results: dict[str, Any] = {}
         try:
             for done, fut in enumerate(as_completed(futures), 1):
-                if fetch:
-                    results[fut.key] = fut.result()
-                else:
-                    fut.result()  # raises the task's error
+                if fetch or fut.status != "finished":
+                    results[fut.key] = fut.result()  # raises the task's error
                 self.progress(ShardsDone(phase, done, len(futures), self._busy()))
         except OnnxfbpError:
             self.cancel()
@@ -164,9 +177,7 @@ class ClusterState(ModelState):
             raise
         except Exception as exc:
             self.cancel()
-            raise ClusterError(
-                f"the cluster failed during {phase}: {type(exc).__name__}: {_why(exc)}; "
-                "check the workers (logs, memory) and rerun; nothing was written") from exc
+            raise _failed(phase, exc) from exc
         self.live = []
         return results
 
@@ -191,9 +202,24 @@ class ClusterState(ModelState):
 
     # ------------------------------------------------------------ passes
 
+    def _again(self, run: Callable[[], Any]) -> Any:
+        """``run()``; once more if a worker was lost under it (Dask's own retries
+        cover most losses; a result lost while the driver fetched it is not)."""
+        try:
+            return run()
+        except _Lost as exc:
+            if not self.client.scheduler_info().get("workers"):
+                raise
+            self.progress(Message(f"{exc}: rerunning the pass on the workers left"))
+            return run()
+
     def cluster_sums(self, ctx: RunContext, layers: list[Layer],
                      downstream: dict[str, list[int]]) -> dict[str, LayerSums]:
         """:func:`onnxfbp.fit.normal.accumulate` on the shards, reduced on the cluster."""
+        return self._again(lambda: self._sums(ctx, layers, downstream))
+
+    def _sums(self, ctx: RunContext, layers: list[Layer],
+              downstream: dict[str, list[int]]) -> dict[str, LayerSums]:
         data = ctx.data
         assert isinstance(data, ShardData)
         self.calls += 1
@@ -227,8 +253,7 @@ class ClusterState(ModelState):
             raise
         except Exception as exc:
             self.cancel()
-            raise ClusterError(f"the cluster failed while reducing sums: {_why(exc)}; "
-                               "check the workers and rerun; nothing was written") from exc
+            raise _failed("sums", exc) from exc
         self.live = []
         stats = new_sums(self, layers)
         for name, (g, c, tr, vg, vc, vv) in parts.items():
@@ -245,6 +270,9 @@ class ClusterState(ModelState):
     def scores(self, data: LabelledData, idx: np.ndarray) -> tuple[float, int, np.ndarray]:
         if not isinstance(data, ShardData):
             return super().scores(data, idx)
+        return self._again(lambda: self._scores(data, idx))
+
+    def _scores(self, data: ShardData, idx: np.ndarray) -> tuple[float, int, np.ndarray]:
         values = self._values()
         parts = self.timed("scores", [
             (worker.scores_task, self.model_ref, self.settings, values, data.shards[k], local)
@@ -258,6 +286,11 @@ class ClusterState(ModelState):
                          bias_column: bool) -> np.ndarray:
         """:func:`onnxfbp.fit.head.features` on the shards, rows in ``idx`` order."""
         assert isinstance(data, ShardData)
+        return self._again(
+            lambda: self._features(data, idx, name, bias_column))
+
+    def _features(self, data: ShardData, idx: np.ndarray, name: str,
+                  bias_column: bool) -> np.ndarray:
         values = self._values()
         parts = self.timed("features", [
             (worker.features_task, self.model_ref, self.settings, values, data.shards[k],
