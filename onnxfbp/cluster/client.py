@@ -57,7 +57,7 @@ def cluster_client(spec: str, timeout: float = 20.0) -> Iterator[Any]:
         assert isinstance(value, int)
         cluster = distributed.LocalCluster(
             n_workers=value, threads_per_worker=local_threads(value), processes=True,
-            dashboard_address=None, silence_logs=40)
+            dashboard_address=":0", silence_logs=40)
         client = distributed.Client(cluster)
         try:
             yield client
