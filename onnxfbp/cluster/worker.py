@@ -181,7 +181,9 @@ def sums_task(
 
     started = time.perf_counter()
     data = open_shard(ref)
-    with _LOCK:
+    read = time.perf_counter() - started
+    with _LOCK:  # busy: the read and from here on (not the wait for another task)
+        started = time.perf_counter() - read
         state = _with_values(model, settings, values)
         by_name = {layer.name: layer for layer in state.plan.refinable}
         layers = [by_name[n] for n in names]
@@ -212,7 +214,9 @@ def scores_task(
     """Summed cross-entropy, correct count and predictions of rows ``local``."""
     started = time.perf_counter()
     data = open_shard(ref)
-    with _LOCK:
+    read = time.perf_counter() - started
+    with _LOCK:  # busy: the read and from here on (not the wait for another task)
+        started = time.perf_counter() - read
         state = _with_values(model, settings, values)
         result = state.scores(data, local)
     return result, time.perf_counter() - started
@@ -227,7 +231,9 @@ def features_task(
 
     started = time.perf_counter()
     data = open_shard(ref)
-    with _LOCK:
+    read = time.perf_counter() - started
+    with _LOCK:  # busy: the read and from here on (not the wait for another task)
+        started = time.perf_counter() - read
         state = _with_values(model, settings, values)
         out = features(state, data, local, name, bias_column)
     return out, time.perf_counter() - started
