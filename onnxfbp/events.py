@@ -7,7 +7,9 @@ The pipeline calls ``progress(event)`` (a ``Callable[[Event], None]``) with:
 - :class:`LayerVisited`: one layer's update judged (its :class:`LayerReport`);
 - :class:`StepChecked`: a held-out check of the minibatch schedule;
 - :class:`StepBackedOff`: a minibatch blow-up, back to the kept weights with a
-  smaller step.
+  smaller step;
+- :class:`ShardsDone`: on a Dask cluster, the shards of a pass done so far and
+  the workers busy.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Union
 
 from .output.results import LayerReport
 
-__all__ = ["Event", "LayerVisited", "Message", "Progress", "StepBackedOff", "StepChecked"]
+__all__ = ["Event", "LayerVisited", "Message", "Progress", "ShardsDone", "StepBackedOff",
+           "StepChecked"]
 
 
 @dataclass(frozen=True)
@@ -50,5 +53,16 @@ class StepBackedOff:
     lr: float
 
 
-Event = Union[Message, LayerVisited, StepChecked, StepBackedOff]  # noqa: UP007
+@dataclass(frozen=True)
+class ShardsDone:
+    """On a cluster: ``done`` of ``total`` tasks of a ``phase`` (sums, scores,
+    features, validate, ...) finished; ``busy`` workers still running tasks."""
+
+    phase: str
+    done: int
+    total: int
+    busy: int
+
+
+Event = Union[Message, LayerVisited, StepChecked, StepBackedOff, ShardsDone]  # noqa: UP007
 Progress = Callable[[Event], None]

@@ -31,13 +31,14 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .checks import announce, label_warnings, range_warnings
 from .config import RefineConfig
 from .data import JoinedData, LabelledData, from_arrays, load_data
-from .errors import GateError, UnsupportedModelError
+from .errors import ConfigError, GateError, UnsupportedModelError
 from .events import Event, Message, Progress
 from .fit.head import SEED_SALT, head_cross_validated, polish_head
 from .fit.targets import log_softmax
@@ -400,6 +401,7 @@ def refine(
     force: bool = False,
     progress: Progress | None = None,
     teacher: str | os.PathLike[str] | None = None,
+    client: Any = None,
 ) -> RefineResult:
     """Refine ``model`` on labelled data and write the result to ``output``.
 
@@ -414,29 +416,46 @@ def refine(
     With ``teacher`` (the float model a QDQ ``model`` was quantized from) the
     labels are optional: the teacher's predictions are the targets
     (:mod:`onnxfbp.quant.teacher`).
+    With a ``distributed.Client`` as ``client`` the passes over the data run on its
+    workers, which read ``data`` (a path) themselves (:mod:`onnxfbp.cluster`).
     """
     config = config or RefineConfig()
     if output is not None:
         check_output_path(Path(model), Path(output), force)
-    state = ModelState(model, config)
-    name = state.plan.input_name
-    held = _as_data(eval_data, name) if eval_data is not None else None
+    state: ModelState
+    adapt: LabelledData
+    held: LabelledData | None
     coach = None
-    if teacher is not None:
-        from .quant.teacher import open_teacher  # noqa: PLC0415
+    if client is not None:
+        from .cluster import start  # noqa: PLC0415 (dask only when asked for)
 
-        coach = open_teacher(teacher, state)
-        given = (load_data(data, name, labels_optional=True)
-                 if isinstance(data, (str, os.PathLike)) and y is None
-                 else _as_retain((data, y) if y is not None else data, name))  # type: ignore[arg-type]
-        adapt = coach.prepare(state, given, held, progress or _quiet)
+        if teacher is not None:
+            raise ConfigError("--teacher is not supported with --dask yet; "
+                              "run the recovery without --dask")
+        state, adapt, held = start(client, model, config, data if y is None else (data, y),
+                                   eval_data, retain_data, progress or _quiet)
+        kept = None
     else:
-        adapt = _as_data((data, y) if y is not None else data, name)  # type: ignore[arg-type]
-    kept = _as_retain(retain_data, name) if retain_data is not None else None
+        state = ModelState(model, config)
+        name = state.plan.input_name
+        held = _as_data(eval_data, name) if eval_data is not None else None
+        if teacher is not None:
+            from .quant.teacher import open_teacher  # noqa: PLC0415
+
+            coach = open_teacher(teacher, state)
+            given = (load_data(data, name, labels_optional=True)
+                     if isinstance(data, (str, os.PathLike)) and y is None
+                     else _as_retain((data, y) if y is not None else data, name))  # type: ignore[arg-type]
+            adapt = coach.prepare(state, given, held, progress or _quiet)
+        else:
+            adapt = _as_data((data, y) if y is not None else data, name)  # type: ignore[arg-type]
+        kept = _as_retain(retain_data, name) if retain_data is not None else None
     result = run_refine(state, adapt, held, progress, kept)
     if coach is not None:
         coach.settle(state, result, progress or _quiet)
         result.data["teacher"] = {"path": str(teacher), **coach.summary}
+    if client is not None:
+        result.environment["cluster"] = state.record()  # type: ignore[attr-defined]
     _gate(result, config)
     if output is not None:
         t = time.perf_counter()

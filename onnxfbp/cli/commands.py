@@ -235,6 +235,7 @@ def _write_report_only(path: Path, payload: dict[str, Any], force: bool) -> None
 
 
 def cmd_refine(args: argparse.Namespace) -> int:
+    from ..cluster.client import optional_client  # noqa: PLC0415
     from ..errors import GateError  # noqa: PLC0415
     from ..output.patch import stage_refined  # noqa: PLC0415
     from ..paths import Commit, remove_stale_staging  # noqa: PLC0415
@@ -245,17 +246,19 @@ def cmd_refine(args: argparse.Namespace) -> int:
     model, output = Path(args.model), Path(args.output)
     report = Path(args.report) if args.report else None
     _run_paths(model, output, report, args.force,
-               data=[(args.data, "data"), (args.eval_data, "eval data"),
-                     (args.retain_data, "retain data"), (args.teacher, "teacher model")])
+               data=[(args.teacher, "teacher model")] if args.dask else [
+                   (args.data, "data"), (args.eval_data, "eval data"),
+                   (args.retain_data, "retain data"), (args.teacher, "teacher model")])
     _check_holdout(args)
     remove_stale_staging([output, *([report] if report else [])])
     notes: list[str] = []
     try:
-        with _noted_warnings(notes):
+        with _noted_warnings(notes), optional_client(args.dask) as client:
             result = refine(
                 args.model, None, args.data, config=_config(args), eval_data=args.eval_data,
                 retain_data=args.retain_data, force=args.force, progress=_progress(args.quiet),
                 teacher=args.teacher,
+                client=client,
             )
     except GateError as exc:  # no model is written, but the report says why (written: null)
         failed = getattr(exc, "result", None)
@@ -455,6 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="jacobi / sequential: also refine layers behind convolutions")
     p.add_argument("--output-name", help="class-score output of the graph (default: found)")
     p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--dask", metavar="ADDRESS", default=None,
+                   help="run the passes over the data on a Dask cluster: local:N (N worker "
+                        "processes here) or a scheduler address tcp://host:8786; --data must "
+                        "be a path every worker can read (docs/cluster.md)")
     common(p)
     p.set_defaults(func=cmd_refine)
 

@@ -53,7 +53,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from ..events import Event, LayerVisited, Message, StepBackedOff, StepChecked
+from ..events import Event, LayerVisited, Message, ShardsDone, StepBackedOff, StepChecked
 from ..output.results import LayerReport
 
 __all__ = ["ProgressDisplay", "ProgressTask", "render"]
@@ -72,6 +72,9 @@ def _loss(value: float) -> str:
     return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
 
 
+_QUIET_PHASES = ("labels", "take", "list")  # cluster book-keeping, not passes
+
+
 def render(event: Event | str) -> str:
     """One line of text for ``event``."""
     if isinstance(event, str):
@@ -86,6 +89,9 @@ def render(event: Event | str) -> str:
                 f"{event.accuracy:.4f}, loss {_loss(event.loss)}")
     if isinstance(event, StepBackedOff):
         return f"minibatch step {event.step}: {event.why}, step halved to {event.lr:g}"
+    if isinstance(event, ShardsDone):
+        return (f"cluster {event.phase}: {event.done}/{event.total} shards done, "
+                f"{event.busy} worker{'s' if event.busy != 1 else ''} busy")
     raise TypeError(f"not a progress event: {event!r}")
 
 
@@ -180,6 +186,12 @@ class ProgressDisplay:
         if self.quiet:
             return
         message = render(event)
+        if isinstance(event, ShardsDone) and (event.done < event.total
+                                              or event.phase in _QUIET_PHASES):
+            # a pass under way: the live line only (a line per shard would flood)
+            if self._progress is not None and self._main is not None:
+                self._progress.update(self._main, description=f"{self._describe()} · {message}")
+            return
         self.lines.append(message)
         report = event.report if isinstance(event, LayerVisited) else None
         if report is not None:

@@ -113,21 +113,29 @@ def head_features(
     started = time.perf_counter()
     block = state.block(head)
     w0 = block.weights()[0]
-    forward = state.frozen_forward([head.input])
-    feats = []
-    for idx in splits:
-        parts = []
-        for x, _ in data.batches(idx, state.config.run.batch_size):
-            h = forward(x)[head.input].reshape(len(x), -1).astype(np.float32)
-            if block.has_bias_row:
-                h = np.concatenate([h, np.ones((len(h), 1), np.float32)], axis=1)
-            parts.append(h)
-        feats.append(np.concatenate(parts) if parts else np.zeros((0, w0.shape[0]), np.float32))
+    on_cluster = getattr(state, "cluster_features", None)  # the shards of a Dask cluster
+    feats = [on_cluster(data, idx, head.input, block.has_bias_row) if on_cluster
+             else features(state, data, idx, head.input, block.has_bias_row) for idx in splits]
+    feats = [f if len(f) else np.zeros((0, w0.shape[0]), np.float32) for f in feats]
     state.clock.forward += time.perf_counter() - started
     if any(f.shape[1] != w0.shape[0] for f in feats):  # leading axes beyond the batch
         return None
     fixed = 0.0 if block.fixed_bias is None else np.asarray(block.fixed_bias)
     return block, w0, fixed, feats
+
+
+def features(state: ModelState, data: LabelledData, idx: np.ndarray, name: str,
+             bias_column: bool) -> np.ndarray:
+    """The tensor ``name`` of the samples ``data[idx]``, one float32 row per sample
+    (with ``bias_column``, a column of ones appended); (0, 0) for no sample."""
+    forward = state.frozen_forward([name])
+    parts = []
+    for x, _ in data.batches(idx, state.config.run.batch_size):
+        h = forward(x)[name].reshape(len(x), -1).astype(np.float32)
+        if bias_column:
+            h = np.concatenate([h, np.ones((len(h), 1), np.float32)], axis=1)
+        parts.append(h)
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
 def head_report(block: LayerBlock, w0: np.ndarray, w: np.ndarray, lam: float) -> LayerReport:

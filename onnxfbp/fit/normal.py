@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..data import LabelledData
 from ..graph.plan import Layer
 from ..output.results import LayerReport
 from ..reverse.arrays import reverse
@@ -25,7 +26,7 @@ from .layers import LayerBlock
 from .solve import NormalEquations, RidgeChoice, choose_ridge
 from .targets import label_target
 
-__all__ = ["LayerSums", "RidgeMemory", "accumulate", "solve_layer"]
+__all__ = ["LayerSums", "RidgeMemory", "accumulate", "add_rows", "new_sums", "solve_layer"]
 
 
 @dataclass
@@ -63,8 +64,19 @@ def accumulate(
 ) -> dict[str, LayerSums]:
     """One streamed pass: normal equations of every layer in ``layers`` against
     targets carried back from the labels through the current weights (paths:
-    ``downstream``)."""
-    cfg = state.config.sweep
+    ``downstream``). A state that computes them elsewhere (``cluster_sums``: the
+    shards of a Dask cluster, :mod:`onnxfbp.cluster`) returns the same sums."""
+    on_cluster = getattr(state, "cluster_sums", None)
+    if on_cluster is not None:
+        return on_cluster(ctx, layers, downstream)
+    stats = new_sums(state, layers)
+    add_rows(state, stats, layers, downstream,
+             [(0, ctx.data, ctx.train_idx), (1, ctx.data, ctx.val_idx)], ctx.rng)
+    return stats
+
+
+def new_sums(state: ModelState, layers: list[Layer]) -> dict[str, LayerSums]:
+    """Empty sums of ``layers`` at the current weights."""
     xp = state.xp
     views = state.views()
     stats: dict[str, LayerSums] = {}
@@ -75,11 +87,27 @@ def accumulate(
         stats[layer.name] = LayerSums(
             block, w0, NormalEquations(g, d, k, xp), NormalEquations(g, d, k, xp)
         )
+    return stats
+
+
+def add_rows(
+    state: ModelState,
+    stats: dict[str, LayerSums],
+    layers: list[Layer],
+    downstream: dict[str, list[int]],
+    splits: list[tuple[int, LabelledData, np.ndarray]],
+    rng: np.random.Generator,
+) -> None:
+    """Add the rows of the samples ``idx`` of each ``(split, data, idx)`` (0:
+    training, 1: held-out) to ``stats``, batch by batch."""
+    cfg = state.config.sweep
+    xp = state.xp
+    views = state.views()
     path, needed = state.reverse_plan(layers, downstream)
     logits = state.plan.logits
     ft = time.perf_counter()
-    for split, split_idx in ((0, ctx.train_idx), (1, ctx.val_idx)):
-        for x, y in ctx.data.batches(split_idx, state.config.run.batch_size):
+    for split, data, split_idx in splits:
+        for x, y in data.batches(split_idx, state.config.run.batch_size):
             acts = state.forward(x, needed, on_device=True)
             z = acts[logits].reshape(len(y), -1)
             t_logits = label_target(z, xp.asarray(y), cfg.target_step).reshape(acts[logits].shape)
@@ -89,10 +117,9 @@ def accumulate(
                     raise RuntimeError(f"no target reached {layer.output}")
                 target = acts[layer.output] + sums[layer.output] / counts[layer.output]
                 st = stats[layer.name]
-                rows, trows = st.block.rows(acts[layer.input], target, ctx.rng, cfg.positions)
+                rows, trows = st.block.rows(acts[layer.input], target, rng, cfg.positions)
                 (st.train if split == 0 else st.val).add(rows, trows)
     state.clock.forward += time.perf_counter() - ft
-    return stats
 
 
 def _report(sweep: int, layer: Layer, st: LayerSums, choice: RidgeChoice,

@@ -162,6 +162,10 @@ SCHEMA: dict[str, Any] = {
                                 "description": "minibatch: the deepest layer whose residual "
                                 "was computed at its kept output positions only "
                                 "(onnxfbp.reverse.kept_branch); null if none"},
+                "cluster": {"type": "object", "required": ["workers", "threads", "phases"],
+                            "description": "optional (--dask / client=): scheduler, "
+                            "workers, threads, onnxruntime_threads, schedule, and per "
+                            "phase seconds (driver wall), worker_seconds and tasks"},
             },
         },
         "plan": {
