@@ -34,21 +34,41 @@ def reverse(
     for i in reversed(path):
         pn = plan.nodes[i]
         out = pn.outputs[0]
+        rule = RULES[pn.op]
+        if rule.multi_output:  # one residual per output (None: none reached it)
+            if not any(o in sums for o in pn.outputs):
+                continue
+            if not linearized:
+                raise views[pn.name].missing("inverse")
+            xs = [acts[pn.inputs[j]] for j in pn.data_inputs]
+            r_all = [sums.get(o) for o in pn.outputs]
+            deltas = rule.vjp(views[pn.name], r_all, xs, [acts.get(o) for o in pn.outputs])
+            _add(sums, counts, pn.inputs, pn.data_inputs, deltas, linearized)
+            continue
         if out not in sums:
             continue
         o0 = acts[out]
         xs = [acts[pn.inputs[j]] for j in pn.data_inputs]
         if linearized:
-            deltas = RULES[pn.op].vjp(views[pn.name], sums[out], xs, o0)
+            deltas = rule.vjp(views[pn.name], sums[out], xs, o0)
         else:
             t = o0 + sums[out] / counts[out]
-            new = RULES[pn.op].inverse(views[pn.name], t, xs, o0, mu)
+            new = rule.inverse(views[pn.name], t, xs, o0, mu)
             deltas = [x_t - x0 for x_t, x0 in zip(new, xs, strict=True)]
-        for j, delta in zip(pn.data_inputs, deltas, strict=True):
-            name = pn.inputs[j]
-            sums[name] = sums.get(name, 0) + delta
-            counts[name] = 1 if linearized else counts.get(name, 0) + 1
+        _add(sums, counts, pn.inputs, pn.data_inputs, deltas, linearized)
     return sums, counts
+
+
+def _add(
+    sums: dict[str, Array], counts: dict[str, int], inputs: list[str],
+    data_inputs: tuple[int, ...], deltas: list[Array], linearized: bool,
+) -> None:
+    """Add each data input's residual to what its other consumers gave it (fan-out:
+    a tensor read by several path nodes, or twice by one, sums them all)."""
+    for j, delta in zip(data_inputs, deltas, strict=True):
+        name = inputs[j]
+        sums[name] = sums.get(name, 0) + delta
+        counts[name] = 1 if linearized else counts.get(name, 0) + 1
 
 
 def reverse_target(
