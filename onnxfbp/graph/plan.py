@@ -37,6 +37,7 @@ from ..errors import ModelError, UnsupportedModelError
 from ..rules import RULES, NodeView, onnx_default
 from .fused import fused_activation as _fused_activation
 from .load import allow_nonfinite_weights, load_model
+from .shapes import shape_constants
 
 __all__ = [
     "Layer",
@@ -226,6 +227,9 @@ def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
         if t.name in static and t.name
     }
     static_values = _static_values(model, needed_static, static_nodes)
+    folded = shape_constants(model, nodes, static, input_tensor)  # Slice bounds from Shape
+    static |= set(folded)
+    static_values.update(folded)
     walk = _Walk(producer, consumers, static, static_values, opset)
     walk.run(logits)
     plan_nodes = [walk.plan_node(node) for node in nodes if node.name in walk.on_path]

@@ -24,7 +24,10 @@ def reverse(
     """Carry the logits target back through the nodes ``path`` (indices into
     plan.nodes, forward order) with the inverse rules (proximal weight ``mu``).
     Returns, per tensor, the summed target residuals of its consumers and their
-    count (targets average).
+    count (targets average). A node without an inverse (``PlanNode.inverse``)
+    passes the mean residual by its linearization (:meth:`vjp`); the sweep
+    schedules' paths have none (:func:`onnxfbp.schedules.state.nodes_after`),
+    the reconstructed targets of the report may.
 
     ``linearized``: each rule's :meth:`vjp` instead, and the residuals of several
     consumers add up (count 1): the residual at each tensor is ``-dL/dx`` for
@@ -38,10 +41,9 @@ def reverse(
         if rule.multi_output:  # one residual per output (None: none reached it)
             if not any(o in sums for o in pn.outputs):
                 continue
-            if not linearized:
-                raise views[pn.name].missing("inverse")
             xs = [acts[pn.inputs[j]] for j in pn.data_inputs]
-            r_all = [sums.get(o) for o in pn.outputs]
+            r_all = [sums[o] / (1 if linearized else counts[o]) if o in sums else None
+                     for o in pn.outputs]
             deltas = rule.vjp(views[pn.name], r_all, xs, [acts.get(o) for o in pn.outputs])
             _add(sums, counts, pn.inputs, pn.data_inputs, deltas, linearized)
             continue
@@ -49,8 +51,9 @@ def reverse(
             continue
         o0 = acts[out]
         xs = [acts[pn.inputs[j]] for j in pn.data_inputs]
-        if linearized:
-            deltas = rule.vjp(views[pn.name], sums[out], xs, o0)
+        if linearized or pn.inverse is not None:  # (no inverse: its linearization)
+            r = sums[out] if linearized else sums[out] / counts[out]
+            deltas = rule.vjp(views[pn.name], r, xs, o0)
         else:
             t = o0 + sums[out] / counts[out]
             new = rule.inverse(views[pn.name], t, xs, o0, mu)
