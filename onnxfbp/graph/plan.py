@@ -354,8 +354,8 @@ class _Walk:
         seen_tensors: set[str] = set()
         while stack:
             tname = stack.pop()
-            if tname in seen_tensors or tname not in self.producer:
-                continue
+            if tname in seen_tensors or tname not in self.producer or tname in self.static:
+                continue  # (a constant operand, e.g. a class token from a Constant node)
             seen_tensors.add(tname)
             node = self.producer[tname]
             if node.name in self.on_path or node.name in self.status:
