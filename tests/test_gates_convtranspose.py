@@ -186,3 +186,38 @@ def test_every_layer_refines_through_gates_and_transposed_convs(
     stop = {"se": "Mul", "decoder": "ConvTranspose"}[name]
     assert all(stop in why for why in skipped.values()), skipped
     assert {layer.name for layer in layers} | set(skipped) == weighted
+
+
+def test_boundaries_name_the_op_and_why() -> None:
+    """Only ops with no derivative stop the targets, and the plan says which and why:
+    a Cast to an integer type, a rounding; the float Cast between passes them."""
+    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    w = [numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), f"w{k}")
+         for k in range(3)]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["a"], name="fc0"),
+        helper.make_node("Cast", ["a"], ["ai"], to=TensorProto.INT32, name="to_int"),
+        helper.make_node("Cast", ["ai"], ["af"], to=TensorProto.FLOAT, name="to_float"),
+        helper.make_node("MatMul", ["af", "w1"], ["b"], name="fc1"),
+        helper.make_node("Round", ["b"], ["c"], name="round"),
+        helper.make_node("Cast", ["x"], ["xd"], to=TensorProto.DOUBLE, name="to_double"),
+        helper.make_node("Cast", ["xd"], ["xf"], to=TensorProto.FLOAT, name="back"),
+        helper.make_node("MatMul", ["xf", "w2"], ["d"], name="fc2"),
+        helper.make_node("Add", ["c", "d"], ["y"], name="sum"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], w)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    plan = plan_model(model)
+    assert [layer.name for layer in plan.refinable] == ["fc2"]
+    assert plan.boundaries == [
+        "Round (opset 17) 'round': no rule for Round: piecewise constant "
+        "(zero derivative almost everywhere)"]
+    model.graph.node[4].op_type = "Identity"  # now the integer Cast stops them
+    plan = plan_model(model)
+    assert [layer.name for layer in plan.refinable] == ["fc1", "fc2"]
+    assert plan.boundaries == [
+        "Cast (opset 17) 'to_int': Cast to INT32 (not a float type) has no derivative"]

@@ -34,7 +34,7 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from ..errors import ModelError, UnsupportedModelError
-from ..rules import RULES, NodeView, onnx_default
+from ..rules import NO_DERIVATIVE, RULES, NodeView, onnx_default
 from .fused import fused_activation as _fused_activation
 from .load import allow_nonfinite_weights, load_model
 from .shapes import shape_constants
@@ -374,7 +374,9 @@ class _Walk:
         if (node.domain or "") not in ("", "ai.onnx") or rule is None:
             domain = f" in domain {node.domain!r}" if (node.domain or "") not in ("", "ai.onnx") \
                 else ""
-            self._boundary(node, f"no rule for {node.op}{domain} (the op table lacks it)")
+            why = NO_DERIVATIVE.get(node.op, "the op table lacks it") if not domain \
+                else "the op table lacks it"
+            self._boundary(node, f"no rule for {node.op}{domain}: {why}")
             return []
         view = self._view(node)
         reason = rule.check(view)

@@ -60,6 +60,7 @@ __all__ = [
     "Array",
     "InverseRule",
     "MissingSlot",
+    "NO_DERIVATIVE",
     "NodeView",
     "decode",
     "emitter_for",
@@ -221,6 +222,19 @@ class InverseRule:
 
 
 RULES: dict[str, InverseRule] = {}
+
+# Ops with no derivative to carry a target through: the walk's boundary reasons.
+NO_DERIVATIVE: dict[str, str] = {
+    **dict.fromkeys(("ArgMax", "ArgMin"), "its output is an index (no derivative)"),
+    "TopK": "its indices output has no derivative",
+    **dict.fromkeys(("Shape", "Size"), "its output is a shape (no derivative)"),
+    **dict.fromkeys(("NonMaxSuppression", "NonZero"), "its output is a list of indices"),
+    **dict.fromkeys(("Round", "Floor", "Ceil", "Sign"),
+                    "piecewise constant (zero derivative almost everywhere)"),
+    **dict.fromkeys(("Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Not",
+                     "And", "Or", "Xor", "IsNaN", "IsInf"), "its output is boolean"),
+    "OneHot": "its input is an index (no derivative)",
+}
 
 
 def register(cls: type[InverseRule]) -> type[InverseRule]:
