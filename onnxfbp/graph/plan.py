@@ -387,9 +387,9 @@ class _Walk:
             self._boundary(node, reason)
             return []
         self.on_path.add(node.name)
-        why = rule.check_inverse(view)
-        if why is not None:
-            self.no_inverse[node.name] = why
+        no_inverse = rule.check_inverse(view)
+        if no_inverse is not None:
+            self.no_inverse[node.name] = no_inverse
         return [node.inputs[i].name for i in rule.data_inputs(view)]
 
     def _boundary(self, node: gs.Node, why: str) -> None:
