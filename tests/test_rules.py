@@ -152,6 +152,8 @@ SPECS = [
     Spec("Einsum", [(2, 3, 4)], {1: r(4, 5)}, {"equation": "bij,jk->bik"}, opset=13,
          id="einsum-const"),
     Spec("Softmax", [(2, 3, 4, 5)], attrs={"axis": 1}, id="softmax-axis1-4d"),
+    Spec("Softmax", [(2, 3, 4, 5)], attrs={"axis": 1}, opset=11, id="softmax-coerced-11"),
+    Spec("LogSoftmax", [(2, 3, 4)], attrs={"axis": 1}, opset=11, id="logsoftmax-coerced-11"),
     Spec("Sqrt", [(3, 4)], id="sqrt", positive=True),
     Spec("Erf", [(3, 4)], id="erf"),
     Spec("Exp", [(3, 4)], id="exp"),
