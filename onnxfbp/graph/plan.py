@@ -386,6 +386,9 @@ class _Walk:
         if reason is not None:
             self._boundary(node, reason)
             return []
+        data = rule.data_inputs(view)
+        if data and all(node.inputs[i].name in self.static for i in data):
+            return []  # a constant broadcast to the batch (a class token): nothing to pass
         self.on_path.add(node.name)
         no_inverse = rule.check_inverse(view)
         if no_inverse is not None:
