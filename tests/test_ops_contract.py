@@ -218,3 +218,25 @@ def test_missing_slot_names_op_opset_and_node() -> None:
     with pytest.raises(MissingSlot, match="onnx adjoint emitter"):
         NoReverse().emit_adjoint(Any, made, "r", ["x"], "o")  # type: ignore[arg-type]
     assert not fills(NoReverse(), "emit_adjoint")
+
+
+def test_compiled_pass_runs_other_batch_sizes_when_batch_is_not_first() -> None:
+    """Attention's stacked q, k, v (3, N, ...) picked by a Gather on axis 0: the
+    graph built on one batch size runs another (the batch axis is symbolic
+    wherever it sits) and equals the array pass."""
+    view = NodeView("Gather", "pick", {"axis": 0}, {1: np.array(1, np.int64)}, (0,), 2, 13)
+    node = PlanNode("pick", "Gather", ["qkv", "idx"], ["k"], view, (0,), {1: "idx"})
+    plan: Any = SimpleNamespace(logits="k", nodes=[node])
+    g = np.random.default_rng(0)
+
+    def acts(n: int) -> dict[str, np.ndarray]:
+        qkv = g.standard_normal((3, n, 4)).astype(np.float32)
+        return {"qkv": qkv, "k": qkv[1]}
+
+    built = AdjointGraph.build(plan, [0], ["qkv"], acts(5), {"pick": view}, CPU)
+    other = acts(2)
+    r = g.standard_normal((2, 4)).astype(np.float32)
+    got = built.run(other, r, {"pick": view})["qkv"]
+    sums, _ = reverse(plan, other, other["k"] + r, [0], {"pick": view}, 0.0, linearized=True)
+    np.testing.assert_allclose(got, sums["qkv"], rtol=0, atol=1e-6)
+    assert got.shape == (3, 2, 4) and np.abs(got[[0, 2]]).max() == 0

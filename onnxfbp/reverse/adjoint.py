@@ -300,9 +300,13 @@ def _model(
         dims: list[int | str] = list(value.shape)
         if batch and dims:
             dims[0] = "batch"
+            # the batch axis of a tensor is not always first (attention's stacked
+            # q, k, v: (3, N, ...)): an axis of the batch's size is symbolic too
+            dims[1:] = [f"batch{k}" if d == n else d for k, d in enumerate(dims[1:], 1)]
         return helper.make_tensor_value_info(name, _onnx_type(value.dtype), dims)
 
     logits = acts[plan.logits]
+    n = int(logits.shape[0])
     inputs = [declared(R_LOGITS, logits, True)]
     inputs += [declared(name, acts[name], True) for name in b.activations]
     inputs += [
