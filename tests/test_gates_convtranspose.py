@@ -152,7 +152,6 @@ def test_residuals_are_autograd_gradients(
         np.testing.assert_allclose(arrays[layer.output], want, rtol=0, atol=1e-4 * scale)
 
 
-@pytest.mark.slow  # a whole refine per model (about 20 s of CPU each)
 @pytest.mark.parametrize("name", list(MODELS))
 def test_every_layer_refines_through_gates_and_transposed_convs(
         name: str, digits: dict[str, np.ndarray], tmp_path: Path) -> None:
