@@ -7,14 +7,15 @@ Each case exercises ops that the shared corpus lacks (BatchNormalization kept
 unfolded, AveragePool, LeakyRelu, Tanh, PRelu, Clip, Pad, grouped convolution,
 Transpose, Squeeze, Sigmoid / LogSoftmax / Softmax outputs, 3-D and 4-D MatMul,
 a fixed batch baked into Reshape constants, SiLU as x * Sigmoid(x), HardSwish,
-Mish, Gelu, Elu, ReduceMax, LayerNormalization, self-attention, nodes with no
-inverse). For every export:
+Mish, Gelu, Elu, ReduceMax, LayerNormalization, self-attention and a gate from
+another branch: products of two activations with a vjp but no inverse). For
+every export:
 the ops the case is about are in the graph, the plan has the expected
 boundaries, targets reach the layers behind those ops (some cases pass Conv
 inverses: ``deep``), batches run whole (no fixed-size chunks), refine
 gains at least 3 points on held-out rotated digits, and only initializer values
 differ in the written file. A model whose only layer sits before a node with no
-inverse is refused with a clear error. Hand-written graphs check the batch
+derivative is refused with a clear error. Hand-written graphs check the batch
 handling of the forward pass (batch 1 baked into a Reshape, weight chains whose
 leading 1 is not a batch, ``allowzero``).
 
@@ -182,9 +183,10 @@ class ActNet(nn.Module):
 
 class TokenNet(nn.Module):
     """A one-block vision transformer: 7x7 patches (Conv), tokens (Reshape, Transpose),
-    position Add, self-attention (MatMul of two activations: no inverse) in a
-    residual, LayerNormalization, Gelu MLP in a residual, mean over tokens, head.
-    Targets go around the attention through the residual Add to the patch Conv."""
+    position Add, self-attention (MatMul of two activations: no inverse, but a
+    vjp) in a residual, LayerNormalization, Gelu MLP in a residual, mean over
+    tokens, head. The default schedule's targets pass the attention into q, k and
+    v (Split) and on to the patch Conv: every layer is refined."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -209,7 +211,8 @@ class TokenNet(nn.Module):
 
 class GatedNet(nn.Module):
     """A gate from another branch, c1(x) * sigmoid(g(x)): a Mul of two different
-    activations has no inverse; the layers after it are refined, c1 and g are not."""
+    activations has no inverse, but its vjp carries the default schedule's targets
+    into both factors: c1 and g are refined too."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -224,7 +227,7 @@ class GatedNet(nn.Module):
 
 
 class SquareHeadNet(nn.Module):
-    """Its only Linear comes before a product of two activations: nothing to refine."""
+    """Its only Linear comes before a rounding (no derivative): nothing to refine."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -232,7 +235,7 @@ class SquareHeadNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.fc(x.flatten(1))
-        return z * z
+        return torch.round(z * z)
 
 
 DEFAULT = {"sweeps": 1, "max_layers": 2}
@@ -285,14 +288,14 @@ CASES = {
         {"legacy": {"HardSwish", "Softplus", "Tanh", "Mul", "ReduceMax", "Gelu", "Elu"},
          "dynamo": {"HardSwish", "Mish", "ReduceMax", "Gelu", "Elu"}},
         attempted=5, config={**DEEP, "max_layers": 5}),
-    "transformer-layernorm-attention-boundary": Case(
+    "transformer-layernorm-attention": Case(
         TokenNet, "nchw",
         {"legacy": {"LayerNormalization", "Gelu", "Transpose", "ReduceMean", "MatMul"},
          "dynamo": {"LayerNormalization", "Gelu", "Transpose", "ReduceMean", "MatMul"}},
-        attempted=5, config={"sweeps": 1}, boundary_ops={"MatMul"}),
-    "gated-boundary": Case(
+        attempted=6, config={"sweeps": 1}),
+    "gated": Case(
         GatedNet, "nchw", {"legacy": {"Mul", "Sigmoid"}, "dynamo": {"Mul", "Sigmoid"}},
-        attempted=2, config={"sweeps": 1}, boundary_ops={"Mul"}),
+        attempted=4, config={"sweeps": 1}),
 }
 
 
@@ -407,7 +410,7 @@ def test_nothing_refinable_is_a_clear_error(exporter: str, digits: dict[str, np.
     net = SquareHeadNet().eval()
     path = tmp_path / "square.onnx"
     _export(net, digits["x_adapt"][:2, None], path, exporter, fixed=False)
-    with pytest.raises(UnsupportedModelError, match="nothing to refine.*Mul"):
+    with pytest.raises(UnsupportedModelError, match="nothing to refine.*Round"):
         refine(path, tmp_path / "out.onnx", digits["x_adapt"][:200, None],
                digits["y_adapt"][:200], config=RefineConfig.of(device="cpu"))
     assert not (tmp_path / "out.onnx").exists()

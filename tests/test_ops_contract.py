@@ -11,13 +11,17 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
-from test_adjoint import _check_emitter
+from test_adjoint import CPU, _check_emitter
 from test_rules import SPECS, Spec, _inputs, _view
 
+from onnxfbp.graph.plan import PlanNode
+from onnxfbp.reverse.adjoint import AdjointGraph
+from onnxfbp.reverse.arrays import reverse
 from onnxfbp.rules import RULES, InverseRule, MissingSlot, NodeView, fills
 
 # forms the emitter declines (the NumPy pass runs): strided slices
@@ -35,31 +39,82 @@ def test_vjp_is_the_transposed_jacobian(spec: Spec) -> None:
     rule, view = RULES[spec.op], _view(spec)
     g = np.random.default_rng(5)
     xs = [x.astype(np.float64) for x in _inputs(spec)]
+    multi = rule.multi_output  # Split: one residual per output, the second one absent
     o0 = rule.forward(view, xs)
-    r = g.standard_normal(o0.shape)
+    outs = o0 if multi else [o0]
+    rs: list[Any] = [g.standard_normal(o.shape) for o in outs]
+    if multi:
+        rs[1] = None
     pos = [view.dynamic.index(i) for i in rule.data_inputs(view)]
-    got = rule.vjp(view, r, [xs[p] for p in pos], o0)
+    got = rule.vjp(view, rs if multi else rs[0], [xs[p] for p in pos], o0)
     assert [d.shape for d in got] == [xs[p].shape for p in pos]
     v = [g.standard_normal(xs[p].shape) for p in pos]
     h = 1e-6
 
-    def moved(sign: float) -> np.ndarray:
+    def moved(sign: float) -> list[np.ndarray]:
         new = list(xs)
         for p, vp in zip(pos, v, strict=True):
             new[p] = xs[p] + sign * h * vp
-        return np.asarray(rule.forward(view, new), dtype=np.float64)
+        out = rule.forward(view, new)
+        return [np.asarray(o, dtype=np.float64) for o in (out if multi else [out])]
 
-    jv = (moved(1.0) - moved(-1.0)) / (2 * h)
-    lhs = float((r * jv).sum())
+    jv = [(a - b) / (2 * h) for a, b in zip(moved(1.0), moved(-1.0), strict=True)]
+    pairs = [(r, j) for r, j in zip(rs, jv, strict=True) if r is not None]
+    lhs = sum(float((r * j).sum()) for r, j in pairs)
     rhs = sum(float((np.asarray(d, np.float64) * vp).sum()) for d, vp in zip(got, v, strict=True))
-    assert abs(lhs - rhs) <= 1e-7 * max(1.0, float(np.abs(r * jv).sum())), (lhs, rhs)
+    scale = sum(float(np.abs(r * j).sum()) for r, j in pairs)
+    assert abs(lhs - rhs) <= 1e-7 * max(1.0, scale), (lhs, rhs)
 
 
-EMITTED = [s for s in SPECS if fills(RULES[s.op], "emit_adjoint")]
+EMITTED = [s for s in SPECS if fills(RULES[s.op], "emit_adjoint")
+           and not RULES[s.op].multi_output]
+MULTI = [s for s in SPECS if RULES[s.op].multi_output]
 
 
 def test_every_entry_has_an_emitter() -> None:
-    assert {s.op for s in EMITTED} == set(RULES)
+    assert {s.op for s in EMITTED + MULTI} == set(RULES)
+    assert all(fills(RULES[s.op], "emit_adjoint") for s in MULTI)
+
+
+@pytest.mark.parametrize("reached", ["all", "first"])
+@pytest.mark.parametrize("spec", MULTI, ids=[s.id for s in MULTI])
+def test_multi_output_emitter_matches_vjp(spec: Spec, reached: str) -> None:
+    """A node with several outputs (Split), followed by a Concat of its outputs in
+    reverse order (every output gets a residual), or alone with only its first
+    output reached (the others' residuals are zeros): the compiled pass equals the
+    array pass, and both equal the residuals concatenated back."""
+    rule, view = RULES[spec.op], _view(spec)
+    xs = _inputs(spec)
+    names = [f"in{i}" for i in range(spec.n_inputs)]
+    parts = rule.forward(view, xs)
+    onames = [f"out{k}" for k in range(len(parts))]
+    axis = int(view.attr("axis")) % xs[0].ndim
+    node = PlanNode(view.name, spec.op, names, onames, view, rule.data_inputs(view),
+                    {i: names[i] for i in spec.consts})
+    acts: dict[str, np.ndarray] = {names[0]: xs[0], **dict(zip(onames, parts, strict=True))}
+    views: dict[str, NodeView] = {view.name: view}
+    nodes, logits = [node], onames[0]
+    if reached == "all":
+        cat = NodeView("Concat", "cat", {"axis": axis}, {}, tuple(range(len(parts))),
+                       len(parts), 13)
+        nodes.append(PlanNode("cat", "Concat", onames[::-1], ["cat"], cat,
+                              tuple(range(len(parts))), {}))
+        views["cat"], logits = cat, "cat"
+        acts["cat"] = np.concatenate(parts[::-1], axis=axis)
+    plan: Any = SimpleNamespace(logits=logits, nodes=nodes)
+    path = list(range(len(nodes)))
+    r = np.random.default_rng(3).standard_normal(acts[logits].shape).astype(np.float32)
+    built = AdjointGraph.build(plan, path, [names[0]], acts, views, CPU)
+    got = built.run(acts, r, views)[names[0]]
+    sums, _ = reverse(plan, acts, acts[logits] + r, path, views, 0.0, linearized=True)
+    np.testing.assert_allclose(got, sums[names[0]], rtol=0, atol=1e-5)
+    if reached == "all":  # the reversed halves, put back in order
+        cuts = np.cumsum([p.shape[axis] for p in parts[::-1]])[:-1]
+        want = np.concatenate(np.split(r, cuts, axis=axis)[::-1], axis=axis)
+    else:
+        want = np.zeros_like(xs[0])
+        want[tuple(slice(0, s) for s in r.shape)] = r
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("spec", EMITTED, ids=[s.id for s in EMITTED])
@@ -163,3 +218,25 @@ def test_missing_slot_names_op_opset_and_node() -> None:
     with pytest.raises(MissingSlot, match="onnx adjoint emitter"):
         NoReverse().emit_adjoint(Any, made, "r", ["x"], "o")  # type: ignore[arg-type]
     assert not fills(NoReverse(), "emit_adjoint")
+
+
+def test_compiled_pass_runs_other_batch_sizes_when_batch_is_not_first() -> None:
+    """Attention's stacked q, k, v (3, N, ...) picked by a Gather on axis 0: the
+    graph built on one batch size runs another (the batch axis is symbolic
+    wherever it sits) and equals the array pass."""
+    view = NodeView("Gather", "pick", {"axis": 0}, {1: np.array(1, np.int64)}, (0,), 2, 13)
+    node = PlanNode("pick", "Gather", ["qkv", "idx"], ["k"], view, (0,), {1: "idx"})
+    plan: Any = SimpleNamespace(logits="k", nodes=[node])
+    g = np.random.default_rng(0)
+
+    def acts(n: int) -> dict[str, np.ndarray]:
+        qkv = g.standard_normal((3, n, 4)).astype(np.float32)
+        return {"qkv": qkv, "k": qkv[1]}
+
+    built = AdjointGraph.build(plan, [0], ["qkv"], acts(5), {"pick": view}, CPU)
+    other = acts(2)
+    r = g.standard_normal((2, 4)).astype(np.float32)
+    got = built.run(other, r, {"pick": view})["qkv"]
+    sums, _ = reverse(plan, other, other["k"] + r, [0], {"pick": view}, 0.0, linearized=True)
+    np.testing.assert_allclose(got, sums["qkv"], rtol=0, atol=1e-6)
+    assert got.shape == (3, 2, 4) and np.abs(got[[0, 2]]).max() == 0

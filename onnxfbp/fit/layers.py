@@ -6,6 +6,10 @@ weights to and from the solver's layout ``(groups, d_in [+1 bias row], d_out)``.
 - conv: ``X`` = im2col patches per group (a random subset of output positions
   per sample, so the Gram cost does not grow with the image area), weights
   ``W[g]`` of shape (C_in/g * kh * kw, C_out/g), bias row per group.
+- ConvTranspose (one group): the stride-1 Conv it equals
+  (:func:`onnxfbp.rules.convtranspose.as_conv`: the input dilated by the strides
+  and padded by ``d (k - 1) - p``, the kernel flipped and in/out-swapped); its rows
+  are that Conv's, the solved kernel goes back in ConvTranspose layout.
 
 A bias that cannot be refined (absent, or shaped so that it broadcasts) stays
 fixed: it is subtracted from the target and gets no row.
@@ -19,6 +23,7 @@ import numpy as np
 
 from ..graph.plan import Layer
 from ..rules import Array, NodeView, xp_of
+from ..rules.convtranspose import as_conv, from_conv_kernel, to_conv_kernel
 from ..rules.linear import ConvGeometry, ConvRule, dense_weight, gather_patches, im2col
 
 __all__ = ["LayerBlock", "gather_patches", "kept_positions"]
@@ -46,7 +51,23 @@ class LayerBlock:
 
     @property
     def groups(self) -> int:
-        return int(self.view.attr("group")) if self.layer.kind == "conv" else 1
+        return int(self.view.attr("group")) if self.layer.op == "Conv" else 1
+
+    @property
+    def transposed(self) -> bool:
+        return self.layer.op == "ConvTranspose"
+
+    def conv_input(self, x: Array) -> tuple[Array, ConvGeometry]:
+        """The input and geometry of the Conv this layer is (a ConvTranspose: the
+        equivalent stride-1 Conv's)."""
+        if self.transposed:
+            return as_conv(self.view, x)
+        return x, ConvRule().geometry(self.view, x.shape)
+
+    def _kernel(self) -> np.ndarray:
+        """The layer's kernel as a Conv's (C_out, C_in/g, kh, kw)."""
+        w = np.asarray(self.view.const(1), dtype=np.float64)
+        return to_conv_kernel(w) if self.transposed else w
 
     @property
     def has_bias_row(self) -> bool:
@@ -65,7 +86,7 @@ class LayerBlock:
         if self.layer.kind == "dense":
             blocks = dense_weight(self.view).astype(np.float64)[None]
         else:
-            w = np.asarray(self.view.const(1), dtype=np.float64)
+            w = self._kernel()
             g = self.groups
             cout = w.shape[0]
             blocks = w.reshape(g, cout // g, -1).transpose(0, 2, 1)
@@ -91,10 +112,9 @@ class LayerBlock:
                 if self.view.attr("transB"):
                     w_eff = w_eff.T
             return w_eff, bias
-        g, d, k = blocks.shape
-        w_shape = np.asarray(self.view.const(1)).shape
+        w_shape = self._kernel().shape
         w = blocks.transpose(0, 2, 1).reshape(w_shape)
-        return w, bias
+        return (from_conv_kernel(w) if self.transposed else w), bias
 
     def rows(
         self,
@@ -116,7 +136,7 @@ class LayerBlock:
         tr = t.reshape(t.shape[0], t.shape[1], -1)
         keep = kept_positions(rng, out_hw[0] * out_hw[1], max_positions)
         if keep is None:
-            xr = im2col(x, ConvRule().geometry(self.view, x.shape))
+            xr = im2col(*self.conv_input(x))
             return self._finish(xr, self._conv_targets(tr), residual)
         # (the positions are picked before any copy of the full maps)
         return self.rows_at(x, tr[:, :, xp.asarray(keep)], keep, out_hw, residual)
@@ -128,7 +148,7 @@ class LayerBlock:
         """A convolution's rows at the output positions ``keep`` (flat indices into
         the ``out_hw`` grid, the same for every sample) with targets ``t`` at them,
         (N, C_out, len(keep)); the result as :meth:`rows`."""
-        xr = self._patch_subset(x, ConvRule().geometry(self.view, x.shape), keep, out_hw)
+        xr = self._patch_subset(*self.conv_input(x), keep, out_hw)
         return self._finish(xr, self._conv_targets(t), residual)
 
     def _conv_targets(self, t: Array) -> Array:

@@ -6,11 +6,16 @@ folder) -> ``plan_model`` (onnx-graphsurgeon view of the graph) -> ``Plan``:
 - the *logits* tensor: the class-score output, or the input of a final
   Softmax / LogSoftmax / Sigmoid (monotone: the argmax is the same);
 - the reverse path: every node from which a target can flow back from the
-  logits, each mapped to its inverse rule (``rules.RULES``); a ``Mul`` of an
-  activation and a function of it (SiLU as ``x * Sigmoid(x)``, Mish, HardSwish
-  before opset 14) is planned as that one activation; nodes with no rule
-  or a declined rule are *transitional boundaries*: targets stop there and the
-  layers before them are left alone;
+  logits, each mapped to its rule (``rules.RULES``); a node is on it when its
+  rule linearizes it (a ``vjp``: the default schedule's reverse step), and
+  each path node records whether it also has an inverse (``PlanNode.inverse``:
+  None, or why not; the sweep schedules carry targets only through inverses).
+  A ``Mul`` of an activation and a function of it (SiLU as ``x * Sigmoid(x)``,
+  Mish, HardSwish before opset 14) is planned as that one activation; other
+  products of two activations (squeeze-excitation gates, attention) are path
+  nodes whose targets flow into both factors. Nodes with no rule or a declined
+  rule (no derivative: integer outputs, indices) are *boundaries*: targets stop
+  there and the layers before them are left alone;
 - the refinable layers (Conv, Gemm, MatMul with constant weights), each with
   where its weight and bias values live in the file (an initializer or a
   Constant node, directly or through Reshape / Transpose / Identity / Cast
@@ -32,8 +37,10 @@ import onnx_graphsurgeon as gs
 
 from ..errors import UnsupportedModelError
 from ..quant.qdq import fused_qdq
-from ..rules import RULES, NodeView, onnx_default
+from ..rules import NO_DERIVATIVE, RULES, NodeView, onnx_default
+from .fused import fused_activation as _fused_activation
 from .load import allow_nonfinite_weights, load_model
+from .shapes import shape_constants
 from .weights import TensorSource, share_weights, users, weight_source
 from .weights import static_values as static_values_of
 
@@ -47,6 +54,8 @@ __all__ = [
     "plan_model",
 ]
 
+# Ops that are refinable layers where their second input (the weight) is constant.
+_LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Monotone output activations: the label target is set on their input (same argmax).
 _OUTPUT_ACTIVATIONS = {
     "Softmax": "probabilities",
@@ -98,6 +107,7 @@ class PlanNode:
     view: NodeView
     data_inputs: tuple[int, ...]  # input indices targets flow to
     static_names: dict[int, str]  # input index -> static tensor name
+    inverse: str | None = None  # None: the rule inverts it; else why not (vjp only)
 
 
 @dataclass
@@ -170,13 +180,16 @@ def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
         if t.name in static and t.name
     }
     static_values = static_values_of(model, needed_static, static_nodes)
+    folded = shape_constants(model, nodes, static, input_tensor)  # Slice bounds from Shape
+    static |= set(folded)
+    static_values.update(folded)
     walk = _Walk(producer, consumers, static, static_values, opset)
     walk.run(logits)
     plan_nodes = [walk.plan_node(node) for node in nodes if node.name in walk.on_path]
     layers = [
         _layer(node, producer, consumers, static, static_values, init_names, walk.on_path)
         for node in nodes
-        if node.op in ("Conv", "Gemm", "MatMul") and node.name in walk.on_path
+        if node.op in _LAYER_OPS and node.name in walk.on_path and node.inputs[1].name in static
     ]
     share_weights(layers, static_values)
     status = walk.status
@@ -288,14 +301,15 @@ class _Walk:
         self.status: dict[str, str] = {}
         self.fused: dict[str, tuple[str, dict[str, Any], str]] = {}  # Mul -> (op, attrs, input)
         self.absorbed: set[str] = set()  # nodes computed inside a fused activation
+        self.no_inverse: dict[str, str] = {}  # path node -> why its rule has no inverse
 
     def run(self, logits: str) -> None:
         stack = [logits]
         seen_tensors: set[str] = set()
         while stack:
             tname = stack.pop()
-            if tname in seen_tensors or tname not in self.producer:
-                continue
+            if tname in seen_tensors or tname not in self.producer or tname in self.static:
+                continue  # (a constant operand, e.g. a class token from a Constant node)
             seen_tensors.add(tname)
             node = self.producer[tname]
             if node.name in self.on_path or node.name in self.status:
@@ -313,7 +327,11 @@ class _Walk:
             return [gated[2]]
         rule = RULES.get(node.op)
         if (node.domain or "") not in ("", "ai.onnx") or rule is None:
-            self._boundary(node, "no inverse rule")
+            domain = f" in domain {node.domain!r}" if (node.domain or "") not in ("", "ai.onnx") \
+                else ""
+            why = NO_DERIVATIVE.get(node.op, "the op table lacks it") if not domain \
+                else "the op table lacks it"
+            self._boundary(node, f"no rule for {node.op}{domain}: {why}")
             return []
         view = self._view(node)
         reason = rule.check(view)
@@ -323,7 +341,13 @@ class _Walk:
         if reason is not None:
             self._boundary(node, reason)
             return []
+        data = rule.data_inputs(view)
+        if data and all(node.inputs[i].name in self.static for i in data):
+            return []  # a constant broadcast to the batch (a class token): nothing to pass
         self.on_path.add(node.name)
+        no_inverse = rule.check_inverse(view)
+        if no_inverse is not None:
+            self.no_inverse[node.name] = no_inverse
         return [node.inputs[i].name for i in rule.data_inputs(view)]
 
     def _boundary(self, node: gs.Node, why: str) -> None:
@@ -350,6 +374,7 @@ class _Walk:
             view=view, data_inputs=RULES[node.op].data_inputs(view),
             static_names={i: t.name for i, t in enumerate(node.inputs)
                           if t.name in self.static and t.name},
+            inverse=self.no_inverse.get(node.name),
         )
 
 
@@ -377,55 +402,10 @@ def _view(
                 consts[i] = values[t.name]
             else:
                 consts[i] = np.zeros((0,))  # known static, value evaluated later
-    return NodeView(node.op, node.name, _attrs(node), consts, dynamic, len(node.inputs), opset)
-
-
-def _fused_activation(
-    node: gs.Node, producer: dict[str, gs.Node], consumers: dict[str, list[gs.Node]],
-    values: dict[str, np.ndarray],
-) -> tuple[str, dict[str, Any], str, list[str]] | None:
-    """``x * g(x)`` as exporters write activations that had no single op: SiLU / Swish
-    (``x * Sigmoid(x)``, ``x * Sigmoid(beta x)``), Mish (``x * Tanh(Softplus(x))``),
-    HardSwish before opset 14 (``x * HardSigmoid(x)``, alpha 1/6, beta 1/2).
-    Returns (op, attributes, x, the nodes of g) when ``node`` is such a Mul and g's
-    nodes feed nothing else, else None."""
-    if node.op != "Mul" or len(node.inputs) != 2 or (node.domain or "") not in ("", "ai.onnx"):
-        return None
-
-    def only(tensor: str, op: str) -> gs.Node | None:
-        p = producer.get(tensor)
-        if p is None or p.op != op or len(consumers.get(tensor, [])) != 1:
-            return None
-        return p
-
-    for a, b in ((0, 1), (1, 0)):
-        x, gate = node.inputs[a].name, node.inputs[b].name
-        sig = only(gate, "Sigmoid")
-        if sig is not None:
-            inner = sig.inputs[0].name
-            if inner == x:
-                return "Swish", {"alpha": 1.0}, x, [sig.name]
-            scale = only(inner, "Mul")
-            if scale is not None and x in [t.name for t in scale.inputs]:
-                other = next(t for t in scale.inputs if t.name != x)
-                beta = values.get(other.name)
-                if beta is None and isinstance(other, gs.Constant):
-                    beta = np.asarray(other.values)
-                beta = np.asarray(beta).reshape(-1) if beta is not None else np.zeros(0)
-                if beta.size == 1 and float(beta[0]) > 0:
-                    return "Swish", {"alpha": float(beta[0])}, x, [sig.name, scale.name]
-        hard = only(gate, "HardSigmoid")
-        if hard is not None and hard.inputs[0].name == x \
-                and abs(float(hard.attrs.get("alpha", onnx_default("HardSigmoid", "alpha")))
-                        - 1 / 6) < 1e-6 \
-                and abs(float(hard.attrs.get("beta", onnx_default("HardSigmoid", "beta")))
-                        - 0.5) < 1e-6:
-            return "HardSwish", {}, x, [hard.name]
-        tanh = only(gate, "Tanh")
-        soft = only(tanh.inputs[0].name, "Softplus") if tanh is not None else None
-        if tanh is not None and soft is not None and soft.inputs[0].name == x:
-            return "Mish", {}, x, [tanh.name, soft.name]
-    return None
+    attrs = _attrs(node)
+    if node.op == "Split" and 1 not in consts and not attrs.get("split"):
+        attrs.setdefault("num_outputs", len(node.outputs))  # equal parts, one per output
+    return NodeView(node.op, node.name, attrs, consts, dynamic, len(node.inputs), opset)
 
 
 def _pick_score_output(graph: gs.Graph) -> str:
@@ -524,6 +504,8 @@ def _out_channels(node: gs.Node, values: dict[str, np.ndarray]) -> int:
     assert w is not None
     if node.op == "Conv":
         return int(w.shape[0])
+    if node.op == "ConvTranspose":
+        return int(w.shape[1]) * int(node.attrs.get("group", 1))
     if node.op == "Gemm" and node.attrs.get("transB", onnx_default("Gemm", "transB")):
         return int(w.shape[0])
     return int(w.shape[-1])

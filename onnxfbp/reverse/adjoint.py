@@ -163,7 +163,7 @@ EMITTERS: dict[str, Emitter] = {
 
 _ONNX_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorProto.DOUBLE,
                np.dtype(np.float16): TensorProto.FLOAT16, np.dtype(np.int64): TensorProto.INT64,
-               np.dtype(np.int32): TensorProto.INT32}
+               np.dtype(np.int32): TensorProto.INT32, np.dtype(np.bool_): TensorProto.BOOL}
 
 
 def _onnx_type(dtype: Any) -> int:
@@ -233,15 +233,18 @@ class AdjointGraph:
         for i in reversed(list(path)):
             pn = plan.nodes[i]
             out = pn.outputs[0]
-            if out not in sums:
+            multi = RULES[pn.op].multi_output if pn.op in RULES else False
+            if not (any(o in sums for o in pn.outputs) if multi else out in sums):
                 continue
             emit = EMITTERS.get(pn.op)
             if emit is None:
                 raise AdjointUnavailable(f"no onnx adjoint for {pn.op}")
             b.node = pn
             xs = [pn.inputs[j] for j in pn.data_inputs]
+            # several outputs (Split): one residual name per output, None where none
+            r: Any = [sums.get(o) for o in pn.outputs] if multi else sums[out]
             try:
-                deltas = emit(b, views[pn.name], sums[out], xs, out)
+                deltas = emit(b, views[pn.name], r, xs, out)
             except (KeyError, ValueError, TypeError) as exc:
                 raise AdjointUnavailable(f"{pn.op} {pn.name!r}: {exc}") from exc
             if deltas is None:
@@ -297,9 +300,13 @@ def _model(
         dims: list[int | str] = list(value.shape)
         if batch and dims:
             dims[0] = "batch"
+            # the batch axis of a tensor is not always first (attention's stacked
+            # q, k, v: (3, N, ...)): an axis of the batch's size is symbolic too
+            dims[1:] = [f"batch{k}" if d == n else d for k, d in enumerate(dims[1:], 1)]
         return helper.make_tensor_value_info(name, _onnx_type(value.dtype), dims)
 
     logits = acts[plan.logits]
+    n = int(logits.shape[0])
     inputs = [declared(R_LOGITS, logits, True)]
     inputs += [declared(name, acts[name], True) for name in b.activations]
     inputs += [

@@ -8,7 +8,9 @@ for its ops, in one place:
   does not list is an error, so each default is written once);
 - :meth:`InverseRule.forward` (NumPy reference of the op);
 - :meth:`InverseRule.vjp` (the analytic linearized reverse step ``J^T r``);
-- :meth:`InverseRule.inverse` (the proximal inverse, below);
+- :meth:`InverseRule.inverse` (the proximal inverse, below), where one exists
+  (:meth:`InverseRule.check_inverse` says where not: a product of two
+  activations, a Resize; the default schedule needs only ``vjp``);
 - optionally :meth:`InverseRule.emit_adjoint` (the same ``J^T r`` as ONNX nodes,
   for :mod:`onnxfbp.reverse.adjoint`) and :meth:`InverseRule.sparse_vjp` (``J^T r`` at a
   few spatial positions only, for :mod:`onnxfbp.reverse.kept_branch`).
@@ -58,6 +60,7 @@ __all__ = [
     "Array",
     "InverseRule",
     "MissingSlot",
+    "NO_DERIVATIVE",
     "NodeView",
     "decode",
     "emitter_for",
@@ -132,13 +135,23 @@ class InverseRule:
     parametric: ClassVar[bool] = False  # owns refinable weights
     # sparse_vjp reads the node's forward "input", "output" or nothing ("")
     sparse_reads: ClassVar[str] = ""
+    # several outputs (Split): vjp and emit_adjoint get one residual per output
+    # (None where no residual reaches that output)
+    multi_output: ClassVar[bool] = False
 
     def check(self, node: NodeView) -> str | None:
-        """``None`` if the rule handles this node, else the reason it declines."""
+        """``None`` if the rule linearizes this node (:meth:`vjp`: targets of the
+        default schedule pass it), else the reason it declines: then no derivative
+        exists there (integer outputs, indices) or the form is not covered."""
         extra = set(node.dynamic) - set(self.data_inputs(node))
         if extra:
             return f"input(s) {sorted(extra)} must be constant"
         return None
+
+    def check_inverse(self, node: NodeView) -> str | None:
+        """``None`` if :meth:`inverse` covers a node that :meth:`check` accepts (the
+        sweep schedules carry targets through inverses), else why not."""
+        return None if fills(self, "inverse") else f"{node.op_type} has no inverse rule"
 
     def data_inputs(self, node: NodeView) -> tuple[int, ...]:
         """Input indices through which targets flow (activations)."""
@@ -210,6 +223,19 @@ class InverseRule:
 
 RULES: dict[str, InverseRule] = {}
 
+# Ops with no derivative to carry a target through: the walk's boundary reasons.
+NO_DERIVATIVE: dict[str, str] = {
+    **dict.fromkeys(("ArgMax", "ArgMin"), "its output is an index (no derivative)"),
+    "TopK": "its indices output has no derivative",
+    **dict.fromkeys(("Shape", "Size"), "its output is a shape (no derivative)"),
+    **dict.fromkeys(("NonMaxSuppression", "NonZero"), "its output is a list of indices"),
+    **dict.fromkeys(("Round", "Floor", "Ceil", "Sign"),
+                    "piecewise constant (zero derivative almost everywhere)"),
+    **dict.fromkeys(("Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Not",
+                     "And", "Or", "Xor", "IsNaN", "IsInf"), "its output is boolean"),
+    "OneHot": "its input is an index (no derivative)",
+}
+
 
 def register(cls: type[InverseRule]) -> type[InverseRule]:
     """Class decorator: add a rule to :data:`RULES` under each of its op types."""
@@ -272,4 +298,16 @@ def decode(value: object) -> str:
 
 
 # Import the rule modules so they register themselves.
-from . import activation, arithmetic, linear, pool, shape, smooth  # noqa: E402, F401
+from . import (  # noqa: E402, F401
+    activation,
+    arithmetic,
+    broadcast,
+    convtranspose,
+    elementwise,
+    linear,
+    norm,
+    pool,
+    resize,
+    shape,
+    smooth,
+)

@@ -298,15 +298,18 @@ class SoftmaxRule(InverseRule):
     ) -> list[str] | None:
         rank = len(b.shape(xs[0]))
         axis = _softmax_axis(node, rank)
-        if node.opset < 13 and axis != rank - 1:
-            return None  # coerced to 2-D at axis: rows span several dims
-        axes = b.const([axis], np.int64)
         y = b.act(o)
+        coerced = node.opset < 13 and axis != rank - 1  # rows span the axes from axis on
+        if coerced:  # as 2-D rows (Flatten at axis), then back to the input's shape
+            r, y, axis = b.op("Flatten", [r], axis=axis), b.op("Flatten", [y], axis=axis), 1
+        axes = b.const([axis], np.int64)
         if node.op_type == "Softmax":
             dot = b.op("ReduceSum", [b.op("Mul", [r, y]), axes], keepdims=1)
-            return [b.op("Mul", [y, b.op("Sub", [r, dot])])]
-        total = b.op("ReduceSum", [r, axes], keepdims=1)
-        return [b.op("Sub", [r, b.op("Mul", [b.op("Exp", [y]), total])])]
+            d = b.op("Mul", [y, b.op("Sub", [r, dot])])
+        else:
+            total = b.op("ReduceSum", [r, axes], keepdims=1)
+            d = b.op("Sub", [r, b.op("Mul", [b.op("Exp", [y]), total])])
+        return [b.op("Reshape", [d, b.shape_of(xs[0])]) if coerced else d]
 
     def inverse(
         self, node: NodeView, t: Array, xs: Sequence[Array], o0: Array, mu: float

@@ -16,10 +16,13 @@ With one constant operand ``c`` the inverse is exact:
 
 With two activations (residual Add, Sub) the residual r = t - o0 is split
 evenly, the minimum-norm solution: x1* = x1 + r/2, x2* = x2 +- r/2 (summed over
-broadcast axes when an operand was broadcast).
+broadcast axes when an operand was broadcast). A product or quotient of two
+activations (squeeze-excitation gates, attention) and a constant divided by an
+activation have no inverse here, only their vjp (the default schedule).
 
 Reverse steps ``J^T r`` (NumPy and ONNX alike): Add ``r``, Sub ``r`` / ``-r``,
-Mul ``c r``, Div ``r / c`` (summed over broadcast axes); BatchNormalization
+Mul ``a b``: ``b r`` and ``a r``, Div ``a / b``: ``r / b`` and ``-r a / b^2``
+(summed over broadcast axes); BatchNormalization
 ``r g / sqrt(v + eps)`` per channel; LayerNormalization
 ``(u - mean(u) - z mean(u z)) / s`` with ``u = g r`` over the normalized axes.
 """
@@ -79,10 +82,13 @@ class BinaryAffineRule(InverseRule):
     op_types = ("Add", "Sub", "Mul", "Div")
 
     def check(self, node: NodeView) -> str | None:
+        return None  # every form has its vjp
+
+    def check_inverse(self, node: NodeView) -> str | None:
         if len(node.dynamic) == 2 and node.op_type in ("Mul", "Div"):
             return f"{node.op_type} of two activations is not invertible here"
         if node.op_type == "Div" and node.dynamic == (1,):
-            return "Div of a constant by an activation is not supported"
+            return "Div of a constant by an activation is not invertible here"
         return None
 
     def data_inputs(self, node: NodeView) -> tuple[int, ...]:
@@ -94,17 +100,22 @@ class BinaryAffineRule(InverseRule):
 
     def vjp(self, node: NodeView, r: Array, xs: Sequence[Array], o0: Array) -> list[Array]:
         """``J^T r``: both operands of a residual Add get ``r`` (Sub: ``-r`` for the
-        second); a constant operand ``c`` scales it (Mul: ``c r``, Div: ``r / c``);
-        summed over the axes an operand was broadcast along."""
+        second); Mul ``a b``: ``r b`` to ``a`` and ``r a`` to ``b``; Div ``a / b``:
+        ``r / b`` to ``a``, ``-r a / b^2`` to ``b`` (each operand a constant or an
+        activation); summed over the axes an operand was broadcast along."""
         xp = xp_of(r)
         op = node.op_type
         out = []
         for index, x0 in zip(node.dynamic, xs, strict=True):
             if op in ("Add", "Sub"):
                 d = -r if (op == "Sub" and index == 1) else r
+            elif op == "Mul":
+                d = r * xp.asarray(_operand(node, xs, 1 - index), dtype=r.dtype)
+            elif index == 0:
+                d = r / xp.asarray(_operand(node, xs, 1), dtype=r.dtype)
             else:
-                c = xp.asarray(node.static[1 - index], dtype=r.dtype)
-                d = r * c if op == "Mul" else r / c
+                a = xp.asarray(_operand(node, xs, 0), dtype=r.dtype)
+                d = -r * a / xp.asarray(x0, dtype=r.dtype) ** 2
             out.append(unbroadcast(d, tuple(x0.shape), xp.sum).astype(x0.dtype, copy=False))
         return out
 

@@ -15,6 +15,10 @@ on ``(A^T A + mu I) d = A^T r``, with ``A^T`` the transposed convolution
 (col2im of the patch gradients). ``mu`` is scaled by the mean eigenvalue of
 ``A^T A`` so that one setting fits every layer.
 
+A MatMul of two activations ``A B`` (attention's ``Q K^T`` and ``P V``) is no
+layer: it has no inverse, only its reverse step ``r B^T`` to ``A`` and ``A^T r``
+to ``B``.
+
 Reverse steps ``J^T r``: dense ``alpha r B`` (transB) or ``alpha r B^T``; Conv
 ``A^T r``, the transposed convolution (ONNX: ``ConvTranspose(r, W)`` with the
 same geometry and ``output_padding`` restoring the input size; on the CPU with
@@ -34,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import Array, InverseRule, NodeView, decode, register, xp_of
+from . import Array, InverseRule, NodeView, decode, register, unbroadcast, xp_of
 
 if TYPE_CHECKING:
     from ..reverse.adjoint import AdjointBuilder
@@ -89,6 +93,8 @@ class GemmRule(InverseRule):
     parametric = True
 
     def check(self, node: NodeView) -> str | None:
+        if _bilinear(node):
+            return None  # MatMul of two activations (attention): its vjp
         if node.op_type == "Gemm" and node.attr("transA"):
             return "Gemm with transA=1 is not supported"
         if 1 not in node.static:
@@ -97,7 +103,27 @@ class GemmRule(InverseRule):
             return "weights must be a 2-D matrix"
         return super().check(node)
 
+    def check_inverse(self, node: NodeView) -> str | None:
+        return "MatMul of two activations is not invertible here" if _bilinear(node) else None
+
+    def data_inputs(self, node: NodeView) -> tuple[int, ...]:
+        return (0, 1) if _bilinear(node) else (0,)
+
+    def vjp(self, node: NodeView, r: Array, xs: Sequence[Array], o0: Array) -> list[Array]:
+        """``A B``: ``r B^T`` to ``A`` and ``A^T r`` to ``B`` (last two axes; summed
+        over the batch axes an operand was broadcast along); else the adjoint."""
+        if not _bilinear(node):
+            return super().vjp(node, r, xs, o0)
+        xp = xp_of(r)
+        a, b = (xp.asarray(x, dtype=r.dtype) for x in xs)
+        da = r @ xp.swapaxes(b, -1, -2)
+        db = xp.swapaxes(a, -1, -2) @ r
+        return [unbroadcast(d, tuple(x.shape), xp.sum).astype(x.dtype, copy=False)
+                for d, x in ((da, xs[0]), (db, xs[1]))]
+
     def forward(self, node: NodeView, xs: Sequence[Array]) -> Array:
+        if _bilinear(node):
+            return xs[0] @ xs[1]
         out = self.apply_linear(node, xs[0])
         if node.op_type == "Gemm" and 2 in node.static:
             out = out + node.attr("beta") * xp_of(out).asarray(node.const(2))
@@ -114,6 +140,16 @@ class GemmRule(InverseRule):
     def emit_adjoint(
         self, b: AdjointBuilder, node: NodeView, r: str, xs: list[str], o: str
     ) -> list[str] | None:
+        if _bilinear(node):
+            out_shape = b.shape(o)
+            if min(len(b.shape(x)) for x in xs) < 2:
+                return None  # a vector operand: no last-two-axes transpose
+            ta, tb = (b.op("Transpose", [b.act(x)], perm=_swap_last(len(b.shape(x))))
+                      for x in xs)
+            da = b.op("MatMul", [r, tb])
+            db = b.op("MatMul", [ta, r])
+            return [b.unbroadcast(da, _with_dims(out_shape, b.shape(xs[0])), b.shape(xs[0])),
+                    b.unbroadcast(db, _with_dims(out_shape, b.shape(xs[1])), b.shape(xs[1]))]
         w = b.static(1)
         gemm = node.op_type == "Gemm"
         if gemm and node.attr("transA"):
@@ -137,6 +173,21 @@ class GemmRule(InverseRule):
         coef = xp.linalg.solve(gram + mu * scale * xp.eye(d_out), r.T).T
         dx = (coef @ w.T).reshape(xs[0].shape)
         return [xs[0] + dx.astype(xs[0].dtype)]
+
+
+def _bilinear(node: NodeView) -> bool:
+    """A MatMul of two activations."""
+    return node.op_type == "MatMul" and tuple(node.dynamic) == (0, 1)
+
+
+def _swap_last(rank: int) -> list[int]:
+    return [*range(rank - 2), rank - 1, rank - 2]
+
+
+def _with_dims(out_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of an operand's residual before un-broadcasting: the output's batch
+    axes and the operand's own last two."""
+    return (*out_shape[:-2], *x_shape[-2:])
 
 
 # --------------------------------------------------------------------------- conv

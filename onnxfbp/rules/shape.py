@@ -436,11 +436,17 @@ def _emit_gather(b: AdjointBuilder, node: NodeView, r: str, xs: list[str]) -> li
     x_shape = b.shape(xs[0])
     rank = len(x_shape)
     axis = int(node.attr("axis")) % rank
-    if axis == 0:
-        return None  # the batch axis stays symbolic
-    index = np.asarray(node.const(1)).astype(np.int64).ravel() % x_shape[axis]
-    rows = [0] + list(x_shape[1:axis]) + [index.size] + list(x_shape[axis + 1:])
-    flat = b.op("Reshape", [r, b.const(rows, np.int64)])
+    given = np.asarray(node.const(1))
+    index = given.astype(np.int64).ravel() % x_shape[axis]
+    if given.ndim == 0:  # one entry along axis (any axis, the batch's too): r lacks it
+        flat = b.op("Unsqueeze", [r, b.const([axis], np.int64)])
+    elif given.ndim == 1:
+        flat = r
+    elif axis == 0:
+        return None  # several index axes along the symbolic batch axis
+    else:
+        rows = [0] + list(x_shape[1:axis]) + [index.size] + list(x_shape[axis + 1:])
+        flat = b.op("Reshape", [r, b.const(rows, np.int64)])
     spots = b.const(index.reshape([1] * axis + [index.size] + [1] * (rank - axis - 1)),
                     np.int64)
     spots = b.op("Expand", [spots, b.op("Shape", [flat])])

@@ -124,15 +124,18 @@ class RunContext:
         self.progress(LayerVisited(report))
 
 
-def nodes_after(plan: Plan, tensor: str, through_convs: bool) -> list[int] | None:
+def nodes_after(
+    plan: Plan, tensor: str, through_convs: bool, inverses: bool = False
+) -> list[int] | None:
     """Indices (into plan.nodes, forward order) of the path nodes through which a
     target reaches ``tensor`` from the logits; ``None`` if none does. Without
     ``through_convs`` a target never passes a Conv (routes around it, residual
-    shortcuts, count)."""
+    shortcuts, count). With ``inverses`` (the sweeps: targets through inverse
+    rules) it never passes a node without an inverse (``PlanNode.inverse``)."""
     reach = {tensor}
     out = []
     for i, pn in enumerate(plan.nodes):
-        if pn.op == "Conv" and not through_convs:
+        if (pn.op == "Conv" and not through_convs) or (inverses and pn.inverse is not None):
             continue
         if any(pn.inputs[j] in reach for j in pn.data_inputs):
             out.append(i)
@@ -153,10 +156,11 @@ def select_layers(plan: Plan, config: RefineConfig) -> tuple[list[Layer], dict[s
     skipped: dict[str, str] = {}
     layers: list[Layer] = []
     convs = through_convs(config)
+    sweeps = config.schedule != "minibatch"
     limit = config.layers.max_layers
     for layer in reversed(plan.refinable):
-        if nodes_after(plan, layer.output, convs) is None:
-            skipped[layer.name] = "its target would pass a Conv inverse (enable: --deep)"
+        if nodes_after(plan, layer.output, convs, sweeps) is None:
+            skipped[layer.name] = _unreachable(plan, layer, convs)
         elif limit is not None and len(layers) >= limit:
             skipped[layer.name] = f"beyond --max-layers {limit}"
         else:
@@ -185,6 +189,17 @@ def whole_groups(layers: list[Layer], skipped: dict[str, str], minibatch: bool) 
         if len(out) == len(kept):
             return out
         kept = out
+
+
+def _unreachable(plan: Plan, layer: Layer, convs: bool) -> str:
+    """Why a sweep schedule's targets do not reach ``layer``."""
+    if nodes_after(plan, layer.output, convs) is None:
+        return "its target would pass a Conv inverse (enable: --deep)"
+    blocking = sorted({f"{pn.op} {pn.name!r} ({pn.inverse})" for pn in plan.nodes
+                       if pn.inverse is not None})
+    return ("the sweep schedules carry targets through inverses and its target would pass "
+            f"a node without one: {', '.join(blocking[:3])}; the default schedule "
+            "(minibatch) refines it")
 
 
 class ModelState:
@@ -224,8 +239,10 @@ class ModelState:
         self.values: dict[str, np.ndarray] = dict(self.runner.initial_weights)
         self.original = {k: v.copy() for k, v in self.values.items()}
         convs = through_convs(config)
+        sweeps = config.schedule != "minibatch"
         self.downstream = {
-            layer.name: nodes_after(self.plan, layer.output, convs) or [] for layer in self.layers
+            layer.name: nodes_after(self.plan, layer.output, convs, sweeps) or []
+            for layer in self.layers
         }
         # how the minibatch schedule carried residuals back, and its kept branch
         self.reverse_pass: str | None = None

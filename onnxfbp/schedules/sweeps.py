@@ -34,10 +34,10 @@ class Sweeps:
 
 def sweepable(state: ModelState, layer: Layer) -> bool:
     """A dense layer with at most ``sweep_max_inputs`` inputs whose target reaches
-    it without a Conv inverse and whose weight no other layer reads: worth a
-    full-pass sweep after the minibatch run."""
+    it without a Conv inverse, through inverse rules only, and whose weight no
+    other layer reads: worth a full-pass sweep after the minibatch run."""
     if layer.kind != "dense" or layer.shared \
-            or nodes_after(state.plan, layer.output, False) is None:
+            or nodes_after(state.plan, layer.output, False, True) is None:
         return False
     return state.block(layer).weights().shape[1] <= state.config.minibatch.sweep_max_inputs
 
@@ -46,7 +46,7 @@ def narrow_sweeps(state: ModelState) -> Sweeps:
     """The sweepable layers, their targets carried back without Conv inverses."""
     narrow = [layer for layer in state.layers if sweepable(state, layer)]
     return Sweeps(narrow, {
-        layer.name: nodes_after(state.plan, layer.output, False) or [] for layer in narrow
+        layer.name: nodes_after(state.plan, layer.output, False, True) or [] for layer in narrow
     })
 
 
