@@ -41,6 +41,7 @@ from .errors import GateError, UnsupportedModelError
 from .events import Event, Message, Progress
 from .fit.head import SEED_SALT, head_cross_validated, polish_head
 from .fit.targets import log_softmax
+from .fit.tasks import GATE_METRIC, gate_value, task_gain
 from .output.patch import check_output_path, write_refined
 from .output.results import EvalResult, LayerReport, RefineResult
 from .output.summary import environment, feature_maps, plan_summary
@@ -232,7 +233,7 @@ def train_on_split(state: ModelState, ctx: RunContext) -> EvalResult | None:
             run_sweeps(state, ctx, 1, narrow)
     else:
         run_sweeps(state, ctx, 0, Sweeps(state.layers, state.downstream))
-    if len(state.layers) > 1 and ctx.score.correct > 0:
+    if len(state.layers) > 1 and (ctx.score.correct > 0 or not state.task.classification):
         # With the features settled, take the output layer to its optimum too.
         _, estimate = polish_head(state, ctx)
     return estimate
@@ -256,7 +257,10 @@ def _train(state: ModelState, ctx: RunContext) -> _Outcome:
     before = state.evaluate(ctx.data, ctx.val_idx)
     state.timings["evaluate_before"] += time.perf_counter() - t
     n_val = len(ctx.val_idx)
-    ctx.score = Score(before.loss * n_val, round(before.accuracy * n_val))  # type: ignore[operator]
+    if state.task.classification:
+        ctx.score = Score(before.loss * n_val, round(before.accuracy * n_val))  # type: ignore[operator]
+    else:  # correct positions (dense, binary) or none (regression), not samples
+        ctx.score = Score(*state.scores(ctx.data, ctx.val_idx)[:2])
     estimate = train_on_split(state, ctx)
     validation = "held-out split"
     if estimate is not None:  # before the output layer saw the held-out split
@@ -280,11 +284,17 @@ def run_refine(
     progress = progress or _quiet
     t0 = time.perf_counter()
     plan, timings = state.plan, state.timings
+    cfg_task = state.config.task
+    task = state.detect_task(data, cfg_task.task, cfg_task.loss)
+    if not task.classification and retain_data is not None:
+        raise UnsupportedModelError(f"--retain-data works with classification outputs; "
+                                    f"this output's task is {task.kind}: drop --retain-data")
     for d in (data, eval_data, retain_data):
         if d is not None:
-            d.validate(plan.input_shape, plan.n_classes)
+            d.validate(plan.input_shape, task.n_classes if not task.classification
+                       else plan.n_classes, _LABELS[task.kind])
     _check_refinable(state, progress)
-    warnings = announce(label_warnings(data, plan.n_classes)
+    warnings = announce((label_warnings(data, plan.n_classes) if task.classification else [])
                         + range_warnings(data, retain_data), progress)
     rng, train_idx, val_idx = split(len(data), state.config)
     timings["validate"] = time.perf_counter() - t0
@@ -350,6 +360,10 @@ def run_refine(
     )
 
 
+_LABELS = {"classification": "classes", "dense": "dense", "binary": "values",
+           "regression": "values"}
+
+
 def _gate(result: RefineResult, config: RefineConfig) -> None:
     """Set ``result.gate``; raise :class:`GateError` (with the result) if it fails."""
     gate_before, gate_after = result.heldout_before, result.heldout_after
@@ -357,6 +371,10 @@ def _gate(result: RefineResult, config: RefineConfig) -> None:
         gate_before, gate_after = result.eval_before, result.eval_after
     gain = gate_after.accuracy - gate_before.accuracy
     metric = "eval_accuracy" if gate_after is result.eval_after else "heldout_accuracy"
+    if gate_after.task is not None:  # the task's metric (lower-is-better ones negated)
+        name = GATE_METRIC[gate_after.task][0]
+        gain = task_gain(gate_before, gate_after)
+        metric = ("eval_" if gate_after is result.eval_after else "heldout_") + name
     min_gain = config.gate.min_gain
     failure = None
     if min_gain is not None and gain < min_gain:
@@ -374,8 +392,8 @@ def _gate(result: RefineResult, config: RefineConfig) -> None:
                        f"{max_drop:g}; raise --max-retain-drop or give more retain data")
     result.gate = {
         "metric": metric,
-        "before": gate_before.accuracy,
-        "after": gate_after.accuracy,
+        "before": gate_value(gate_before),
+        "after": gate_value(gate_after),
         "gain": gain,
         "min_gain": min_gain,
         "retain_drop": retain_drop,
@@ -436,10 +454,15 @@ def evaluate(
     *,
     device: str = "auto",
     batch_size: int = 500,
+    output: str | None = None,
+    task_override: str | None = None,
+    loss: str = "mse",
 ) -> EvalResult:
     """Accuracy of ``model`` on labelled data (same inputs as :func:`refine`)."""
-    state = ModelState(model, RefineConfig.of(device=device, batch_size=batch_size),
-                       layers=False)
+    state = ModelState(model, RefineConfig.of(device=device, batch_size=batch_size,
+                                              output_name=output), layers=False)
     adapt = _as_data((data, y) if y is not None else data, state.plan.input_name)  # type: ignore[arg-type]
-    adapt.validate(state.plan.input_shape, state.plan.n_classes)
+    task = state.detect_task(adapt, task_override, loss)
+    adapt.validate(state.plan.input_shape, task.n_classes if not task.classification
+                   else state.plan.n_classes, _LABELS[task.kind])
     return state.evaluate(adapt)

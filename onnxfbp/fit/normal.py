@@ -23,7 +23,6 @@ from ..run.backend import to_numpy
 from ..schedules.state import ModelState, RunContext
 from .layers import LayerBlock
 from .solve import NormalEquations, RidgeChoice, choose_ridge
-from .targets import label_target
 
 __all__ = ["LayerSums", "RidgeMemory", "accumulate", "solve_layer"]
 
@@ -81,8 +80,9 @@ def accumulate(
     for split, split_idx in ((0, ctx.train_idx), (1, ctx.val_idx)):
         for x, y in ctx.data.batches(split_idx, state.config.run.batch_size):
             acts = state.forward(x, needed, on_device=True)
-            z = acts[logits].reshape(len(y), -1)
-            t_logits = label_target(z, xp.asarray(y), cfg.target_step).reshape(acts[logits].shape)
+            z = acts[logits].reshape(len(y), -1) if state.task.classification else acts[logits]
+            t_logits = state.task.target(z, xp.asarray(y), cfg.target_step).reshape(
+                acts[logits].shape)
             sums, counts = reverse(state.plan, acts, t_logits, path, views, cfg.mu)
             for layer in layers:
                 if layer.output not in sums:

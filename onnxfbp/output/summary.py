@@ -11,7 +11,6 @@ import onnxruntime as ort
 
 from .. import __version__
 from ..data import LabelledData
-from ..fit.targets import label_target
 from ..reverse.arrays import reverse_target
 from ..run.backend import to_numpy
 from ..schedules.state import ModelState
@@ -106,8 +105,8 @@ def feature_maps(
     out: dict[str, Any] = {}
     for layer in state.layers:
         acts = state.forward(x, state.needed(layer))
-        z = acts[logits].reshape(len(y), -1)
-        t_logits = label_target(z, y, cfg.target_step).reshape(acts[logits].shape)
+        z = acts[logits].reshape(len(y), -1) if state.task.classification else acts[logits]
+        t_logits = state.task.target(z, y, cfg.target_step).reshape(acts[logits].shape)
         target = to_numpy(reverse_target(
             state.plan, acts, t_logits, layer, state.downstream[layer.name], views, cfg.mu))
         actual = to_numpy(acts[layer.output])
@@ -121,7 +120,7 @@ def feature_maps(
         out[layer.name] = {
             "op": layer.op,
             "samples": [int(i) for i in np.sort(idx)],
-            "labels": [int(v) for v in y],
+            "labels": [int(v) for v in y] if y.ndim == 1 and y.dtype.kind in "iu" else [],
             "channels": [int(c) for c in chosen],
             "actual": np.round(actual.astype(np.float64), 4).tolist(),
             "target": np.round(target.astype(np.float64), 4).tolist(),

@@ -56,7 +56,6 @@ import numpy as np
 
 from ..events import Message, StepBackedOff, StepChecked
 from ..fit.solve import NonFiniteError, Preconditioner, PreconditionerSums
-from ..fit.targets import cross_entropy, label_target
 from ..graph.plan import Layer
 from ..output.results import LayerReport
 from ..reverse.arrays import reverse
@@ -161,14 +160,15 @@ class Minibatch:
             ft = time.perf_counter()
             views = state.views()
             acts = state.forward(x, needed, on_device=True)
-            z = acts[state.plan.logits].reshape(len(y), -1)
+            z = acts[state.plan.logits]
+            z = z.reshape(len(y), -1) if state.task.classification else z
             if self.blew_up(step, z, y):
                 # the last step blew the weights up: back now, not at the next check
                 # (each step until then would make it worse)
                 if self.halved > cfg.halvings:
                     break
                 continue
-            t_logits = label_target(z, state.xp.asarray(y), 1.0).reshape(
+            t_logits = state.task.target(z, state.xp.asarray(y), 1.0).reshape(
                 acts[state.plan.logits].shape)
             if step == 1:
                 needed = self.choose_route(acts, path, views, needed)
@@ -259,7 +259,7 @@ class Minibatch:
         finite, or above ``3 ref + 1`` for ``ref`` the running mean of the batch
         losses so far); then back off at once."""
         xp = self.state.xp
-        loss = (cross_entropy(z, xp.asarray(y))[0] / max(len(y), 1)
+        loss = (self.state.task.score(z, xp.asarray(y))[0] / max(len(y), 1)
                 if bool(xp.isfinite(z).all()) else float("nan"))  # no NaN arithmetic
         ref = self.batch_loss
         if ref is not None and (not np.isfinite(loss) or loss > 3 * ref + 1):

@@ -26,6 +26,7 @@ from ..data import LabelledData
 from ..events import LayerVisited, Progress
 from ..fit.layers import LayerBlock
 from ..fit.targets import cross_entropy
+from ..fit.tasks import Metrics, Task, detect_task
 from ..graph.plan import Layer, Plan, load_model, plan_model
 from ..output.results import EvalResult, LayerReport, eval_result
 from ..run.backend import array_module, cupy_or_none
@@ -181,6 +182,9 @@ class ModelState:
         start = time.perf_counter()
         self.model: onnx.ModelProto = load_model(self.model_path)
         self.plan: Plan = plan_model(self.model, config.layers.output_name)
+        # what the target output learns (classification until :meth:`detect_task`)
+        self.task = Task("classification", output_kind=self.plan.output_kind,
+                         n_classes=self.plan.n_classes)
         self.timings["plan"] = time.perf_counter() - start
         self.providers = choose_providers(config.run.device)
         device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
@@ -304,10 +308,38 @@ class ModelState:
 
         return forward
 
+    def detect_task(self, data: LabelledData, override: str | None = None,
+                    loss: str = "mse") -> Task:
+        """Set and return the task of ``data``'s labels for the target output
+        (:func:`onnxfbp.fit.tasks.detect_task`), from a forward pass of two samples."""
+        if not len(data):
+            return self.task  # validate names the problem
+        first = data.labels(np.zeros(1, np.int64))
+        if override in (None, "classification") and first.ndim == 1 \
+                and np.issubdtype(first.dtype, np.integer):
+            return self.task  # class indices: today's path, whatever the output's shape
+        idx = np.arange(min(2, len(data)))
+        x, y = data.take(idx)
+        out = self.frozen_forward([self.plan.output_name])(x)[self.plan.output_name]
+        n_classes = int(out.shape[1]) if out.ndim >= 2 else None
+        task = detect_task(y, tuple(out.shape[1:]), self.plan.output_kind, override, loss,
+                           self.plan.output_name)
+        self.task = Task(task.kind, task.loss, task.output_kind,
+                         n_classes if task.kind in ("classification", "dense") else None)
+        return self.task
+
     def scores(self, data: LabelledData, idx: np.ndarray) -> tuple[float, int, np.ndarray]:
-        """Summed cross-entropy, correct count and predictions on ``data[idx]``."""
+        """Summed cross-entropy, correct count and predictions on ``data[idx]``
+        (another task: its loss and correct positions, :meth:`Task.score`, and
+        no predictions)."""
         loss, correct, preds = 0.0, 0, []
         forward = self.frozen_forward([self.plan.logits])
+        if not self.task.classification:
+            for x, y in data.batches(idx, self.config.run.batch_size):
+                batch_loss, batch_correct = self.task.score(forward(x)[self.plan.logits], y)
+                loss += batch_loss
+                correct += batch_correct
+            return loss, correct, np.zeros(0, np.int64)
         for x, y in data.batches(idx, self.config.run.batch_size):
             z = forward(x)[self.plan.logits]
             z = z.reshape(len(y), -1)
@@ -320,8 +352,22 @@ class ModelState:
     def evaluate(self, data: LabelledData, idx: np.ndarray | None = None) -> EvalResult:
         """Accuracy, loss, per-class accuracy and confusion on ``data[idx]``."""
         idx = np.arange(len(data)) if idx is None else idx
+        if not self.task.classification:
+            return self.task_result(data, idx)
         loss, correct, preds = self.scores(data, idx)
         return self.result(loss, correct, preds, data.labels(idx))
+
+    def task_result(self, data: LabelledData, idx: np.ndarray) -> EvalResult:
+        """The :class:`EvalResult` of a task other than classification: ``accuracy``
+        is the pixel accuracy (dense, binary; NaN for regression), ``metrics`` the
+        task's figures (:class:`Metrics`)."""
+        metrics = Metrics(self.task)
+        forward = self.frozen_forward([self.plan.logits])
+        for x, y in data.batches(idx, self.config.run.batch_size):
+            metrics.add(forward(x)[self.plan.logits], y)
+        out = metrics.result()
+        accuracy = out.get("pixel_accuracy", out.get("accuracy", float("nan")))
+        return EvalResult(accuracy, out["n"], out["loss"], task=self.task.kind, metrics=out)
 
     def result(
         self, loss: float, correct: int, preds: np.ndarray, labels: np.ndarray
