@@ -145,7 +145,8 @@ class TaskConfig:
 
     task: str | None = None  # classification, dense, binary or regression (None: detected)
     loss: str = "mse"  # regression loss: mse, l1 or huber
-    label_key: str = "y"  # the labels' key in the data files (--target OUTPUT=KEY)
+    targets: tuple[str, ...] = ()  # "OUTPUT=KEY": outputs trained on those labels (() : y)
+    target_weights: tuple[str, ...] = ()  # "OUTPUT=W": that output's loss weight (default 1)
 
 
 _SECTIONS = {

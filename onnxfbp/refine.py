@@ -36,12 +36,22 @@ import numpy as np
 
 from .checks import announce, label_warnings, range_warnings
 from .config import RefineConfig
-from .data import JoinedData, LabelledData, from_arrays, load_data
-from .errors import GateError, UnsupportedModelError
+from .data import (
+    JoinedData,
+    KeyedLabelData,
+    LabelledData,
+    MultiInputData,
+    from_arrays,
+    load_data,
+    load_inputs,
+    read_label_keys,
+)
+from .errors import DataError, GateError, UnsupportedModelError
 from .events import Event, Message, Progress
 from .fit.head import SEED_SALT, head_cross_validated, polish_head
 from .fit.targets import log_softmax
 from .fit.tasks import GATE_METRIC, gate_value, task_gain
+from .graph.plan import Plan
 from .output.patch import check_output_path, write_refined
 from .output.results import EvalResult, LayerReport, RefineResult
 from .output.summary import environment, feature_maps, plan_summary
@@ -67,13 +77,51 @@ def _quiet(event: Event) -> None:
     """The default progress callback: nothing."""
 
 
-def _as_data(data: DataLike, input_name: str) -> LabelledData:
+def _as_data(data: DataLike, input_name: str, plan: Plan | None = None,
+             keys: list[str] | None = None) -> LabelledData:
     if isinstance(data, LabelledData):
         return data
+    if keys and keys != ["y"]:  # labels under other keys, or several (--target)
+        return _keyed(data, input_name, plan, list(dict.fromkeys(keys)))
+    if plan is not None and len(plan.input_names) > 1:  # a model with several inputs
+        return _several_inputs(data, plan)
     if isinstance(data, (str, os.PathLike)):
         return load_data(data, input_name)
     x, y = data
     return from_arrays(x, y)
+
+
+def _keyed(data: DataLike, input_name: str, plan: Plan | None,
+           keys: list[str]) -> LabelledData:
+    """Inputs with the labels under ``keys``: a path, or ``(x, labels)`` with
+    ``labels`` a dict of arrays by key."""
+    base: LabelledData
+    if isinstance(data, (str, os.PathLike)):
+        if plan is not None and len(plan.input_names) > 1:
+            base = load_inputs(data, plan.input_names, plan.input_shapes, labels_optional=True)
+        else:
+            base = load_data(data, input_name, labels_optional=True)
+        return KeyedLabelData(base, read_label_keys(data, keys))
+    x, labels = data  # type: ignore[misc]
+    if not isinstance(labels, dict) or any(k not in labels for k in keys):
+        raise DataError(f"give the labels as a dict of arrays with the keys {keys}")
+    n = len(next(iter(x.values())) if isinstance(x, dict) else x)
+    base = _as_data((x, np.zeros(n, np.int64)), input_name, plan)
+    return KeyedLabelData(base, {k: np.asarray(labels[k]) for k in keys})
+
+
+def _several_inputs(data: DataLike, plan: Plan) -> LabelledData:
+    """Data of a model with several inputs: a path, or ``(x, y)`` with ``x`` a
+    mapping of arrays by input name."""
+    if isinstance(data, (str, os.PathLike)):
+        return load_inputs(data, plan.input_names, plan.input_shapes)
+    x, y = data  # type: ignore[misc]
+    missing = [n for n in plan.input_names if not isinstance(x, dict) or n not in x]
+    if missing:
+        raise DataError(f"no inputs for the model input {missing[0]!r}; give a dict of arrays "
+                        f"with the keys {plan.input_names}")
+    return MultiInputData({n: from_arrays(x[n], y, f"input {n!r}") for n in plan.input_names},
+                          plan.input_shapes)
 
 
 def _as_retain(data: RetainLike, input_name: str) -> LabelledData:
@@ -295,7 +343,8 @@ def run_refine(
                        else plan.n_classes, _LABELS[task.kind])
     _check_refinable(state, progress)
     warnings = announce((label_warnings(data, plan.n_classes) if task.classification else [])
-                        + range_warnings(data, retain_data), progress)
+                        + (range_warnings(data, retain_data) if len(plan.input_names) == 1
+                           else []), progress)
     rng, train_idx, val_idx = split(len(data), state.config)
     timings["validate"] = time.perf_counter() - t0
     _few_heldout(state, len(val_idx), progress)
@@ -361,7 +410,7 @@ def run_refine(
 
 
 _LABELS = {"classification": "classes", "dense": "dense", "binary": "values",
-           "regression": "values"}
+           "regression": "values", "multi": "classes"}
 
 
 def _gate(result: RefineResult, config: RefineConfig) -> None:
@@ -434,8 +483,9 @@ def refine(
         check_output_path(Path(model), Path(output), force)
     state = ModelState(model, config)
     name = state.plan.input_name
-    adapt = _as_data((data, y) if y is not None else data, name)  # type: ignore[arg-type]
-    held = _as_data(eval_data, name) if eval_data is not None else None
+    keys = list(state.label_keys.values())
+    adapt = _as_data((data, y) if y is not None else data, name, state.plan, keys)  # type: ignore[arg-type]
+    held = _as_data(eval_data, name, state.plan, keys) if eval_data is not None else None
     kept = _as_retain(retain_data, name) if retain_data is not None else None
     result = run_refine(state, adapt, held, progress, kept)
     _gate(result, config)
@@ -456,13 +506,21 @@ def evaluate(
     batch_size: int = 500,
     output: str | None = None,
     task_override: str | None = None,
-    loss: str = "mse",
+    loss: str | None = None,
+    targets: tuple[str, ...] = (),
 ) -> EvalResult:
     """Accuracy of ``model`` on labelled data (same inputs as :func:`refine`)."""
     state = ModelState(model, RefineConfig.of(device=device, batch_size=batch_size,
-                                              output_name=output), layers=False)
-    adapt = _as_data((data, y) if y is not None else data, state.plan.input_name)  # type: ignore[arg-type]
-    task = state.detect_task(adapt, task_override, loss)
+                                              output_name=output, targets=targets),
+                       layers=False)
+    adapt = _as_data((data, y) if y is not None else data, state.plan.input_name,  # type: ignore[arg-type]
+                     state.plan, list(state.label_keys.values()))
+    task = state.detect_task(adapt, task_override, loss or "mse")
     adapt.validate(state.plan.input_shape, task.n_classes if not task.classification
                    else state.plan.n_classes, _LABELS[task.kind])
-    return state.evaluate(adapt)
+    result = state.evaluate(adapt)
+    # the output scored (CLI: eval --json names it), with today's figures for a classifier
+    result.metrics = {**(result.metrics or {"task": "classification", "n": result.n,
+                                            "accuracy": result.accuracy, "loss": result.loss}),
+                      "output": state.plan.output_name}
+    return result

@@ -75,14 +75,11 @@ def accumulate(
             block, w0, NormalEquations(g, d, k, xp), NormalEquations(g, d, k, xp)
         )
     path, needed = state.reverse_plan(layers, downstream)
-    logits = state.plan.logits
     ft = time.perf_counter()
     for split, split_idx in ((0, ctx.train_idx), (1, ctx.val_idx)):
         for x, y in ctx.data.batches(split_idx, state.config.run.batch_size):
             acts = state.forward(x, needed, on_device=True)
-            z = acts[logits].reshape(len(y), -1) if state.task.classification else acts[logits]
-            t_logits = state.task.target(z, xp.asarray(y), cfg.target_step).reshape(
-                acts[logits].shape)
+            t_logits = state.label_target(acts, y, cfg.target_step)
             sums, counts = reverse(state.plan, acts, t_logits, path, views, cfg.mu)
             for layer in layers:
                 if layer.output not in sums:

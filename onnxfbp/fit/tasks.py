@@ -43,15 +43,16 @@ from ..errors import DataError
 from ..rules import Array, xp_of
 from .targets import cross_entropy, label_target
 
-__all__ = ["GATE_METRIC", "LOSSES", "TASKS", "Metrics", "Task", "detect_task", "gate_value",
-           "parse_pairs", "task_gain"]
+__all__ = ["GATE_METRIC", "LOSSES", "TASKS", "Head", "Metrics", "MultiTask", "Task",
+           "detect_task", "gate_value", "metric_line", "parse_pairs", "task_gain"]
 
 TASKS = ("classification", "dense", "binary", "regression")
 LOSSES = ("mse", "l1", "huber")
 IGNORE = 255
 # the metric each task's gate compares, and whether lower is better
 GATE_METRIC = {"classification": ("accuracy", False), "dense": ("mean_iou", False),
-               "binary": ("mean_iou", False), "regression": ("mae", True)}
+               "binary": ("mean_iou", False), "regression": ("mae", True),
+               "multi": ("loss", True)}
 _HUBER_DELTA = 1.0
 
 
@@ -73,6 +74,8 @@ class Task:
         """``z`` with its sample axes as the labels' (dense: classes on axis 1)."""
         if self.kind == "dense":
             return z.reshape(len(y), -1, *y.shape[1:])
+        if self.kind == "classification":
+            return z.reshape(len(y), -1)
         return z.reshape(y.shape)
 
     def gradient(self, z: Array, y: Array) -> Array:
@@ -316,3 +319,69 @@ def task_gain(before: Any, after: Any) -> float:
     gain = gate_value(after) - gate_value(before)
     lower = getattr(after, "task", None) is not None and GATE_METRIC[after.task][1]
     return -gain if lower else gain
+
+
+@dataclass(frozen=True)
+class Head:
+    """One trained output of several: its graph output, the tensor its target is
+    set on, the labels' key in the data, its task and loss weight."""
+
+    output: str
+    logits: str
+    key: str
+    task: Task
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class MultiTask:
+    """Several outputs trained together (``--target`` given more than once). The
+    loss is ``sum_k w_k L_k / P_k`` (``P_k``: positions per sample of output k, 1
+    unless dense): each output's residual ``t_k - z_k`` is scaled by ``w_k / P_k``
+    and the reverse pass starts from all of them (their residuals add where the
+    paths meet). Every update is judged by that loss alone (correct count 0)."""
+
+    heads: tuple[Head, ...]
+    kind: str = "multi"
+    loss: str = "weighted sum"
+    output_kind: str = "several"
+    n_classes: int | None = None
+    classification: bool = False
+
+    def scale(self, head: Head, z: Array, n: int) -> float:
+        positions = int(np.prod(z.shape[2:])) if head.task.kind in ("dense", "binary") \
+            and z.ndim > 2 else 1
+        return head.weight / max(positions, 1)
+
+    def targets(self, acts: dict[str, Any], y: dict[str, Any], step: float) -> dict[str, Any]:
+        """``{target tensor: z + scale (t - z)}`` for each head."""
+        out = {}
+        for head in self.heads:
+            z = acts[head.logits]
+            labels = y[head.key]
+            zz = z.reshape(len(labels), -1) if head.task.classification else z
+            t = head.task.target(zz, labels, step).reshape(z.shape)
+            out[head.logits] = (z + self.scale(head, z, len(labels)) * (t - z)).astype(z.dtype)
+        return out
+
+    def score(self, acts: dict[str, Any], y: dict[str, Any]) -> tuple[float, int]:
+        """The weighted loss summed over samples (correct count 0: the loss decides)."""
+        total = 0.0
+        for head in self.heads:
+            z = acts[head.logits]
+            total += self.scale(head, z, 1) * head.task.score(z, y[head.key])[0]
+        return total, 0
+
+
+def metric_line(before: Any, after: Any = None) -> str:
+    """``mae 0.3412 -> 0.2813, rmse ... (n=294)``: a task's metrics in one line."""
+    def figures(result: Any) -> dict[str, float]:
+        m = result.metrics or {}
+        if m.get("task") == "multi":
+            return {f"{name}.{k}": v for name, sub in m.get("outputs", {}).items()
+                    for k, v in sub.items() if isinstance(v, float) and k != "loss"}
+        return {k: v for k, v in m.items() if isinstance(v, float) and k != "loss"}
+    a = figures(before)
+    b = figures(after) if after is not None else {}
+    parts = [f"{k} {v:.4f}" + (f" -> {b[k]:.4f}" if k in b else "") for k, v in a.items()]
+    return f"{before.task}: " + ", ".join(parts) + f" (n={before.n})"

@@ -142,6 +142,17 @@ class Plan:
     all_nodes: list[tuple[str, str, str]] = field(default_factory=list)  # name, op, status
     static_values: dict[str, np.ndarray] = field(default_factory=dict)
     opset: int = 13
+    input_shapes: dict[str, list[int | str]] = field(default_factory=dict)  # every data input
+    # every trained output: (output, its target tensor, kind, classes); the first is the above
+    heads: list[tuple[str, str, str, int | None]] = field(default_factory=list)
+
+    @property
+    def head_logits(self) -> list[str]:
+        return [h[1] for h in self.heads] or [self.logits]
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.input_shapes) or [self.input_name]
 
     @property
     def refinable(self) -> list[Layer]:
@@ -191,16 +202,17 @@ def _static_values(
     return values
 
 
-def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
-    """Analyse ``model``: logits tensor, reverse path with rules, refinable layers."""
+def plan_model(model: onnx.ModelProto, output_name: str | None = None,
+               targets: tuple[str, ...] = ()) -> Plan:
+    """Analyse ``model``: logits tensor, reverse path with rules, refinable layers.
+    ``targets``: further outputs trained together with ``output_name`` (each
+    with its own target tensor, :attr:`Plan.heads`; the path reaches back from all)."""
     graph = gs.import_onnx(model)
     opset = opset_version(model)
     init_names = {t.name for t in model.graph.initializer}
     graph_inputs = [t for t in graph.inputs if t.name not in init_names]
-    if len(graph_inputs) != 1:
-        raise UnsupportedModelError(
-            f"the model has {len(graph_inputs)} data inputs; onnxfbp refines single-input models"
-        )
+    if not graph_inputs:
+        raise UnsupportedModelError("the model has no data input; nothing to feed the data to")
     input_tensor = graph_inputs[0]
     nodes = list(graph.nodes)
     static, static_nodes, static_node_names = _statics(model, graph, nodes)
@@ -217,8 +229,12 @@ def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
         if t.name in static and t.name
     }
     static_values = _static_values(model, needed_static, static_nodes)
+    heads = [(output_name, logits, kind, n_classes)] + [
+        _score_output(graph, producer, consumers, name) for name in targets
+        if name != output_name]
     walk = _Walk(producer, consumers, static, static_values, opset)
-    walk.run(logits)
+    for head in heads:
+        walk.run(head[1])
     plan_nodes = [walk.plan_node(node) for node in nodes if node.name in walk.on_path]
     layers = [
         _layer(node, producer, consumers, static, static_values, init_names, walk.on_path)
@@ -235,8 +251,10 @@ def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
         model=model,
         input_name=input_tensor.name,
         input_shape=list(input_tensor.shape or []),
+        input_shapes={t.name: list(t.shape or []) for t in graph_inputs},
         output_name=output_name,
         logits=logits,
+        heads=heads,
         output_kind=kind,
         n_classes=n_classes,
         nodes=plan_nodes,
@@ -311,7 +329,9 @@ def _score_output(
             continue
         break
     out_shape = next(t.shape for t in graph.outputs if t.name == output_name)
-    n_classes = out_shape[-1] if out_shape and isinstance(out_shape[-1], int) else None
+    channel = -1 if not out_shape or len(out_shape) <= 2 else 1  # [N, C, d1..]: classes on 1
+    n_classes = out_shape[channel] if out_shape and isinstance(out_shape[channel], int) \
+        else None
     return output_name, logits, kind, n_classes
 
 

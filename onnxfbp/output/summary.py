@@ -101,12 +101,10 @@ def feature_maps(
     x, y = data.take(np.sort(idx))
     views = state.views()
     cfg = state.config.sweep
-    logits = state.plan.logits
     out: dict[str, Any] = {}
     for layer in state.layers:
         acts = state.forward(x, state.needed(layer))
-        z = acts[logits].reshape(len(y), -1) if state.task.classification else acts[logits]
-        t_logits = state.task.target(z, y, cfg.target_step).reshape(acts[logits].shape)
+        t_logits = state.label_target(acts, y, cfg.target_step)
         target = to_numpy(reverse_target(
             state.plan, acts, t_logits, layer, state.downstream[layer.name], views, cfg.mu))
         actual = to_numpy(acts[layer.output])
@@ -120,7 +118,8 @@ def feature_maps(
         out[layer.name] = {
             "op": layer.op,
             "samples": [int(i) for i in np.sort(idx)],
-            "labels": [int(v) for v in y] if y.ndim == 1 and y.dtype.kind in "iu" else [],
+            "labels": [int(v) for v in y] if isinstance(y, np.ndarray) and y.ndim == 1
+            and y.dtype.kind in "iu" else [],
             "channels": [int(c) for c in chosen],
             "actual": np.round(actual.astype(np.float64), 4).tolist(),
             "target": np.round(target.astype(np.float64), 4).tolist(),
