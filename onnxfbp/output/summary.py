@@ -118,10 +118,11 @@ def feature_maps(
         out[layer.name] = {
             "op": layer.op,
             "samples": [int(i) for i in np.sort(idx)],
-            "labels": [int(v) for v in y] if isinstance(y, np.ndarray) and y.ndim == 1
-            and y.dtype.kind in "iu" else [],
+            "labels": [int(v) for v in y] if state.task.classification else None,
             "channels": [int(c) for c in chosen],
             "actual": np.round(actual.astype(np.float64), 4).tolist(),
             "target": np.round(target.astype(np.float64), 4).tolist(),
         }
+        if out[layer.name]["labels"] is None:  # class labels only (not values, not masks)
+            del out[layer.name]["labels"]
     return out
