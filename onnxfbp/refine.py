@@ -256,10 +256,16 @@ def _few_heldout(state: ModelState, n_val: int, progress: Progress) -> None:
     floor = state.config.head.min_heldout_for_depth
     if n_val >= floor or state.config.layers.max_layers is not None or len(state.layers) < 2:
         return
-    for layer in state.layers[1:]:
-        state.skipped[layer.name] = (
-            f"only {n_val} held-out samples (< {floor}): output layer only")
-    state.layers = state.layers[:1]
+    keep = state.layers[:1]
+    if len(state.plan.head_logits) > 1:  # several outputs: each one's output layer
+        keep = [layer for layer in state.layers if not any(
+            state.plan.nodes[i].op in ("Conv", "Gemm", "MatMul")
+            for i in state.downstream[layer.name])]
+    for layer in state.layers:
+        if layer not in keep:
+            state.skipped[layer.name] = (
+                f"only {n_val} held-out samples (< {floor}): output layer only")
+    state.layers = keep
     progress(Message(f"{n_val} held-out samples: refining the output layer only"))
 
 

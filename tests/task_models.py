@@ -36,6 +36,12 @@ def rotated(x: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return out[:, None].astype(np.float32), (angles / 45.0)[:, None].astype(np.float32)
 
 
+def pairs(n: int, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` random pairs of indices below ``n`` (the two inputs of ``pair``)."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, n, count), rng.integers(0, n, count)
+
+
 def shifted(x: np.ndarray, seed: int) -> np.ndarray:
     """The test shift: contrast 0.6 and Gaussian noise of sigma 0.35."""
     rng = np.random.default_rng(seed)
@@ -92,9 +98,9 @@ class _Rot(nn.Module):
 
 def _fcn(out: int) -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(),
-        nn.Conv2d(16, 16, 5, padding=4, dilation=2), nn.ReLU(),
-        nn.Conv2d(16, out, 1))
+        nn.Conv2d(1, 8, 5, padding=2), nn.ReLU(),
+        nn.Conv2d(8, 8, 5, padding=4, dilation=2), nn.ReLU(),
+        nn.Conv2d(8, out, 1))
 
 
 class _Mask(nn.Module):
@@ -143,17 +149,17 @@ def build(kind: str, folder: Path, x: np.ndarray, digits: np.ndarray) -> Path:
         return _export(net, [xr], path, ["image"], ["angle"])
     x1 = x[:, None].astype(np.float32)
     if kind == "seg":
-        net = _train(_fcn(11), [x1], ce, dense_labels(x1, digits), 3)
+        net = _train(_fcn(11), [x1], ce, dense_labels(x1, digits), 2)
         return _export(net, [x1], path, ["image"], ["classes"])
     if kind == "mask":
         bce = nn.BCELoss()
-        net = _train(_Mask(), [x1], bce, (x1 > 0.5).astype(np.float32), 2)
+        net = _train(_Mask(), [x1], bce, (x1 > 0.5).astype(np.float32), 3)
         return _export(net, [x1], path, ["image"], ["mask"])
     if kind == "pair":
-        half = len(x1) // 2
-        a, b = x1[:half], x1[half : 2 * half]
-        total = (digits[:half] + digits[half : 2 * half]).astype(np.int64)
-        net = _train(_Pair(), [a, b], ce, total, 4)
+        i, j = pairs(len(x1), 4 * len(x1), 0)
+        a, b = x1[i], x1[j]
+        total = (digits[i] + digits[j]).astype(np.int64)
+        net = _train(_Pair(), [a, b], ce, total, 3)
         return _export(net, [a, b], path, ["left", "right"], ["sum"])
     if kind == "two_out":
         xr, angle = rotated(x, 0)
