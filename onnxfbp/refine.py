@@ -36,22 +36,14 @@ import numpy as np
 
 from .checks import announce, label_warnings, range_warnings
 from .config import RefineConfig
-from .data import (
-    JoinedData,
-    KeyedLabelData,
-    LabelledData,
-    MultiInputData,
-    from_arrays,
-    load_data,
-    load_inputs,
-    read_label_keys,
-)
+from .data import JoinedData, LabelledData, from_arrays, load_data
 from .errors import DataError, GateError, UnsupportedModelError
 from .events import Event, Message, Progress
 from .fit.head import SEED_SALT, head_cross_validated, polish_head
 from .fit.targets import log_softmax
 from .fit.tasks import GATE_METRIC, gate_value, task_gain
 from .graph.plan import Plan
+from .multidata import KeyedLabelData, MultiInputData, load_inputs, read_label_keys
 from .output.patch import check_output_path, write_refined
 from .output.results import EvalResult, LayerReport, RefineResult
 from .output.summary import environment, feature_maps, plan_summary

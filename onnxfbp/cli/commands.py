@@ -25,6 +25,7 @@ from types import FrameType
 from typing import Any
 
 from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USER_ERROR, OnnxfbpError
+from .outputs import eval_line, eval_payload, heldout_line, target_settings, task_options
 
 __all__ = ["main"]
 
@@ -56,36 +57,16 @@ def _config(args: argparse.Namespace) -> Any:
         **{key: value for key, value in settings.items() if value is not None},
         allow_worse=bool(getattr(args, "allow_worse", False)),
         deep=bool(getattr(args, "deep", False)),
-        **_targets(args),
+        **target_settings(args),
     )
 
 
-def _targets(args: argparse.Namespace) -> dict[str, Any]:
-    """``output_name``, ``targets`` and ``target_weights`` settings from ``--output-name``,
-    ``--target OUTPUT=KEY`` (repeatable) and ``--target-weight OUTPUT=W``."""
-    from ..fit.tasks import parse_pairs  # noqa: PLC0415
-
-    pairs = parse_pairs(getattr(args, "target", None) or [], "--target")
-    weights = parse_pairs(getattr(args, "target_weight", None) or [], "--target-weight")
-    out: dict[str, Any] = {"output_name": getattr(args, "output_name", None)}
-    if pairs:
-        out["output_name"] = pairs[0][0]
-        out["targets"] = tuple(f"{o}={k}" for o, k in pairs)
-    if weights:
-        out["target_weights"] = tuple(f"{o}={_finite_float(w)}" for o, w in weights)
-    return out
 
 
 def _print_result(result: Any, stream: Any = None) -> None:
     stream = sys.stdout if stream is None else stream
     hb, ha = result.heldout_before, result.heldout_after
-    if hb.task is not None:
-        from ..fit.tasks import metric_line  # noqa: PLC0415
-
-        print(f"held-out {metric_line(hb, ha)}", file=stream)
-    else:
-        print(f"held-out accuracy: {hb.accuracy:.4f} -> {ha.accuracy:.4f} (n={hb.n})",
-              file=stream)
+    print(heldout_line(hb, ha), file=stream)
     if result.eval_before is not None and result.eval_after is not None:
         eb, ea = result.eval_before, result.eval_after
         print(f"eval accuracy:     {eb.accuracy:.4f} -> {ea.accuracy:.4f} (n={eb.n})", file=stream)
@@ -306,29 +287,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..refine import evaluate  # noqa: PLC0415
 
     _run_paths(Path(args.model), None, None, False, data=[(args.data, "data")])
-    targets = _targets(args)
+    targets = target_settings(args)
     result = evaluate(args.model, args.data, device=args.device,
                       output=targets["output_name"], task_override=args.task, loss=args.loss,
                       targets=targets.get("targets", ()))
     name = (result.metrics or {}).pop("output", None) or targets["output_name"] or "output"
-    if args.json:
-        payload: dict[str, Any] = {}
-        if result.task is None:  # a single classification output: today's fields too
-            payload = {"accuracy": result.accuracy, "n": result.n, "loss": result.loss,
-                       "per_class": result.per_class}
-            payload["outputs"] = {name: {"task": "classification", "n": result.n,
-                                         "accuracy": result.accuracy, "loss": result.loss}}
-        elif result.task == "multi":
-            payload["outputs"] = dict((result.metrics or {}).get("outputs", {}))
-        else:
-            payload["outputs"] = {name: dict(result.metrics or {})}
-        line = _dumps(payload)
-    elif result.task is not None:
-        from ..fit.tasks import metric_line  # noqa: PLC0415
-
-        line = f"{name}: {metric_line(result)}"
-    else:
-        line = f"accuracy {result.accuracy:.4f} on {result.n} samples"
+    line = _dumps(eval_payload(result, name)) if args.json else eval_line(result, name)
     _emit(lambda: print(line))
     return 0
 
@@ -440,18 +404,6 @@ def _seed(text: str) -> int:
     return value
 
 
-def _task_options(p: argparse.ArgumentParser) -> None:
-    """``--target``, ``--task`` and ``--loss`` (refine and eval)."""
-    p.add_argument("--target", action="append", metavar="OUTPUT=KEY",
-                   help="train OUTPUT on the labels under KEY in the data files (default: "
-                        "the first output, labels 'y'); repeatable")
-    p.add_argument("--task", choices=("classification", "dense", "binary", "regression"),
-                   help="the task, when the labels and the output leave it ambiguous "
-                        "(default: from them)")
-    p.add_argument("--loss", choices=("mse", "l1", "huber"), default=None,
-                   help="regression loss (default mse)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="onnxfbp",
@@ -502,9 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="jacobi / sequential: also refine layers behind convolutions")
     p.add_argument("--output-name", help="class-score output of the graph (default: found)")
     p.add_argument("--seed", type=_seed, default=0)
-    _task_options(p)
-    p.add_argument("--target-weight", action="append", metavar="OUTPUT=W",
-                   help="weight of that target's loss (default 1; repeatable)")
+    task_options(p, weights=True)
     common(p)
     p.set_defaults(func=cmd_refine)
 
@@ -513,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--output-name", help="the output to score (default: found)")
-    _task_options(p)
+    task_options(p)
     common(p)
     p.set_defaults(func=cmd_eval)
 

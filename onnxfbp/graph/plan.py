@@ -31,6 +31,7 @@ from onnx.reference import ReferenceEvaluator
 from ..errors import ModelError, UnsupportedModelError
 from ..rules import RULES, NodeView, onnx_default
 from .load import allow_nonfinite_weights, load_model
+from .outputs import score_output as _score_output
 
 __all__ = [
     "Layer",
@@ -44,12 +45,6 @@ __all__ = [
 
 # Ops through which a weight may be reached from its initializer (value-preserving).
 _WEIGHT_CHAIN_OPS = ("Identity", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
-# Monotone output activations: the label target is set on their input (same argmax).
-_OUTPUT_ACTIVATIONS = {
-    "Softmax": "probabilities",
-    "LogSoftmax": "log-probabilities",
-    "Sigmoid": "sigmoid-probabilities",
-}
 
 
 def opset_version(model: onnx.ModelProto) -> int:
@@ -302,39 +297,6 @@ def _statics(
     return static, static_nodes, static_node_names
 
 
-def _score_output(
-    graph: gs.Graph,
-    producer: dict[str, gs.Node],
-    consumers: dict[str, list[gs.Node]],
-    output_name: str | None,
-) -> tuple[str, str, str, int | None]:
-    """The class-score output, the logits tensor (before a monotone output
-    activation), the output kind and the class count."""
-    outputs = [t.name for t in graph.outputs]
-    if output_name is None:
-        output_name = _pick_score_output(graph)
-    elif output_name not in outputs:
-        raise UnsupportedModelError(f"the model has no output {output_name!r}; it has {outputs}")
-    logits, kind = output_name, "logits"
-    cursor = output_name
-    while cursor in producer:
-        prod = producer[cursor]
-        if prod.op in _OUTPUT_ACTIVATIONS:
-            logits = prod.inputs[0].name
-            kind = _OUTPUT_ACTIVATIONS[prod.op]
-            break
-        if prod.op in ("Identity", "Reshape", "Flatten", "Squeeze") \
-                and len(consumers.get(prod.inputs[0].name, [])) == 1:
-            cursor = prod.inputs[0].name
-            continue
-        break
-    out_shape = next(t.shape for t in graph.outputs if t.name == output_name)
-    channel = -1 if not out_shape or len(out_shape) <= 2 else 1  # [N, C, d1..]: classes on 1
-    n_classes = out_shape[channel] if out_shape and isinstance(out_shape[channel], int) \
-        else None
-    return output_name, logits, kind, n_classes
-
-
 class _Walk:
     """The reverse walk from the logits through data inputs: the nodes on the path,
     the boundaries where targets stop (with the reason), fused activations."""
@@ -479,17 +441,6 @@ def _fused_activation(
         if tanh is not None and soft is not None and soft.inputs[0].name == x:
             return "Mish", {}, x, [tanh.name, soft.name]
     return None
-
-
-def _pick_score_output(graph: gs.Graph) -> str:
-    candidates = [t for t in graph.outputs if t.dtype in (np.float32, np.float16, np.float64, None)]
-    ranked = [t for t in candidates if t.shape and len(t.shape) == 2]
-    chosen = (ranked or candidates)
-    if not chosen:
-        raise UnsupportedModelError(
-            "no class-score output found (need a float [N, classes] output); pass --output NAME"
-        )
-    return str(chosen[0].name)
 
 
 def _weight_source(

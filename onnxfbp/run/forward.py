@@ -364,6 +364,6 @@ class ForwardRunner:
 
 
 def _inputs(arrays: dict[str, np.ndarray]) -> Any:
-    from ..data import Inputs  # noqa: PLC0415
+    from ..multidata import Inputs  # noqa: PLC0415
 
     return Inputs(arrays)
