@@ -69,7 +69,7 @@ def _print_result(result: Any, stream: Any = None) -> None:
     print(heldout_line(hb, ha), file=stream)
     if result.eval_before is not None and result.eval_after is not None:
         eb, ea = result.eval_before, result.eval_after
-        print(f"eval accuracy:     {eb.accuracy:.4f} -> {ea.accuracy:.4f} (n={eb.n})", file=stream)
+        print(heldout_line(eb, ea, "eval"), file=stream)
     _print_retain(result, stream)
     for line in _outcome_lines(result):
         print(line, file=stream)

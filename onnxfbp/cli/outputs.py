@@ -68,13 +68,14 @@ def _weight(text: str) -> float:
     return value
 
 
-def heldout_line(before: Any, after: Any) -> str:
-    """The held-out line of ``refine``: accuracy, or the task's metrics."""
+def heldout_line(before: Any, after: Any, split: str = "held-out") -> str:
+    """The held-out (or ``eval``) line of ``refine``: accuracy, or the task's metrics."""
     if before.task is None:
-        return f"held-out accuracy: {before.accuracy:.4f} -> {after.accuracy:.4f} (n={before.n})"
+        head = "held-out accuracy:" if split == "held-out" else f"{split} accuracy:    "
+        return f"{head} {before.accuracy:.4f} -> {after.accuracy:.4f} (n={before.n})"
     from ..fit.tasks import metric_line  # noqa: PLC0415
 
-    return f"held-out {metric_line(before, after)}"
+    return f"{split} {metric_line(before, after)}"
 
 
 def eval_line(result: Any, name: str) -> str:
