@@ -358,7 +358,7 @@ class MultiTask:
         out = {}
         for head in self.heads:
             z = acts[head.logits]
-            labels = y[head.key]
+            labels = xp_of(z).asarray(y[head.key])
             zz = z.reshape(len(labels), -1) if head.task.classification else z
             t = head.task.target(zz, labels, step).reshape(z.shape)
             out[head.logits] = (z + self.scale(head, z, len(labels)) * (t - z)).astype(z.dtype)
@@ -369,7 +369,8 @@ class MultiTask:
         total = 0.0
         for head in self.heads:
             z = acts[head.logits]
-            total += self.scale(head, z, 1) * head.task.score(z, y[head.key])[0]
+            labels = xp_of(z).asarray(y[head.key])
+            total += self.scale(head, z, 1) * head.task.score(z, labels)[0]
         return total, 0
 
 
