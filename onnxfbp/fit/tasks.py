@@ -65,10 +65,19 @@ class Task:
     loss: str = "mse"
     output_kind: str = "logits"
     n_classes: int | None = None
+    positions: int = 1  # scored positions per sample (dense, binary)
 
     @property
     def classification(self) -> bool:
         return self.kind == "classification"
+
+    def accuracy(self, correct: int, n: int) -> float | None:
+        """The accuracy a correct count of ``n`` samples shows: per sample, per
+        position (dense, binary: ignored positions count as misses); None for
+        regression."""
+        if self.kind == "regression":
+            return None
+        return correct / max(n * self.positions, 1)
 
     def _shaped(self, z: Array, y: Array) -> Array:
         """``z`` with its sample axes as the labels' (dense: classes on axis 1)."""
@@ -279,7 +288,8 @@ def detect_task(y: np.ndarray, out_shape: tuple[int, ...], output_kind: str,
     if loss not in LOSSES:
         raise DataError(f"unknown loss {loss!r}; use one of {', '.join(LOSSES)}")
     n_classes = classes if kind in ("classification", "dense") else None
-    return Task(kind, loss, output_kind, n_classes)
+    positions = int(np.prod(out_shape[1:], dtype=np.int64)) if kind in ("dense", "binary") else 1
+    return Task(kind, loss, output_kind, n_classes, positions)
 
 
 def _expected(out_shape: tuple[int, ...], output_kind: str) -> str:
@@ -347,6 +357,9 @@ class MultiTask:
     output_kind: str = "several"
     n_classes: int | None = None
     classification: bool = False
+
+    def accuracy(self, correct: int, n: int) -> float | None:
+        return None  # the weighted loss judges
 
     def scale(self, head: Head, z: Array, n: int) -> float:
         positions = int(np.prod(z.shape[2:])) if head.task.kind in ("dense", "binary") \

@@ -305,7 +305,8 @@ class Minibatch:
                 self.best_loss = min(self.best_loss, loss)
             state.values = stepping
         n = len(ctx.val_idx)
-        ctx.progress(StepChecked(step, total, correct / n, loss / n))
+        shown = state.task.accuracy(correct, n)
+        ctx.progress(StepChecked(step, total, float("nan") if shown is None else shown, loss / n))
 
     def back_off(self, step: int, why: str) -> None:
         """A blow-up: back to the kept weights with half the step and the trust
@@ -361,7 +362,7 @@ class Minibatch:
                 reason=f"minibatch schedule, {steps} steps of {size}: {why}",
                 lam=cfg.damping,
                 relative_change=change if outcome == "kept" else 0.0,
-                heldout_accuracy=ctx.score.correct / len(ctx.val_idx),
+                heldout_accuracy=self.state.task.accuracy(ctx.score.correct, len(ctx.val_idx)),
                 seconds=seconds / len(self.layers),
                 outcome=outcome,
                 halvings=self.halved,

@@ -332,7 +332,8 @@ class ModelState:
         task = detect_task(y, tuple(out.shape[1:]), self.plan.output_kind, override, loss,
                            self.plan.output_name)
         self.task = Task(task.kind, task.loss, task.output_kind,
-                         n_classes if task.kind in ("classification", "dense") else None)
+                         n_classes if task.kind in ("classification", "dense") else None,
+                         task.positions)
         return self.task
 
     def _detect_heads(self, data: LabelledData, override: str | None, loss: str) -> Task:
@@ -352,7 +353,8 @@ class ModelState:
             else:
                 task = detect_task(labels, tuple(out.shape[1:]), kind, override, loss, output, key)
                 task = Task(task.kind, task.loss, kind, int(out.shape[1])
-                            if task.kind in ("classification", "dense") else None)
+                            if task.kind in ("classification", "dense") else None,
+                            task.positions)
             heads.append(Head(output, logits, key, task, weights.get(output, 1.0)))
         self.task = MultiTask(tuple(heads))  # type: ignore[assignment]
         return self.task
