@@ -88,20 +88,20 @@ class Task:
         return z.reshape(y.shape)
 
     def gradient(self, z: Array, y: Array) -> Array:
-        """``dL/dz`` per sample (shaped as ``z``), float64 for dense/binary."""
+        """``dL/dz`` per sample (shaped as ``z``): float64, dense in ``z``'s precision."""
         xp = xp_of(z)
         shape = z.shape
         if self.kind == "classification":
             zz = z.reshape(len(y), -1)
             return (zz - label_target(zz, y, 1.0)).reshape(shape)
-        zs = self._shaped(z, y).astype(xp.float64)
+        zs = self._shaped(z, y)
+        zs = zs if self.kind == "dense" else zs.astype(xp.float64)  # dense: large, float32
         if self.kind == "dense":
-            p = _softmax1(zs)
+            g = _softmax1(zs)
             valid = y != IGNORE
             labels = xp.where(valid, y, 0).astype(xp.int64)
-            onehot = (xp.arange(zs.shape[1]).reshape(1, -1, *([1] * (zs.ndim - 2)))
-                      == labels[:, None]).astype(xp.float64)
-            g = (p - onehot) * valid[:, None]
+            g -= xp.arange(zs.shape[1]).reshape(1, -1, *([1] * (zs.ndim - 2))) == labels[:, None]
+            g *= valid[:, None]
         elif self.kind == "binary":
             g = _sigmoid(zs) - y
         else:
@@ -139,15 +139,16 @@ class Task:
         if self.kind == "classification":
             return cross_entropy(z.reshape(len(y), -1), y)
         xp = xp_of(z)
-        zs = self._shaped(z, y).astype(xp.float64)
-        if self.kind == "dense":
+        if self.kind == "dense":  # in z's precision (float32): the arrays are large
+            zd = self._shaped(z, y)
             valid = y != IGNORE
-            logp = zs - zs.max(axis=1, keepdims=True)
-            logp = logp - xp.log(xp.exp(logp).sum(axis=1, keepdims=True))
+            top = zd.max(axis=1)
+            lse = xp.log(xp.exp(zd - top[:, None]).sum(axis=1)) + top
             labels = xp.where(valid, y, 0).astype(xp.int64)
-            picked = xp.take_along_axis(logp, labels[:, None], axis=1)[:, 0]
-            loss = -float((picked * valid).sum())
-            return loss, int(((zs.argmax(axis=1) == labels) & valid).sum())
+            picked = xp.take_along_axis(zd, labels[:, None], axis=1)[:, 0]
+            loss = float(((lse - picked) * valid).sum(dtype=xp.float64))
+            return loss, int(((zd.argmax(axis=1) == labels) & valid).sum())
+        zs = self._shaped(z, y).astype(xp.float64)
         if self.kind == "binary":
             # -[y log s + (1 - y) log(1 - s)] = softplus(z) - y z, stably
             loss = float((xp.logaddexp(0.0, zs) - y * zs).sum())
@@ -214,7 +215,8 @@ class Metrics:
                 m = len(self.confusion)
                 grown[:m, :m] = self.confusion
             self.confusion = grown
-        np.add.at(self.confusion, (t, p), 1)
+        self.confusion += np.bincount(t * len(self.confusion) + p,
+                                      minlength=self.confusion.size).reshape(self.confusion.shape)
         self.units += int(valid.sum())
 
     def result(self) -> dict[str, Any]:
