@@ -83,7 +83,7 @@ def test_labels_fitting_no_task_name_the_shapes_that_would() -> None:
     with pytest.raises(DataError) as info:
         detect_task(np.zeros((4, 3), np.float32), (11, 8, 8), "logits", output="classes")
     msg = str(info.value)
-    assert "fit no task for output 'classes'" in msg
+    assert "labels of shape [4, 3] under 'y'" in msg and "fit no task for output 'classes'" in msg
     assert "integer labels ['N', 8, 8] (dense classes)" in msg
     assert "float labels ['N', 11, 8, 8] (regression)" in msg
 

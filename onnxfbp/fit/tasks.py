@@ -254,10 +254,11 @@ def _sigmoid(z: Array) -> Array:
 
 def detect_task(y: np.ndarray, out_shape: tuple[int, ...], output_kind: str,
                 override: str | None = None, loss: str = "mse", output: str = "output",
-                key: str = "y") -> Task:
-    """The task of labels ``y`` (a few samples) for an output of per-sample shape
-    ``out_shape``; :class:`DataError` naming the shapes that would fit when none does."""
+                key: str = "y", n: int | None = None) -> Task:
+    """The task of labels ``y`` (a few samples of ``n``) for an output of per-sample
+    shape ``out_shape``; :class:`DataError` naming the shapes that would fit when none does."""
     y = np.asarray(y)
+    shown = [len(y) if n is None else n, *y.shape[1:]]
     lab = tuple(y.shape[1:])
     integer = np.issubdtype(y.dtype, np.integer)
     floating = np.issubdtype(y.dtype, np.floating)
@@ -277,7 +278,7 @@ def detect_task(y: np.ndarray, out_shape: tuple[int, ...], output_kind: str,
         if not fits[override] and not (override == "regression" and integer
                                         and lab == tuple(out_shape)):
             raise DataError(
-                f"labels {key!r} of shape {['N', *lab]} ({y.dtype}) do not fit task "
+                f"labels of shape {shown} under {key!r} ({y.dtype}) do not fit task "
                 f"{override} for output {output!r} of shape {['N', *out_shape]}; "
                 + _expected(out_shape, output_kind))
         kind = override
@@ -285,7 +286,7 @@ def detect_task(y: np.ndarray, out_shape: tuple[int, ...], output_kind: str,
         kind = next((k for k in TASKS if fits[k]), "")
         if not kind:
             raise DataError(
-                f"labels {key!r} of shape {['N', *lab]} ({y.dtype}) fit no task for output "
+                f"labels of shape {shown} under {key!r} ({y.dtype}) fit no task for output "
                 f"{output!r} of shape {['N', *out_shape]}; " + _expected(out_shape, output_kind))
     if loss not in LOSSES:
         raise DataError(f"unknown loss {loss!r}; use one of {', '.join(LOSSES)}")
@@ -298,7 +299,7 @@ def _expected(out_shape: tuple[int, ...], output_kind: str) -> str:
     """The label shapes that would fit an output of per-sample shape ``out_shape``."""
     want = [f"float labels {['N', *out_shape]} (regression)"]
     if len(out_shape) == 1:
-        want.insert(0, "integer class labels ['N'] (classification)")
+        want.insert(0, "integer class labels, 1-D ['N'] (classification)")
     if len(out_shape) >= 2:
         want.insert(0, f"integer labels {['N', *out_shape[1:]]} (dense classes)")
         if output_kind == "sigmoid-probabilities" and out_shape[0] == 1:

@@ -322,15 +322,14 @@ class ModelState:
         if len(self.plan.heads) > 1:
             return self._detect_heads(data, override, loss)
         first = data.labels(np.zeros(1, np.int64))
-        if override in (None, "classification") and first.ndim == 1 \
-                and np.issubdtype(first.dtype, np.integer):
-            return self.task  # class indices: today's path, whatever the output's shape
+        if override in (None, "classification") and first.ndim == 1:
+            return self.task  # one label per sample: today's path (validate checks its dtype)
         idx = np.arange(min(2, len(data)))
         x, y = data.take(idx)
         out = self.frozen_forward([self.plan.output_name])(x)[self.plan.output_name]
         n_classes = int(out.shape[1]) if out.ndim >= 2 else None
         task = detect_task(y, tuple(out.shape[1:]), self.plan.output_kind, override, loss,
-                           self.plan.output_name)
+                           self.plan.output_name, n=len(data))
         self.task = Task(task.kind, task.loss, task.output_kind,
                          n_classes if task.kind in ("classification", "dense") else None,
                          task.positions)
@@ -351,7 +350,8 @@ class ModelState:
             if labels.ndim == 1 and labels.dtype.kind in "iu" and override is None:
                 task = Task("classification", output_kind=kind, n_classes=int(out.shape[-1]))
             else:
-                task = detect_task(labels, tuple(out.shape[1:]), kind, override, loss, output, key)
+                task = detect_task(labels, tuple(out.shape[1:]), kind, override, loss, output, key,
+                                   len(data))
                 task = Task(task.kind, task.loss, kind, int(out.shape[1])
                             if task.kind in ("classification", "dense") else None,
                             task.positions)
