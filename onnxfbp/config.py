@@ -40,6 +40,7 @@ __all__ = [
     "Schedule",
     "SplitConfig",
     "SweepConfig",
+    "TaskConfig",
 ]
 
 Schedule = Literal["minibatch", "jacobi", "sequential"]
@@ -136,10 +137,22 @@ class RetainConfig:
     max_retain_drop: float = 0.01  # largest allowed retain held-out accuracy drop, in [0, 1]
 
 
+@dataclass(frozen=True)
+class TaskConfig:
+    """What the target output learns (:mod:`onnxfbp.fit.tasks`): the task follows
+    from the labels and the output unless ``task`` names it; ``loss`` is the
+    regression loss."""
+
+    task: str | None = None  # classification, dense, binary or regression (None: detected)
+    loss: str = "mse"  # regression loss: mse, l1 or huber
+    targets: tuple[str, ...] = ()  # "OUTPUT=KEY": outputs trained on those labels (() : y)
+    target_weights: tuple[str, ...] = ()  # "OUTPUT=W": that output's loss weight (default 1)
+
+
 _SECTIONS = {
     "run": RunConfig, "split": SplitConfig, "layers": LayersConfig,
     "minibatch": MinibatchConfig, "sweep": SweepConfig, "head": HeadConfig, "gate": GateConfig,
-    "retain": RetainConfig,
+    "retain": RetainConfig, "task": TaskConfig,
 }
 # flat setting name -> its section
 _SECTION_OF = {f.name: section for section, cls in _SECTIONS.items() for f in fields(cls)}
@@ -159,6 +172,7 @@ class RefineConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     retain: RetainConfig = field(default_factory=RetainConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     def __post_init__(self) -> None:
         bad = _problems(self)
@@ -228,6 +242,10 @@ def _problems(config: RefineConfig) -> list[str]:
     for key, value in at_least_one.items():
         if value < 1:
             bad.append(f"{key} {value} (at least 1)")
+    if config.task.task not in (None, "classification", "dense", "binary", "regression"):
+        bad.append(f"task {config.task.task!r} (classification, dense, binary or regression)")
+    if config.task.loss not in ("mse", "l1", "huber"):
+        bad.append(f"loss {config.task.loss!r} (mse, l1 or huber)")
     if config.layers.max_layers is not None and config.layers.max_layers < 1:
         bad.append(f"max_layers {config.layers.max_layers} (at least 1)")
     return bad

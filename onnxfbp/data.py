@@ -59,7 +59,7 @@ class LabelledData:
         sizes = shard_sizes if shard_sizes is not None else [len(p.y) for p in self.parts]
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self._cached: tuple[int, _Part] | None = None
-        self._validated: set[tuple[tuple[int | str, ...], int | None]] = set()
+        self._validated: set[tuple[tuple[int | str, ...], int | None, str]] = set()
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
@@ -78,14 +78,15 @@ class LabelledData:
         idx = np.asarray(idx, dtype=np.int64)
         if idx.size == 0:
             shape = tuple(self._part(0).x.shape[1:]) if len(self) else ()
-            return np.zeros((0, *shape), np.float32), np.zeros(0, np.int64)
+            return (np.zeros((0, *shape), np.float32),
+                    _label_array(np.zeros((0, *self._part(0).y.shape[1:]), self._part(0).y.dtype)))
         xs, ys = [], []
         which = np.searchsorted(self._offsets, idx, side="right") - 1
         for k in np.unique(which):
             part = self._part(int(k))
             local = idx[which == k] - self._offsets[k]
             xs.append(np.asarray(part.x[local], dtype=np.float32))
-            ys.append(np.asarray(part.y[local], dtype=np.int64))
+            ys.append(_label_array(part.y[local]))
         if len(xs) == 1:  # one part: no second copy
             return xs[0], ys[0]
         return np.concatenate(xs), np.concatenate(ys)
@@ -100,7 +101,7 @@ class LabelledData:
         out = []
         for k in np.unique(which):
             local = idx[which == k] - self._offsets[k]
-            out.append(np.asarray(self._part_labels(int(k))[local], dtype=np.int64))
+            out.append(_label_array(self._part_labels(int(k))[local]))
         return out[0] if len(out) == 1 else np.concatenate(out)
 
     def _part_labels(self, k: int) -> np.ndarray:
@@ -124,14 +125,17 @@ class LabelledData:
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self._part(0).x.shape[1:])
 
-    def validate(self, input_shape: list[int | str], n_classes: int | None) -> None:
+    def validate(self, input_shape: list[int | str], n_classes: int | None,
+                 labels: str = "classes") -> None:
         """Check shapes, dtypes, finiteness and label range, streaming; raise DataError.
 
+        ``labels``: ``classes`` (integer class indices, one per sample), ``dense``
+        (integer classes per position, 255 = ignored) or ``values`` (finite floats).
         Inputs are read in chunks of a few thousand rows (a memory map or a shard
         directory is never loaded whole). A successful check is remembered, so
         validating the same data for the same model again costs nothing.
         """
-        key = (tuple(input_shape), n_classes)
+        key = (tuple(input_shape), n_classes, labels)
         if key in self._validated:
             return
         if len(self) == 0:
@@ -164,7 +168,9 @@ class LabelledData:
                 raise DataError(
                     f"{where}: inputs have dtype {part.x.dtype}; store numbers (float32)"
                 )
-            if not np.issubdtype(part.y.dtype, np.integer):
+            if labels != "classes":
+                _check_labels(part.y, labels, n_classes, where)
+            elif not np.issubdtype(part.y.dtype, np.integer):
                 raise DataError(
                     f"{where}: labels have dtype {part.y.dtype}; "
                     "store integer class indices under 'y'"
@@ -182,7 +188,7 @@ class LabelledData:
                             f"type (first at sample {row}; float32 ends at about 3.4e38); "
                             "clean, rescale or drop those samples"
                         )
-            y = np.asarray(part.y)
+            y = np.asarray(part.y) if labels == "classes" else np.zeros(0, np.int64)
             if y.size and y.min() < 0:
                 raise DataError(
                     f"{where}: labels must be class indices >= 0 (found {int(y.min())}); "
@@ -206,9 +212,9 @@ def from_arrays(x: np.ndarray, y: np.ndarray, source: str = "arrays") -> Labelle
     """Wrap in-memory (or memory-mapped) arrays; a memory map stays a memory map."""
     x = x if isinstance(x, np.memmap) else np.asarray(x)
     y = y if isinstance(y, np.memmap) else np.asarray(y)
-    if x.ndim == 0 or y.ndim != 1:
+    if x.ndim == 0 or y.ndim < 1:
         raise DataError(
-            f"{source}: labels must be a 1-D array of class indices and inputs at least 1-D "
+            f"{source}: labels must be an array with one row per sample and inputs at least 1-D "
             f"(got inputs of shape {list(x.shape)}, labels of shape {list(y.shape)})"
         )
     if len(x) != len(y):
@@ -256,10 +262,10 @@ def _read_npz(path: Path, input_key: str | None, labels_optional: bool = False) 
     except _READ_ERRORS as exc:
         raise DataError(f"{path} is not a readable .npz file ({_why(exc)}); {_NPZ_HINT}") \
             from exc
-    if x.ndim == 0 or y.ndim != 1 or len(x) != len(y):
+    if x.ndim == 0 or y.ndim < 1 or len(x) != len(y):
         raise DataError(
             f"{path}: inputs of shape {list(x.shape)} but labels of shape {list(y.shape)}; "
-            "labels must be 1-D and pair one to one with the inputs"
+            "labels must have one row per sample and pair one to one with the inputs"
         )
     return _Part(x, y)
 
@@ -282,9 +288,9 @@ def _shard_size(shard: Path) -> int:
     except _READ_ERRORS as exc:
         raise DataError(f"shard {shard} is not a readable .npz file ({_why(exc)}); "
                         f"{_NPZ_HINT}") from exc
-    if y.ndim != 1:
+    if y.ndim < 1:
         raise DataError(
-            f"shard {shard}: labels have shape {list(y.shape)}; store a 1-D array of class indices"
+            f"shard {shard}: labels have shape {list(y.shape)}; store one label row per sample"
         )
     return int(y.shape[0])
 
@@ -421,9 +427,40 @@ class JoinedData(LabelledData):
     def sample_shape(self) -> tuple[int, ...]:
         return self.first.sample_shape()
 
-    def validate(self, input_shape: list[int | str], n_classes: int | None) -> None:
-        self.first.validate(input_shape, n_classes)
-        self.second.validate(input_shape, n_classes)
+    def validate(self, input_shape: list[int | str], n_classes: int | None,
+                 labels: str = "classes") -> None:
+        self.first.validate(input_shape, n_classes, labels)
+        self.second.validate(input_shape, n_classes, labels)
+
+
+def _label_array(y: np.ndarray) -> np.ndarray:
+    """Labels as the pipeline reads them: integer labels as int64 (class indices),
+    float labels (regression values, soft masks) as float32."""
+    if np.issubdtype(np.asarray(y).dtype, np.floating):
+        return np.asarray(y, dtype=np.float32)
+    return np.asarray(y, dtype=np.int64)
+
+
+def _check_labels(y: np.ndarray, kind: str, n_classes: int | None, where: str) -> None:
+    """Dense class labels (integers in 0..n_classes-1 or 255) or float values
+    (finite), streamed in chunks; :class:`DataError` naming the first problem."""
+    if kind == "dense" and not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{where}: dense labels have dtype {y.dtype}; store integer class "
+                        "indices per position (255: ignored)")
+    if kind == "values" and not (np.issubdtype(y.dtype, np.floating)
+                                 or np.issubdtype(y.dtype, np.integer)):
+        raise DataError(f"{where}: labels have dtype {y.dtype}; store float32 values")
+    for start in range(0, len(y), _CHECK_CHUNK):
+        chunk = np.asarray(y[start : start + _CHECK_CHUNK])
+        if kind == "values":
+            if not np.isfinite(chunk.astype(np.float32)).all():
+                raise DataError(f"{where}: labels contain NaN or Inf; clean or drop those samples")
+            continue
+        bad = (chunk < 0) | ((chunk >= (n_classes or np.iinfo(np.int64).max)) & (chunk != 255))
+        if bad.any():
+            value = int(chunk[bad].flat[0])
+            raise DataError(f"{where}: dense label {value} is not a class of the output "
+                            f"(0..{(n_classes or 1) - 1}) nor 255 (ignored); map it to one")
 
 
 def _why(exc: BaseException) -> str:
@@ -484,3 +521,4 @@ def count_samples(path: str | os.PathLike[str]) -> int:
                     from exc
         return sum(_shard_size(s) for s in sorted(p for p in path.glob("*.npz") if p.is_file()))
     return _shard_size(path)
+

@@ -38,10 +38,13 @@ import numpy as np
 from .checks import announce, label_warnings, range_warnings
 from .config import RefineConfig
 from .data import JoinedData, LabelledData, from_arrays, load_data
-from .errors import ConfigError, GateError, UnsupportedModelError
+from .errors import ConfigError, DataError, GateError, UnsupportedModelError
 from .events import Event, Message, Progress
 from .fit.head import SEED_SALT, head_cross_validated, polish_head
 from .fit.targets import log_softmax
+from .fit.tasks import GATE_METRIC, gate_value, task_gain
+from .graph.plan import Plan
+from .multidata import KeyedLabelData, MultiInputData, load_inputs, read_label_keys
 from .output.patch import check_output_path, write_refined
 from .output.results import EvalResult, LayerReport, RefineResult
 from .output.summary import environment, feature_maps, plan_summary
@@ -67,13 +70,51 @@ def _quiet(event: Event) -> None:
     """The default progress callback: nothing."""
 
 
-def _as_data(data: DataLike, input_name: str) -> LabelledData:
+def _as_data(data: DataLike, input_name: str, plan: Plan | None = None,
+             keys: list[str] | None = None) -> LabelledData:
     if isinstance(data, LabelledData):
         return data
+    if keys and keys != ["y"]:  # labels under other keys, or several (--target)
+        return _keyed(data, input_name, plan, list(dict.fromkeys(keys)))
+    if plan is not None and len(plan.input_names) > 1:  # a model with several inputs
+        return _several_inputs(data, plan)
     if isinstance(data, (str, os.PathLike)):
         return load_data(data, input_name)
     x, y = data
     return from_arrays(x, y)
+
+
+def _keyed(data: DataLike, input_name: str, plan: Plan | None,
+           keys: list[str]) -> LabelledData:
+    """Inputs with the labels under ``keys``: a path, or ``(x, labels)`` with
+    ``labels`` a dict of arrays by key."""
+    base: LabelledData
+    if isinstance(data, (str, os.PathLike)):
+        if plan is not None and len(plan.input_names) > 1:
+            base = load_inputs(data, plan.input_names, plan.input_shapes, labels_optional=True)
+        else:
+            base = load_data(data, input_name, labels_optional=True)
+        return KeyedLabelData(base, read_label_keys(data, keys))
+    x, labels = data  # type: ignore[misc]
+    if not isinstance(labels, dict) or any(k not in labels for k in keys):
+        raise DataError(f"give the labels as a dict of arrays with the keys {keys}")
+    n = len(next(iter(x.values())) if isinstance(x, dict) else x)
+    base = _as_data((x, np.zeros(n, np.int64)), input_name, plan)
+    return KeyedLabelData(base, {k: np.asarray(labels[k]) for k in keys})
+
+
+def _several_inputs(data: DataLike, plan: Plan) -> LabelledData:
+    """Data of a model with several inputs: a path, or ``(x, y)`` with ``x`` a
+    mapping of arrays by input name."""
+    if isinstance(data, (str, os.PathLike)):
+        return load_inputs(data, plan.input_names, plan.input_shapes)
+    x, y = data  # type: ignore[misc]
+    missing = [n for n in plan.input_names if not isinstance(x, dict) or n not in x]
+    if missing:
+        raise DataError(f"no inputs for the model input {missing[0]!r}; give a dict of arrays "
+                        f"with the keys {plan.input_names}")
+    return MultiInputData({n: from_arrays(x[n], y, f"input {n!r}") for n in plan.input_names},
+                          plan.input_shapes)
 
 
 def _as_retain(data: RetainLike, input_name: str) -> LabelledData:
@@ -208,10 +249,16 @@ def _few_heldout(state: ModelState, n_val: int, progress: Progress) -> None:
     floor = state.config.head.min_heldout_for_depth
     if n_val >= floor or state.config.layers.max_layers is not None or len(state.layers) < 2:
         return
-    for layer in state.layers[1:]:
-        state.skipped[layer.name] = (
-            f"only {n_val} held-out samples (< {floor}): output layer only")
-    state.layers = state.layers[:1]
+    keep = state.layers[:1]
+    if len(state.plan.head_logits) > 1:  # several outputs: each one's output layer
+        keep = [layer for layer in state.layers if not any(
+            state.plan.nodes[i].op in ("Conv", "Gemm", "MatMul")
+            for i in state.downstream[layer.name])]
+    for layer in state.layers:
+        if layer not in keep:
+            state.skipped[layer.name] = (
+                f"only {n_val} held-out samples (< {floor}): output layer only")
+    state.layers = keep
     progress(Message(f"{n_val} held-out samples: refining the output layer only"))
 
 
@@ -233,7 +280,7 @@ def train_on_split(state: ModelState, ctx: RunContext) -> EvalResult | None:
             run_sweeps(state, ctx, 1, narrow)
     else:
         run_sweeps(state, ctx, 0, Sweeps(state.layers, state.downstream))
-    if len(state.layers) > 1 and ctx.score.correct > 0:
+    if len(state.layers) > 1 and (ctx.score.correct > 0 or not state.task.classification):
         # With the features settled, take the output layer to its optimum too.
         _, estimate = polish_head(state, ctx)
     return estimate
@@ -257,7 +304,10 @@ def _train(state: ModelState, ctx: RunContext) -> _Outcome:
     before = state.evaluate(ctx.data, ctx.val_idx)
     state.timings["evaluate_before"] += time.perf_counter() - t
     n_val = len(ctx.val_idx)
-    ctx.score = Score(before.loss * n_val, round(before.accuracy * n_val))  # type: ignore[operator]
+    if state.task.classification:
+        ctx.score = Score(before.loss * n_val, round(before.accuracy * n_val))  # type: ignore[operator]
+    else:  # correct positions (dense, binary) or none (regression), not samples
+        ctx.score = Score(*state.scores(ctx.data, ctx.val_idx)[:2])
     estimate = train_on_split(state, ctx)
     validation = "held-out split"
     if estimate is not None:  # before the output layer saw the held-out split
@@ -281,12 +331,19 @@ def run_refine(
     progress = progress or _quiet
     t0 = time.perf_counter()
     plan, timings = state.plan, state.timings
+    cfg_task = state.config.task
+    task = state.detect_task(data, cfg_task.task, cfg_task.loss)
+    if not task.classification and retain_data is not None:
+        raise UnsupportedModelError(f"--retain-data works with classification outputs; "
+                                    f"this output's task is {task.kind}: drop --retain-data")
     for d in (data, eval_data, retain_data):
         if d is not None:
-            d.validate(plan.input_shape, plan.n_classes)
+            d.validate(plan.input_shape, task.n_classes if not task.classification
+                       else plan.n_classes, _LABELS[task.kind])
     _check_refinable(state, progress)
-    warnings = announce(label_warnings(data, plan.n_classes)
-                        + range_warnings(data, retain_data), progress)
+    warnings = announce((label_warnings(data, plan.n_classes) if task.classification else [])
+                        + (range_warnings(data, retain_data) if len(plan.input_names) == 1
+                           else []), progress)
     rng, train_idx, val_idx = split(len(data), state.config)
     timings["validate"] = time.perf_counter() - t0
     _few_heldout(state, len(val_idx), progress)
@@ -351,6 +408,10 @@ def run_refine(
     )
 
 
+_LABELS = {"classification": "classes", "dense": "dense", "binary": "values",
+           "regression": "values", "multi": "classes"}
+
+
 def _gate(result: RefineResult, config: RefineConfig) -> None:
     """Set ``result.gate``; raise :class:`GateError` (with the result) if it fails."""
     gate_before, gate_after = result.heldout_before, result.heldout_after
@@ -358,6 +419,10 @@ def _gate(result: RefineResult, config: RefineConfig) -> None:
         gate_before, gate_after = result.eval_before, result.eval_after
     gain = gate_after.accuracy - gate_before.accuracy
     metric = "eval_accuracy" if gate_after is result.eval_after else "heldout_accuracy"
+    if gate_after.task is not None:  # the task's metric (lower-is-better ones negated)
+        name = GATE_METRIC[gate_after.task][0]
+        gain = task_gain(gate_before, gate_after)
+        metric = ("eval_" if gate_after is result.eval_after else "heldout_") + name
     min_gain = config.gate.min_gain
     failure = None
     if min_gain is not None and gain < min_gain:
@@ -375,8 +440,8 @@ def _gate(result: RefineResult, config: RefineConfig) -> None:
                        f"{max_drop:g}; raise --max-retain-drop or give more retain data")
     result.gate = {
         "metric": metric,
-        "before": gate_before.accuracy,
-        "after": gate_after.accuracy,
+        "before": gate_value(gate_before),
+        "after": gate_value(gate_after),
         "gain": gain,
         "min_gain": min_gain,
         "retain_drop": retain_drop,
@@ -438,7 +503,8 @@ def refine(
     else:
         state = ModelState(model, config)
         name = state.plan.input_name
-        held = _as_data(eval_data, name) if eval_data is not None else None
+        keys = list(state.label_keys.values())
+        held = _as_data(eval_data, name, state.plan, keys) if eval_data is not None else None
         if teacher is not None:
             from .quant.teacher import open_teacher  # noqa: PLC0415
 
@@ -448,7 +514,8 @@ def refine(
                      else _as_retain((data, y) if y is not None else data, name))  # type: ignore[arg-type]
             adapt = coach.prepare(state, given, held, progress or _quiet)
         else:
-            adapt = _as_data((data, y) if y is not None else data, name)  # type: ignore[arg-type]
+            adapt = _as_data((data, y) if y is not None else data, name,  # type: ignore[arg-type]
+                             state.plan, keys)
         kept = _as_retain(retain_data, name) if retain_data is not None else None
     result = run_refine(state, adapt, held, progress, kept)
     if coach is not None:
@@ -472,10 +539,23 @@ def evaluate(
     *,
     device: str = "auto",
     batch_size: int = 500,
+    output: str | None = None,
+    task_override: str | None = None,
+    loss: str | None = None,
+    targets: tuple[str, ...] = (),
 ) -> EvalResult:
     """Accuracy of ``model`` on labelled data (same inputs as :func:`refine`)."""
-    state = ModelState(model, RefineConfig.of(device=device, batch_size=batch_size),
+    state = ModelState(model, RefineConfig.of(device=device, batch_size=batch_size,
+                                              output_name=output, targets=targets),
                        layers=False)
-    adapt = _as_data((data, y) if y is not None else data, state.plan.input_name)  # type: ignore[arg-type]
-    adapt.validate(state.plan.input_shape, state.plan.n_classes)
-    return state.evaluate(adapt)
+    adapt = _as_data((data, y) if y is not None else data, state.plan.input_name,  # type: ignore[arg-type]
+                     state.plan, list(state.label_keys.values()))
+    task = state.detect_task(adapt, task_override, loss or "mse")
+    adapt.validate(state.plan.input_shape, task.n_classes if not task.classification
+                   else state.plan.n_classes, _LABELS[task.kind])
+    result = state.evaluate(adapt)
+    # the output scored (CLI: eval --json names it), with today's figures for a classifier
+    result.metrics = {**(result.metrics or {"task": "classification", "n": result.n,
+                                            "accuracy": result.accuracy, "loss": result.loss}),
+                      "output": state.plan.output_name}
+    return result

@@ -111,8 +111,6 @@ def test_inspect_exits_0(row: dict[str, str]) -> None:
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
         code = cli_main(["inspect", str(CORPUS / row["file"]), "--json"])
-    if code == 2 and "data inputs; onnxfbp refines single-input models" in err.getvalue():
-        pytest.xfail("multi-input models come with issue 21 item 1")  # a one-line refusal
     assert code == 0, err.getvalue()
 
 

@@ -53,23 +53,34 @@ if TYPE_CHECKING:
 
 BATCH = 64
 TUNE_LRS = (1e-4, 3e-4, 1e-3)
+# --loss for float labels (regression, the same losses as onnxfbp's --loss)
+REGRESSION = {"mse": lambda: _reg("mse"), "l1": lambda: _reg("l1"), "huber": lambda: _reg("huber")}
+
+
+def _reg(name: str) -> Any:
+    import torch
+
+    base = {"mse": torch.nn.MSELoss(), "l1": torch.nn.L1Loss(),
+            "huber": torch.nn.HuberLoss(delta=1.0)}[name]
+    return lambda out, y: base(out.reshape(y.shape), y)
 TUNE_EPOCHS = 3
 HOLDOUT = 0.2
 OPSET = 17
 
 
 def accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Share of ``x`` classified as ``y`` in eval mode; the net is left in training mode
-    with BatchNorm frozen."""
+    """Share of ``x`` classified as ``y`` in eval mode (float labels: minus the mean
+    absolute error); the net is left in training mode with BatchNorm frozen."""
     import torch
 
     net.eval()
     with torch.inference_mode():
-        pred = torch.cat([net(x[i:i + EVAL_BATCH]).argmax(1) for i in range(0, len(x),
-                                                                             EVAL_BATCH)])
+        out = torch.cat([net(x[i:i + EVAL_BATCH]) for i in range(0, len(x), EVAL_BATCH)])
     net.train()
     freeze_batchnorm(net)
-    return float((pred == y).float().mean())
+    if y.is_floating_point():
+        return -float((out.reshape(y.shape) - y).abs().mean())
+    return float((out.argmax(1) == y).float().mean())
 
 
 def train(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, epochs: int,
@@ -78,7 +89,7 @@ def train(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, epo
     called after each epoch."""
     import torch
 
-    loss_fn = peer_loss(kind)
+    loss_fn = peer_loss(kind) if kind not in REGRESSION else REGRESSION[kind]()
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     net.train()
@@ -126,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--report", type=Path, help="write the chosen settings and timings here")
+    p.add_argument("--loss", choices=tuple(REGRESSION),
+                   help="float labels: this regression loss (default: classification)")
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -141,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t = time.perf_counter()
     proto = onnx.load(str(args.model))
-    kind = output_kind(proto)
+    kind = args.loss or output_kind(proto)
     in_name, out_name = proto.graph.input[0].name, proto.graph.output[0].name
     try:
         net = onnx2torch.convert(dynamic_batch(proto))
@@ -153,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     promoted = train_initializers(net)
     initial = {k: v.clone() for k, v in net.state_dict().items()}
     with np.load(args.data) as z:
-        x, y = torch.from_numpy(z["x"]), torch.from_numpy(z["y"].astype(np.int64))
+        xkey = "x" if "x" in z else in_name
+        x = torch.from_numpy(z[xkey])
+        y = torch.from_numpy(z["y"].astype(np.float32 if args.loss else np.int64))
     timings["convert_s"] = time.perf_counter() - t
 
     lr, epochs = args.lr, args.epochs

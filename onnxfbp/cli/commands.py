@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import sys
@@ -25,6 +24,8 @@ from types import FrameType
 from typing import Any
 
 from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USER_ERROR, OnnxfbpError
+from .outputs import eval_line, eval_payload, heldout_line, target_settings, task_options
+from .values import finite_float, seed_value
 
 __all__ = ["main"]
 
@@ -50,23 +51,25 @@ def _config(args: argparse.Namespace) -> Any:
 
     settings = {key: getattr(args, key, None) for key in (
         "max_layers", "sweeps", "holdout", "min_gain", "batch_size", "schedule", "epochs",
-        "max_retain_drop")}
+        "max_retain_drop", "task", "loss")}
     return RefineConfig.of(
         device=args.device, seed=args.seed,
         **{key: value for key, value in settings.items() if value is not None},
         allow_worse=bool(getattr(args, "allow_worse", False)),
         deep=bool(getattr(args, "deep", False)),
-        output_name=getattr(args, "output_name", None),
+        **target_settings(args),
     )
+
+
 
 
 def _print_result(result: Any, stream: Any = None) -> None:
     stream = sys.stdout if stream is None else stream
     hb, ha = result.heldout_before, result.heldout_after
-    print(f"held-out accuracy: {hb.accuracy:.4f} -> {ha.accuracy:.4f} (n={hb.n})", file=stream)
+    print(heldout_line(hb, ha), file=stream)
     if result.eval_before is not None and result.eval_after is not None:
         eb, ea = result.eval_before, result.eval_after
-        print(f"eval accuracy:     {eb.accuracy:.4f} -> {ea.accuracy:.4f} (n={eb.n})", file=stream)
+        print(heldout_line(eb, ea, "eval"), file=stream)
     _print_retain(result, stream)
     for line in _outcome_lines(result):
         print(line, file=stream)
@@ -288,12 +291,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..refine import evaluate  # noqa: PLC0415
 
     _run_paths(Path(args.model), None, None, False, data=[(args.data, "data")])
-    result = evaluate(args.model, args.data, device=args.device)
-    if args.json:
-        line = _dumps({"accuracy": result.accuracy, "n": result.n, "loss": result.loss,
-                       "per_class": result.per_class})
-    else:
-        line = f"accuracy {result.accuracy:.4f} on {result.n} samples"
+    targets = target_settings(args)
+    result = evaluate(args.model, args.data, device=args.device,
+                      output=targets["output_name"], task_override=args.task, loss=args.loss,
+                      targets=targets.get("targets", ()))
+    name = (result.metrics or {}).pop("output", None) or targets["output_name"] or "output"
+    line = _dumps(eval_payload(result, name)) if args.json else eval_line(result, name)
     _emit(lambda: print(line))
     return 0
 
@@ -385,26 +388,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{_one_line(Exception(message))}; {hint}")
 
 
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"{text} is out of range (0 to 2**63-1)")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="onnxfbp",
@@ -433,12 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher",
                    help="float model the (quantized) MODEL came from: its predictions are the "
                         "targets (--data needs no labels); see docs/quant.md")
-    p.add_argument("--max-retain-drop", type=_finite_float,
+    p.add_argument("--max-retain-drop", type=finite_float,
                    help="exit 3 unless the retain held-out accuracy drops at most this "
                         "much (default 0.01)")
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
-    p.add_argument("--min-gain", type=_finite_float,
+    p.add_argument("--min-gain", type=finite_float,
                    help="exit 3, writing nothing, unless accuracy gains this much")
     p.add_argument("--allow-worse", action="store_true",
                    help="write even if held-out accuracy drops")
@@ -446,29 +429,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=("minibatch", "jacobi", "sequential"),
                    help="minibatch (default): preconditioned least-squares steps on "
                         "mini-batches; jacobi / sequential: full-pass sweeps")
-    p.add_argument("--epochs", type=_finite_float,
+    p.add_argument("--epochs", type=finite_float,
                    help="minibatch: passes over the training split at most (default 1.25; "
                         "3 measured +0.2-0.35 points on MNIST shifts in about twice the time)")
     p.add_argument("--sweeps", type=int, help="jacobi / sequential: sweeps at most")
-    p.add_argument("--holdout", type=_finite_float,
+    p.add_argument("--holdout", type=finite_float,
                    help="fraction held out for choices (default 0.2; it must leave at least "
                         f"{MIN_SPLIT} samples on each side)")
     p.add_argument("--batch-size", type=int, help="samples per forward batch")
     p.add_argument("--deep", action="store_true",
                    help="jacobi / sequential: also refine layers behind convolutions")
     p.add_argument("--output-name", help="class-score output of the graph (default: found)")
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--dask", metavar="ADDRESS", default=None,
                    help="run the passes over the data on a Dask cluster: local:N (N worker "
                         "processes here) or a scheduler address tcp://host:8786; --data must "
                         "be a path every worker can read (docs/cluster.md)")
+    task_options(p, weights=True)
     common(p)
     p.set_defaults(func=cmd_refine)
 
-    p = sub.add_parser("eval", help="accuracy of MODEL on labelled data")
+    p = sub.add_parser("eval", help="accuracy (or the task's metrics) of MODEL on labelled data")
     p.add_argument("model")
     p.add_argument("--data", required=True)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--output-name", help="the output to score (default: found)")
+    task_options(p)
     common(p)
     p.set_defaults(func=cmd_eval)
 

@@ -100,10 +100,14 @@ class ShardData(LabelledData):
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.take(np.zeros(1, np.int64))[0].shape[1:])
 
-    def validate(self, input_shape: list[int | str], n_classes: int | None) -> None:
-        key = (tuple(input_shape), n_classes)
+    def validate(self, input_shape: list[int | str], n_classes: int | None,
+                 labels: str = "classes") -> None:
+        key = (tuple(input_shape), n_classes, labels)
         if key in self._validated:
             return
+        if labels != "classes":
+            raise OnnxfbpError("--dask refines classifiers (integer class labels) for now; "
+                               "run regression and dense tasks without --dask")
         if len(self) == 0:
             raise OnnxfbpError(f"{self.source} holds no samples; give at least one "
                                "labelled sample")

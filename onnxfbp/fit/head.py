@@ -176,6 +176,8 @@ def polish_head(state: ModelState, ctx: RunContext) -> tuple[bool, EvalResult | 
     dense layer feeding the logits through shape-only nodes, or no ``lam`` keeps
     the retain bound) and, after a refit,
     the held-out result of the fit that did not see the held-out samples."""
+    if not state.task.classification:
+        return _least_squares_head(state, ctx), None
     cfg = state.config.head
     started = time.perf_counter()
     train_idx, val_idx = ctx.train_idx, ctx.val_idx
@@ -261,6 +263,8 @@ def head_cross_validated(
     the out-of-fold result of the chosen ``lam`` (each sample predicted by a fit
     that did not see it); the new weights are kept only if the latter is better.
     None if the output layer is not a dense layer on per-sample features."""
+    if not state.task.classification:
+        return None  # the held-out path (polish_head) serves the other tasks
     cfg = state.config.head
     data, xp = ctx.data, state.xp
     idx = np.arange(len(data))
@@ -310,3 +314,64 @@ def head_cross_validated(
     report.seconds = time.perf_counter() - started
     ctx.record(report)
     return before, after
+
+
+def _least_squares_head(state: ModelState, ctx: RunContext) -> bool:
+    """A regression output layer under the mse loss (no output activation): the
+    proximal least-squares optimum
+
+        W = argmin ||X W + fixed - Y||^2 + lam ||W - W0||^2,  lam = lam_rel mean diag(X^T X)
+
+    for each ``lam_rel`` of ``HeadConfig.l2_grid`` on the training split, the one
+    with the lowest held-out loss kept if it beats the best score so far. Other
+    tasks (and other losses) keep the steps of the schedule: returns False."""
+    task = state.task
+    if task.kind != "regression" or task.loss != "mse" or task.output_kind != "logits":
+        return False
+    cfg = state.config.head
+    started = time.perf_counter()
+    pick = np.random.default_rng([state.config.split.seed, SEED_SALT, 1])
+    train_idx = _capped(ctx.train_idx, cfg.max_rows, pick)
+    val_idx = _capped(ctx.val_idx, cfg.max_rows, pick)
+    found = head_features(state, ctx.data, [train_idx, val_idx])
+    if found is None:
+        return False
+    block, w0, fixed, (xtr, xva) = found
+    k = w0.shape[1]
+    ytr = ctx.data.labels(train_idx).reshape(len(train_idx), k).astype(np.float64)
+    yva = ctx.data.labels(val_idx).reshape(len(val_idx), k).astype(np.float64)
+    fixed = np.asarray(to_numpy(fixed), np.float64) if fixed is not None else 0.0
+    solving = time.perf_counter()
+    try:
+        xtr64 = np.asarray(xtr, np.float64)
+        gram = xtr64.T @ xtr64
+        require_finite(gram, "the output layer's input features")
+        require_finite(np.asarray(xva, np.float64), "the output layer's held-out input features")
+        rhs = xtr64.T @ (ytr - fixed)
+        scale = float(np.mean(np.diag(gram))) or 1.0
+        best: tuple[float, np.ndarray, float] | None = None
+        for lam_rel in sorted(cfg.l2_grid, reverse=True):
+            lam = lam_rel * scale
+            w = spd_inverse(gram + lam * np.eye(len(gram))) @ (rhs + lam * w0)
+            r = np.asarray(xva, np.float64) @ w + fixed - yva
+            loss = float(0.5 * (r * r).sum())
+            if np.isfinite(loss) and (best is None or loss < best[0]):
+                best = (loss, w, lam_rel)
+    except NonFiniteError as err:
+        state.clock.solve += time.perf_counter() - solving
+        _skipped(ctx, block, w0, str(err), started)
+        return True
+    state.clock.solve += time.perf_counter() - solving
+    if best is None:
+        return False
+    loss, w, lam_rel = best
+    report = head_report(block, w0[None], w[None], lam_rel)
+    report.reason = "output layer solved to the least-squares optimum; "
+    if ctx.accept(state, loss, 0):
+        state.set_weights(block.layer, block, w[None])
+        report.accepted, report.reason, report.outcome = True, report.reason + "kept", "kept"
+    else:
+        report.reason += "held-out loss did not improve; reverted"
+    report.seconds = time.perf_counter() - started
+    ctx.record(report)
+    return True

@@ -24,7 +24,6 @@ from ..run.backend import to_numpy
 from ..schedules.state import ModelState, RunContext
 from .layers import LayerBlock
 from .solve import NormalEquations, RidgeChoice, choose_ridge
-from .targets import label_target
 
 __all__ = ["LayerSums", "RidgeMemory", "accumulate", "add_rows", "new_sums", "solve_layer"]
 
@@ -101,16 +100,13 @@ def add_rows(
     """Add the rows of the samples ``idx`` of each ``(split, data, idx)`` (0:
     training, 1: held-out) to ``stats``, batch by batch."""
     cfg = state.config.sweep
-    xp = state.xp
     views = state.views()
     path, needed = state.reverse_plan(layers, downstream)
-    logits = state.plan.logits
     ft = time.perf_counter()
     for split, data, split_idx in splits:
         for x, y in data.batches(split_idx, state.config.run.batch_size):
             acts = state.forward(x, needed, on_device=True)
-            z = acts[logits].reshape(len(y), -1)
-            t_logits = label_target(z, xp.asarray(y), cfg.target_step).reshape(acts[logits].shape)
+            t_logits = state.label_target(acts, y, cfg.target_step)
             sums, counts = reverse(state.plan, acts, t_logits, path, views, cfg.mu)
             for layer in layers:
                 if layer.output not in sums:

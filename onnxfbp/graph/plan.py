@@ -40,6 +40,7 @@ from ..quant.qdq import fused_qdq
 from ..rules import NO_DERIVATIVE, RULES, NodeView, onnx_default
 from .fused import fused_activation as _fused_activation
 from .load import allow_nonfinite_weights, load_model
+from .outputs import score_output as _score_output
 from .shapes import shape_constants
 from .weights import TensorSource, share_weights, users, weight_source
 from .weights import static_values as static_values_of
@@ -56,12 +57,6 @@ __all__ = [
 
 # Ops that are refinable layers where their second input (the weight) is constant.
 _LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-# Monotone output activations: the label target is set on their input (same argmax).
-_OUTPUT_ACTIVATIONS = {
-    "Softmax": "probabilities",
-    "LogSoftmax": "log-probabilities",
-    "Sigmoid": "sigmoid-probabilities",
-}
 
 
 def opset_version(model: onnx.ModelProto) -> int:
@@ -127,6 +122,17 @@ class Plan:
     all_nodes: list[tuple[str, str, str]] = field(default_factory=list)  # name, op, status
     static_values: dict[str, np.ndarray] = field(default_factory=dict)
     opset: int = 13
+    input_shapes: dict[str, list[int | str]] = field(default_factory=dict)  # every data input
+    # every trained output: (output, its target tensor, kind, classes); the first is the above
+    heads: list[tuple[str, str, str, int | None]] = field(default_factory=list)
+
+    @property
+    def head_logits(self) -> list[str]:
+        return [h[1] for h in self.heads] or [self.logits]
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.input_shapes) or [self.input_name]
 
     @property
     def refinable(self) -> list[Layer]:
@@ -154,16 +160,17 @@ def _attrs(node: gs.Node) -> dict[str, Any]:
     return out
 
 
-def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
-    """Analyse ``model``: logits tensor, reverse path with rules, refinable layers."""
+def plan_model(model: onnx.ModelProto, output_name: str | None = None,
+               targets: tuple[str, ...] = ()) -> Plan:
+    """Analyse ``model``: logits tensor, reverse path with rules, refinable layers.
+    ``targets``: further outputs trained together with ``output_name`` (each
+    with its own target tensor, :attr:`Plan.heads`; the path reaches back from all)."""
     graph = gs.import_onnx(model)
     opset = opset_version(model)
     init_names = {t.name for t in model.graph.initializer}
     graph_inputs = [t for t in graph.inputs if t.name not in init_names]
-    if len(graph_inputs) != 1:
-        raise UnsupportedModelError(
-            f"the model has {len(graph_inputs)} data inputs; onnxfbp refines single-input models"
-        )
+    if not graph_inputs:
+        raise UnsupportedModelError("the model has no data input; nothing to feed the data to")
     input_tensor = graph_inputs[0]
     nodes = list(graph.nodes)
     static, static_nodes, static_node_names = _statics(model, graph, nodes)
@@ -183,8 +190,12 @@ def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
     folded = shape_constants(model, nodes, static, input_tensor)  # Slice bounds from Shape
     static |= set(folded)
     static_values.update(folded)
+    heads = [(output_name, logits, kind, n_classes)] + [
+        _score_output(graph, producer, consumers, name) for name in targets
+        if name != output_name]
     walk = _Walk(producer, consumers, static, static_values, opset)
-    walk.run(logits)
+    for head in heads:
+        walk.run(head[1])
     plan_nodes = [walk.plan_node(node) for node in nodes if node.name in walk.on_path]
     layers = [
         _layer(node, producer, consumers, static, static_values, init_names, walk.on_path)
@@ -202,8 +213,10 @@ def plan_model(model: onnx.ModelProto, output_name: str | None = None) -> Plan:
         model=model,
         input_name=input_tensor.name,
         input_shape=list(input_tensor.shape or []),
+        input_shapes={t.name: list(t.shape or []) for t in graph_inputs},
         output_name=output_name,
         logits=logits,
+        heads=heads,
         output_kind=kind,
         n_classes=n_classes,
         nodes=plan_nodes,
@@ -249,37 +262,6 @@ def _statics(
             static_nodes.append(proto_by_name[node.name])
             static_node_names.add(node.name)
     return static, static_nodes, static_node_names
-
-
-def _score_output(
-    graph: gs.Graph,
-    producer: dict[str, gs.Node],
-    consumers: dict[str, list[gs.Node]],
-    output_name: str | None,
-) -> tuple[str, str, str, int | None]:
-    """The class-score output, the logits tensor (before a monotone output
-    activation), the output kind and the class count."""
-    outputs = [t.name for t in graph.outputs]
-    if output_name is None:
-        output_name = _pick_score_output(graph)
-    elif output_name not in outputs:
-        raise UnsupportedModelError(f"the model has no output {output_name!r}; it has {outputs}")
-    logits, kind = output_name, "logits"
-    cursor = output_name
-    while cursor in producer:
-        prod = producer[cursor]
-        if prod.op in _OUTPUT_ACTIVATIONS:
-            logits = prod.inputs[0].name
-            kind = _OUTPUT_ACTIVATIONS[prod.op]
-            break
-        if prod.op in ("Identity", "Reshape", "Flatten", "Squeeze") \
-                and len(consumers.get(prod.inputs[0].name, [])) == 1:
-            cursor = prod.inputs[0].name
-            continue
-        break
-    out_shape = next(t.shape for t in graph.outputs if t.name == output_name)
-    n_classes = out_shape[-1] if out_shape and isinstance(out_shape[-1], int) else None
-    return output_name, logits, kind, n_classes
 
 
 class _Walk:
@@ -408,15 +390,6 @@ def _view(
     return NodeView(node.op, node.name, attrs, consts, dynamic, len(node.inputs), opset)
 
 
-def _pick_score_output(graph: gs.Graph) -> str:
-    candidates = [t for t in graph.outputs if t.dtype in (np.float32, np.float16, np.float64, None)]
-    ranked = [t for t in candidates if t.shape and len(t.shape) == 2]
-    chosen = (ranked or candidates)
-    if not chosen:
-        raise UnsupportedModelError(
-            "no class-score output found (need a float [N, classes] output); pass --output NAME"
-        )
-    return str(chosen[0].name)
 
 
 def _layer(

@@ -51,21 +51,35 @@ def class_names(report: dict[str, Any], k: int) -> list[str]:
     return [str(i) for i in range(k)]
 
 
+def split_figure(result: dict[str, Any]) -> tuple[str, float]:
+    """The figure a split is judged by: its accuracy, or for another task the
+    gate's metric (``mean_iou``, ``mae``, ``loss``; NaN when absent)."""
+    from ..fit.tasks import GATE_METRIC  # noqa: PLC0415
+
+    task = result.get("task")
+    if task is None:
+        return "accuracy", float(result["accuracy"])
+    name = GATE_METRIC.get(task, ("loss", True))[0]
+    value = (result.get("metrics") or {}).get(name)
+    return name, float("nan") if value is None else float(value)
+
+
 def fig_accuracy(report: dict[str, Any]) -> Any:
     splits = measured_splits(report)
     fig = _figure(1.6 + 1.5 * len(splits), 4.4)
     ax = fig.add_subplot()
     x = np.arange(len(splits))
     for offset, which, color, label in ((-0.2, 1, BEFORE, "before"), (0.2, 2, AFTER, "after")):
-        values = [float((s[1] if which == 1 else s[2])["accuracy"]) for s in splits]
+        values = [split_figure(s[1] if which == 1 else s[2])[1] for s in splits]
         bars = ax.bar(x + offset, values, 0.38, color=color, label=label)
         for bar, v in zip(bars, values, strict=True):
             ax.text(bar.get_x() + bar.get_width() / 2, v + 0.01, f"{v:.3f}", ha="center",
                     va="bottom", fontsize=9)
     ax.set_xticks(x, [f"{s[0]}\n(n={s[1]['n']})" for s in splits])
     ax.set_ylim(0, 1.12)
-    ax.set_ylabel("accuracy")
-    ax.set_title("accuracy before / after")
+    figure = split_figure(splits[0][1])[0] if splits else "accuracy"
+    ax.set_ylabel(figure)
+    ax.set_title(f"{figure} before / after")
     ax.legend(loc="lower right", fontsize=8)
     ax.spines[["top", "right"]].set_visible(False)
     return fig
@@ -206,7 +220,7 @@ def fig_layers(report: dict[str, Any]) -> Any | None:
                            Patch(facecolor=REVERTED, hatch="//", label="reverted")], fontsize=8)
     ax_rel.margins(y=0.15)
 
-    base = report["heldout"]["before"]["accuracy"]
+    base = split_figure(report["heldout"]["before"])[1]
     running, current = [], base
     for v in layers:
         if v["accepted"] and v["heldout_accuracy"] is not None:

@@ -29,6 +29,7 @@ from .figures import (
     fig_timings,
     measured_splits,
     png,
+    split_figure,
 )
 from .report import load_report
 
@@ -108,10 +109,12 @@ def _delta(before: float, after: float) -> str:
 def _cards(report: dict[str, Any]) -> str:
     cards = []
     for label, before, after in measured_splits(report):
+        name, b = split_figure(before)
+        a = split_figure(after)[1]
         cards.append(
-            f'<div class="card"><div class="k">{_e(label)} accuracy (n={before["n"]})</div>'
-            f'<div class="v">{before["accuracy"]:.4f} → {after["accuracy"]:.4f}</div>'
-            f'<div class="k">{_delta(before["accuracy"], after["accuracy"])}</div></div>'
+            f'<div class="card"><div class="k">{_e(label)} {_e(name)} (n={before["n"]})</div>'
+            f'<div class="v">{b:.4f} → {a:.4f}</div>'
+            f'<div class="k">{_delta(b, a)}</div></div>'
         )
     kept = sorted({v["name"] for v in report["layers"] if v["accepted"]})
     sweeps = len({v["sweep"] for v in report["layers"]})

@@ -41,8 +41,10 @@ EVAL_SCHEMA: dict[str, Any] = {
     "description": "accuracy of one model on one labelled split",
     "required": ["accuracy", "n", "loss", "per_class", "confusion"],
     "properties": {
-        "accuracy": {"type": "number", "minimum": 0, "maximum": 1,
-                     "description": "fraction of samples whose arg-max class is the label"},
+        "accuracy": {"type": ["number", "null"], "minimum": 0, "maximum": 1,
+                     "description": "fraction of samples whose arg-max class is the label "
+                                    "(dense, binary: of positions; null: regression, several "
+                                    "outputs)"},
         "n": {"type": "integer", "minimum": 0, "description": "samples in the split"},
         "loss": {"type": ["number", "null"],
                  "description": "mean cross-entropy of the class scores"},
@@ -52,6 +54,12 @@ EVAL_SCHEMA: dict[str, Any] = {
         "confusion": {"type": ["array", "null"],
                       "items": {"type": "array", "items": {"type": "integer", "minimum": 0}},
                       "description": "counts, row = true class, column = predicted class"},
+        "task": {"type": ["string", "null"],
+                 "description": "null: classification; dense, binary, regression or multi"},
+        "metrics": {"type": ["object", "null"],
+                    "description": "that task's metrics: task, n, loss; pixel_accuracy, "
+                                   "mean_iou, iou (dense, binary); mae, rmse, loss_kind "
+                                   "(regression); outputs (multi: these per output)"},
     },
 }
 

@@ -53,6 +53,8 @@ class EvalResult:
     loss: float | None = None
     per_class: list[float] | None = None
     confusion: list[list[int]] | None = None
+    task: str | None = None  # None: classification; else dense, binary or regression
+    metrics: dict[str, Any] | None = None  # that task's figures (onnxfbp.fit.tasks.Metrics)
 
 
 def eval_result(

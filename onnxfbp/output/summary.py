@@ -11,7 +11,6 @@ import onnxruntime as ort
 
 from .. import __version__
 from ..data import LabelledData
-from ..fit.targets import label_target
 from ..reverse.arrays import reverse_target
 from ..run.backend import to_numpy
 from ..schedules.state import ModelState
@@ -102,12 +101,10 @@ def feature_maps(
     x, y = data.take(np.sort(idx))
     views = state.views()
     cfg = state.config.sweep
-    logits = state.plan.logits
     out: dict[str, Any] = {}
     for layer in state.layers:
         acts = state.forward(x, state.needed(layer))
-        z = acts[logits].reshape(len(y), -1)
-        t_logits = label_target(z, y, cfg.target_step).reshape(acts[logits].shape)
+        t_logits = state.label_target(acts, y, cfg.target_step)
         target = to_numpy(reverse_target(
             state.plan, acts, t_logits, layer, state.downstream[layer.name], views, cfg.mu))
         actual = to_numpy(acts[layer.output])
@@ -121,9 +118,11 @@ def feature_maps(
         out[layer.name] = {
             "op": layer.op,
             "samples": [int(i) for i in np.sort(idx)],
-            "labels": [int(v) for v in y],
+            "labels": [int(v) for v in y] if state.task.classification else None,
             "channels": [int(c) for c in chosen],
             "actual": np.round(actual.astype(np.float64), 4).tolist(),
             "target": np.round(target.astype(np.float64), 4).tolist(),
         }
+        if out[layer.name]["labels"] is None:  # class labels only (not values, not masks)
+            del out[layer.name]["labels"]
     return out

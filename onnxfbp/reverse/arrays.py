@@ -32,8 +32,11 @@ def reverse(
     ``linearized``: each rule's :meth:`vjp` instead, and the residuals of several
     consumers add up (count 1): the residual at each tensor is ``-dL/dx`` for
     the loss whose negative gradient at the logits is the logits residual."""
-    sums: dict[str, Array] = {plan.logits: t_logits - acts[plan.logits]}
-    counts: dict[str, int] = {plan.logits: 1}
+    if isinstance(t_logits, Mapping):  # several trained outputs: a target each
+        sums: dict[str, Array] = {k: t - acts[k] for k, t in t_logits.items()}
+    else:
+        sums = {plan.logits: t_logits - acts[plan.logits]}
+    counts: dict[str, int] = dict.fromkeys(sums, 1)
     for i in reversed(path):
         pn = plan.nodes[i]
         out = pn.outputs[0]

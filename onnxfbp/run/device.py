@@ -97,7 +97,7 @@ def run_to_device(
     if xp is np:
         return runner.run(x, outputs, weights)
     if runner.chunk is None and "CUDAExecutionProvider" in runner.providers:
-        feeds = {runner.input_name: np.ascontiguousarray(x, dtype=runner.input_type)}
+        feeds = {k: np.ascontiguousarray(v) for k, v in runner.feeds(x).items()}
         feeds.update({name: np.ascontiguousarray(value) for name, value in weights.items()})
         got, _ = run_session(runner.session, feeds, outputs, xp)
         return dict(zip(outputs, got, strict=True))

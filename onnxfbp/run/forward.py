@@ -201,6 +201,9 @@ class ForwardRunner:
         threads: int | None = None,
     ) -> None:
         self.input_name = input_name
+        # every data input of the graph, fed by name (a batch of several: a Mapping)
+        inits = {t.name for t in model.graph.initializer}
+        self.input_names = [i.name for i in model.graph.input if i.name not in inits]
         self.batch_size = batch_size
         self.providers = providers
         internal = copy.deepcopy(model)
@@ -243,18 +246,28 @@ class ForwardRunner:
             return int(dims[0].dim_value)
         return None
 
-    def _sample_shape(self) -> list[int] | None:
-        vi = next(i for i in self._internal.graph.input if i.name == self.input_name)
+    def _sample_shape(self, name: str | None = None) -> list[int] | None:
+        vi = next(i for i in self._internal.graph.input if i.name == (name or self.input_name))
         dims = [d.dim_value for d in vi.type.tensor_type.shape.dim[1:]]
         return dims if all(dims) else None
 
-    def probe(self, n: int) -> np.ndarray | None:
-        """``n`` random inputs of the model's sample shape (None if it is symbolic)."""
-        shape = self._sample_shape()
-        if shape is None:
+    def probe(self, n: int) -> Any:
+        """``n`` random inputs of the model's sample shape (None if it is symbolic);
+        a model with several inputs: one array per input, by name."""
+        shapes = {name: self._sample_shape(name) for name in self.input_names}
+        if any(shape is None for shape in shapes.values()):
             return None
         rng = np.random.default_rng(0)
-        return rng.standard_normal((n, *shape)).astype(self.input_type)
+        arrays = {name: rng.standard_normal((n, *shape)).astype(self.input_type)  # type: ignore[misc]
+                  for name, shape in shapes.items()}
+        return arrays[self.input_name] if len(arrays) == 1 else _inputs(arrays)
+
+    def feeds(self, x: Any) -> dict[str, np.ndarray]:
+        """The input feeds of batch ``x``: an array (the one input) or a Mapping of
+        arrays by input name."""
+        if isinstance(x, Mapping):
+            return {name: np.asarray(v, dtype=self.input_type) for name, v in x.items()}
+        return {self.input_name: np.asarray(x, dtype=self.input_type)}
 
     def _runs_batched(self) -> bool:
         """Whether a symbolic-batch model really runs a batch of 3 (it may bake batch 1
@@ -264,7 +277,7 @@ class ForwardRunner:
             return True
         try:
             got = self.session.run(self.output_names,
-                                   {self.input_name: probe, **self.initial_weights}, _quiet())
+                                   {**self.feeds(probe), **self.initial_weights}, _quiet())
         except Exception:
             return False
         return all(np.ndim(v) >= 1 and np.shape(v)[0] == 3 for v in got)
@@ -281,7 +294,7 @@ class ForwardRunner:
             expected = self.run(probe, self.output_names, self.initial_weights)
             dynamic = _dynamic_batch_copy(self._internal, self.input_name, fixed)
             session = inference_session(dynamic, self.providers, threads)
-            feeds = {self.input_name: probe, **self.initial_weights}
+            feeds = {**self.feeds(probe), **self.initial_weights}
             got = session.run(self.output_names, feeds, _quiet())
         except Exception:
             return
@@ -323,8 +336,7 @@ class ForwardRunner:
             return fallback
 
         def run(x: np.ndarray) -> dict[str, np.ndarray]:
-            feeds = {self.input_name: np.asarray(x, dtype=self.input_type)}
-            return dict(zip(outputs, session.run(outputs, feeds), strict=True))
+            return dict(zip(outputs, session.run(outputs, self.feeds(x)), strict=True))
 
         return run
 
@@ -332,19 +344,26 @@ class ForwardRunner:
         self, x: np.ndarray, outputs: list[str], weights: Mapping[str, np.ndarray]
     ) -> dict[str, np.ndarray]:
         """Run on ``x`` (one batch of any size); returns the named outputs."""
-        x = np.asarray(x, dtype=self.input_type)
+        inputs = self.feeds(x)
         feeds: dict[str, Any] = dict(weights)
         if self.chunk is None:
-            feeds[self.input_name] = x
+            feeds.update(inputs)
             return dict(zip(outputs, self.session.run(outputs, feeds), strict=True))
         parts: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
-        for start in range(0, len(x), self.chunk):
-            piece = x[start : start + self.chunk]
-            n = len(piece)
-            if n < self.chunk:
-                pad = np.zeros((self.chunk - n, *piece.shape[1:]), piece.dtype)
-                piece = np.concatenate([piece, pad])
-            feeds[self.input_name] = piece
+        for start in range(0, len(next(iter(inputs.values()))), self.chunk):
+            for key, whole in inputs.items():
+                piece = whole[start : start + self.chunk]
+                n = len(piece)
+                if n < self.chunk:
+                    pad = np.zeros((self.chunk - n, *piece.shape[1:]), piece.dtype)
+                    piece = np.concatenate([piece, pad])
+                feeds[key] = piece
             for name, value in zip(outputs, self.session.run(outputs, feeds), strict=True):
                 parts[name].append(value[:n])
         return {name: np.concatenate(vals) for name, vals in parts.items()}
+
+
+def _inputs(arrays: dict[str, np.ndarray]) -> Any:
+    from ..multidata import Inputs  # noqa: PLC0415
+
+    return Inputs(arrays)

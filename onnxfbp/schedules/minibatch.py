@@ -56,7 +56,6 @@ import numpy as np
 
 from ..events import Message, StepBackedOff, StepChecked
 from ..fit.solve import NonFiniteError, Preconditioner, PreconditionerSums
-from ..fit.targets import cross_entropy, label_target
 from ..graph.plan import Layer
 from ..output.results import LayerReport
 from ..reverse.arrays import reverse
@@ -181,15 +180,13 @@ class Minibatch:
             ft = time.perf_counter()
             views = state.views()
             acts = state.forward(x, needed, on_device=True)
-            z = acts[state.plan.logits].reshape(len(y), -1)
-            if self.blew_up(step, z, y):
+            if self.blew_up(step, acts, y):
                 # the last step blew the weights up: back now, not at the next check
                 # (each step until then would make it worse)
                 if self.halved > cfg.halvings:
                     break
                 continue
-            t_logits = label_target(z, state.xp.asarray(y), 1.0).reshape(
-                acts[state.plan.logits].shape)
+            t_logits = state.label_target(acts, y, 1.0)
             if step == 1:
                 needed = self.choose_route(acts, path, views, needed)
             residuals = self.residuals(acts, t_logits, views)
@@ -217,7 +214,7 @@ class Minibatch:
             state.kept_branch = self.layers[-1].name
         choice = choose_reverse(
             state.plan, self.route, acts, views, state.providers, state.config.run.threads,
-            state.xp, self.cfg.compiled_reverse)
+            state.xp, self.cfg.compiled_reverse and len(state.plan.head_logits) == 1)
         state.reverse_pass = choice.describe()
         if choice.graph is None:
             if self.cfg.compiled_reverse:
@@ -225,7 +222,7 @@ class Minibatch:
             return needed
         self.adjoint = choice.graph
         branch = self.route.branch
-        return sorted({state.plan.logits, *choice.graph.activations,
+        return sorted({*state.plan.head_logits, *choice.graph.activations,
                        *(layer.input for layer in self.layers),
                        *(branch.activations if branch is not None else ())})
 
@@ -284,13 +281,14 @@ class Minibatch:
                 self.averaged[member] = self.averaged[layer.name]
             state.set_weights(layer, self.blocks[layer.name], to_numpy(w))
 
-    def blew_up(self, step: int, z: Any, y: np.ndarray) -> bool:
+    def blew_up(self, step: int, acts: dict[str, Any], y: Any) -> bool:
         """Whether this batch's mean loss at the current weights shows a blow-up (not
         finite, or above ``3 ref + 1`` for ``ref`` the running mean of the batch
         losses so far); then back off at once."""
         xp = self.state.xp
-        loss = (cross_entropy(z, xp.asarray(y))[0] / max(len(y), 1)
-                if bool(xp.isfinite(z).all()) else float("nan"))  # no NaN arithmetic
+        finite = all(bool(xp.isfinite(acts[t]).all()) for t in self.state.plan.head_logits)
+        loss = (self.state.batch_score(acts, y)[0] / max(len(y), 1)
+                if finite else float("nan"))  # no NaN arithmetic
         ref = self.batch_loss
         if ref is not None and (not np.isfinite(loss) or loss > 3 * ref + 1):
             shown = f"{loss:.4g}" if np.isfinite(loss) else "not finite"
@@ -337,7 +335,8 @@ class Minibatch:
                 self.best_loss = min(self.best_loss, loss)
             state.values = stepping
         n = len(ctx.val_idx)
-        ctx.progress(StepChecked(step, total, correct / n, loss / n))
+        shown = state.task.accuracy(correct, n)
+        ctx.progress(StepChecked(step, total, float("nan") if shown is None else shown, loss / n))
 
     def back_off(self, step: int, why: str) -> None:
         """A blow-up: back to the kept weights with half the step and the trust
@@ -393,7 +392,7 @@ class Minibatch:
                 reason=f"minibatch schedule, {steps} steps of {size}: {why}",
                 lam=cfg.damping,
                 relative_change=change if outcome == "kept" else 0.0,
-                heldout_accuracy=ctx.score.correct / len(ctx.val_idx),
+                heldout_accuracy=self.state.task.accuracy(ctx.score.correct, len(ctx.val_idx)),
                 seconds=seconds / len(self.layers),
                 outcome=outcome,
                 halvings=self.halved,

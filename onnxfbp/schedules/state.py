@@ -26,10 +26,12 @@ from ..data import LabelledData
 from ..events import LayerVisited, Progress
 from ..fit.layers import LayerBlock
 from ..fit.targets import cross_entropy
+from ..fit.tasks import Head, Metrics, MultiTask, Task, detect_task
 from ..graph.plan import Layer, Plan, load_model, plan_model
 from ..graph.weights import lift_constants
 from ..output.results import EvalResult, LayerReport, eval_result
 from ..quant.qdq import float_view
+from ..rules import xp_of
 from ..run.backend import array_module, cupy_or_none
 from ..run.device import run_to_device
 from ..run.forward import ForwardRunner, choose_providers
@@ -140,7 +142,7 @@ def nodes_after(
         if any(pn.inputs[j] in reach for j in pn.data_inputs):
             out.append(i)
             reach.update(pn.outputs)
-    if plan.logits not in reach:
+    if not any(logits in reach for logits in plan.head_logits):
         return None
     return out
 
@@ -221,7 +223,14 @@ class ModelState:
         start = time.perf_counter()
         # a QDQ model is refined as its float view; weights are kept on its grid
         self.model, self.quant = float_view(load_model(self.model_path))
-        self.plan: Plan = plan_model(self.model, config.layers.output_name)
+        pairs = [t.rpartition("=") for t in config.task.targets]
+        self.plan: Plan = plan_model(self.model, config.layers.output_name,
+                                     tuple(p[0] for p in pairs))
+        # label key per trained output (--target OUTPUT=KEY); the first output: y by default
+        self.label_keys = {p[0]: p[2] for p in pairs} or {self.plan.output_name: "y"}
+        # what the target output learns (classification until :meth:`detect_task`)
+        self.task = Task("classification", output_kind=self.plan.output_kind,
+                         n_classes=self.plan.n_classes)
         self.timings["plan"] = time.perf_counter() - start
         self.providers = choose_providers(config.run.device)
         device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
@@ -257,13 +266,13 @@ class ModelState:
         return sorted(names)
 
     def _extra_outputs(self) -> list[str]:
-        extra = {self.plan.logits}
+        extra = set(self.plan.head_logits)
         for pn in self.plan.nodes:
             extra.update(pn.inputs[i] for i in pn.data_inputs)
             extra.update(pn.outputs[:1])
         for layer in self.layers:
             extra.add(layer.input)
-        extra.discard(self.plan.input_name)
+        extra.difference_update(self.plan.input_names)
         return sorted(extra)
 
     # ------------------------------------------------------------ weights
@@ -330,32 +339,104 @@ class ModelState:
     def forward(self, x: np.ndarray, outputs: list[str], on_device: bool = False) -> dict[str, Any]:
         """Named activations for the batch ``x`` (the input itself included); with
         ``on_device`` they are arrays of the solver's array module (CuPy on GPU)."""
-        names = [o for o in outputs if o != self.plan.input_name]
+        names = [o for o in outputs if o not in self.plan.input_names]
         if on_device and self.xp is not np:
             acts = run_to_device(self.runner, x, names, self.values, self.xp)
-            acts[self.plan.input_name] = self.xp.asarray(x, dtype=self.xp.float32)
+            acts.update(_input_acts(self.plan.input_name, x, self.xp))
             return acts
         acts = self.runner.run(x, names, self.values)
-        acts[self.plan.input_name] = np.asarray(x, dtype=np.float32)
+        acts.update(_input_acts(self.plan.input_name, x, np))
         return acts
 
     def frozen_forward(self, outputs: list[str]) -> Callable[[np.ndarray], dict[str, Any]]:
         """Like :meth:`forward` (NumPy arrays), for many batches with the current
         weights (see :meth:`ForwardRunner.frozen`)."""
-        names = [o for o in outputs if o != self.plan.input_name]
+        names = [o for o in outputs if o not in self.plan.input_names]
         run = self.runner.frozen(self.values, names) if names else None
 
         def forward(x: np.ndarray) -> dict[str, Any]:
             acts = run(x) if run is not None else {}
-            acts[self.plan.input_name] = np.asarray(x, dtype=np.float32)
+            acts.update(_input_acts(self.plan.input_name, x, np))
             return acts
 
         return forward
 
+    def detect_task(self, data: LabelledData, override: str | None = None,
+                    loss: str = "mse") -> Task:
+        """Set and return the task of ``data``'s labels for the target output
+        (:func:`onnxfbp.fit.tasks.detect_task`), from a forward pass of two samples."""
+        if not len(data):
+            return self.task  # validate names the problem
+        if len(self.plan.heads) > 1:
+            return self._detect_heads(data, override, loss)
+        first = data.labels(np.zeros(1, np.int64))
+        if override in (None, "classification") and first.ndim == 1:
+            return self.task  # one label per sample: today's path (validate checks its dtype)
+        idx = np.arange(min(2, len(data)))
+        x, y = data.take(idx)
+        out = self.frozen_forward([self.plan.output_name])(x)[self.plan.output_name]
+        n_classes = int(out.shape[1]) if out.ndim >= 2 else None
+        task = detect_task(y, tuple(out.shape[1:]), self.plan.output_kind, override, loss,
+                           self.plan.output_name, n=len(data))
+        self.task = Task(task.kind, task.loss, task.output_kind,
+                         n_classes if task.kind in ("classification", "dense") else None,
+                         task.positions)
+        return self.task
+
+    def _detect_heads(self, data: LabelledData, override: str | None, loss: str) -> Task:
+        """Several trained outputs: each one's task from its labels (``override``
+        applies to all), as one :class:`MultiTask`."""
+        weights = {t.rpartition("=")[0]: float(t.rpartition("=")[2])
+                   for t in self.config.task.target_weights}
+        x, y = data.take(np.arange(min(2, len(data))))
+        outs = self.frozen_forward([h[0] for h in self.plan.heads])(x)
+        heads = []
+        for output, logits, kind, _ in self.plan.heads:
+            key = self.label_keys.get(output, "y")
+            labels = np.asarray(y[key]) if isinstance(y, dict) else np.asarray(y)
+            out = outs[output]
+            if labels.ndim == 1 and labels.dtype.kind in "iu" and override is None:
+                task = Task("classification", output_kind=kind, n_classes=int(out.shape[-1]))
+            else:
+                task = detect_task(labels, tuple(out.shape[1:]), kind, override, loss, output, key,
+                                   len(data))
+                task = Task(task.kind, task.loss, kind, int(out.shape[1])
+                            if task.kind in ("classification", "dense") else None,
+                            task.positions)
+            heads.append(Head(output, logits, key, task, weights.get(output, 1.0)))
+        self.task = MultiTask(tuple(heads))  # type: ignore[assignment]
+        return self.task
+
+    def label_target(self, acts: dict[str, Any], y: Any, step: float) -> Any:
+        """The target of the trained output's tensor from labels ``y`` (one step
+        ``step`` down the task's loss); several outputs: a dict by tensor."""
+        if isinstance(self.task, MultiTask):
+            return self.task.targets(acts, y, step)
+        logits = self.plan.logits
+        z = acts[logits].reshape(len(y), -1) if self.task.classification else acts[logits]
+        return self.task.target(z, xp_of(z).asarray(y), step).reshape(acts[logits].shape)
+
+    def batch_score(self, acts: dict[str, Any], y: Any) -> tuple[float, int]:
+        """Summed loss and correct count of one batch (:meth:`Task.score`)."""
+        if isinstance(self.task, MultiTask):
+            return self.task.score(acts, y)
+        z = acts[self.plan.logits]
+        return self.task.score(z.reshape(len(y), -1) if self.task.classification else z,
+                               xp_of(z).asarray(y))
+
     def scores(self, data: LabelledData, idx: np.ndarray) -> tuple[float, int, np.ndarray]:
-        """Summed cross-entropy, correct count and predictions on ``data[idx]``."""
+        """Summed cross-entropy, correct count and predictions on ``data[idx]``
+        (another task: its loss and correct positions, :meth:`Task.score`, and
+        no predictions)."""
         loss, correct, preds = 0.0, 0, []
         forward = self.frozen_forward([self.plan.logits])
+        if not self.task.classification:
+            forward = self.frozen_forward(self.plan.head_logits)
+            for x, y in data.batches(idx, self.config.run.batch_size):
+                batch_loss, batch_correct = self.batch_score(forward(x), y)
+                loss += batch_loss
+                correct += batch_correct
+            return loss, correct, np.zeros(0, np.int64)
         for x, y in data.batches(idx, self.config.run.batch_size):
             z = forward(x)[self.plan.logits]
             z = z.reshape(len(y), -1)
@@ -368,8 +449,41 @@ class ModelState:
     def evaluate(self, data: LabelledData, idx: np.ndarray | None = None) -> EvalResult:
         """Accuracy, loss, per-class accuracy and confusion on ``data[idx]``."""
         idx = np.arange(len(data)) if idx is None else idx
+        if not self.task.classification:
+            return self.task_result(data, idx)
         loss, correct, preds = self.scores(data, idx)
         return self.result(loss, correct, preds, data.labels(idx))
+
+    def task_result(self, data: LabelledData, idx: np.ndarray) -> EvalResult:
+        """The :class:`EvalResult` of a task other than classification: ``accuracy``
+        is the pixel accuracy (dense, binary; NaN for regression), ``metrics`` the
+        task's figures (:class:`Metrics`)."""
+        if isinstance(self.task, MultiTask):
+            return self._multi_result(data, idx)
+        metrics = Metrics(self.task)
+        forward = self.frozen_forward([self.plan.logits])
+        for x, y in data.batches(idx, self.config.run.batch_size):
+            metrics.add(forward(x)[self.plan.logits], y)
+        out = metrics.result()
+        accuracy = out.get("pixel_accuracy", out.get("accuracy", float("nan")))
+        return EvalResult(accuracy, out["n"], out["loss"], task=self.task.kind, metrics=out)
+
+    def _multi_result(self, data: LabelledData, idx: np.ndarray) -> EvalResult:
+        """Several outputs: each one's metrics under ``metrics["outputs"]``, the
+        weighted loss (:class:`MultiTask`) under ``metrics["loss"]``."""
+        multi: MultiTask = self.task  # type: ignore[assignment]
+        each = {h.output: Metrics(h.task) for h in multi.heads}
+        forward = self.frozen_forward(self.plan.head_logits)
+        total = 0.0
+        for x, y in data.batches(idx, self.config.run.batch_size):
+            acts = forward(x)
+            total += multi.score(acts, y)[0]  # type: ignore[arg-type]  # Inputs
+            for h in multi.heads:
+                each[h.output].add(acts[h.logits], y[h.key])
+        n = len(idx)
+        out = {"task": "multi", "n": n, "loss": total / max(n, 1),
+               "outputs": {name: m.result() for name, m in each.items()}}
+        return EvalResult(float("nan"), n, total / max(n, 1), task="multi", metrics=out)
 
     def result(
         self, loss: float, correct: int, preds: np.ndarray, labels: np.ndarray
@@ -380,7 +494,7 @@ class ModelState:
 
     def needed(self, layer: Layer, downstream: dict[str, list[int]] | None = None) -> list[str]:
         """The tensors the reverse rules read to carry a target back to ``layer``."""
-        names = {self.plan.logits, layer.input, layer.output}
+        names = {*self.plan.head_logits, layer.input, layer.output}
         for i in (downstream or self.downstream)[layer.name]:
             pn = self.plan.nodes[i]
             names.update(pn.inputs[j] for j in pn.data_inputs)
@@ -397,3 +511,11 @@ class ModelState:
         needed = sorted({n for layer in layers for n in self.needed(layer, paths)})
         return path, needed
 
+
+
+def _input_acts(name: str, x: Any, xp: Any) -> dict[str, Any]:
+    """The graph inputs of batch ``x`` as activations: ``x`` itself under ``name``,
+    or each input of a batch of several (:class:`onnxfbp.data.Inputs`)."""
+    if isinstance(x, dict):
+        return {k: xp.asarray(v, dtype=xp.float32) for k, v in x.items()}
+    return {name: xp.asarray(x, dtype=xp.float32)}

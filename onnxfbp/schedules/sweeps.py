@@ -87,7 +87,7 @@ def _sequential(
                 state.values = saved
                 report.reason = "held-out score did not improve; reverted"
                 report.outcome = "reverted"
-            report.heldout_accuracy = correct / len(ctx.val_idx)
+            report.heldout_accuracy = state.task.accuracy(correct, len(ctx.val_idx))
         report.seconds = time.perf_counter() - started
         ctx.record(report)
     return improved
@@ -141,7 +141,7 @@ def _jacobi(
         _apply(state, members, alpha)
         for *_, report in members:
             report.accepted, report.reason, report.outcome = True, reason, "kept"
-            report.heldout_accuracy = correct / len(ctx.val_idx)
+            report.heldout_accuracy = state.task.accuracy(correct, len(ctx.val_idx))
         ctx.score.better(loss, correct)
     for *_, report in solved:
         if not report.accepted:
