@@ -246,7 +246,10 @@ def _few_heldout(state: ModelState, n_val: int, progress: Progress) -> None:
     """A few dozen held-out samples cannot tell a deeper update from over-fitting:
     keep to the output layer (measured: 100 labelled samples, all layers 0.850,
     output layer only 0.883 on rotated MNIST)."""
-    floor = state.config.head.min_heldout_for_depth
+    head = state.config.head
+    # a dense or mask sample scores every position: far more held-out labels per sample
+    floor = head.min_heldout_for_depth_dense if getattr(state.task, "positions", 1) > 1 \
+        else head.min_heldout_for_depth
     if n_val >= floor or state.config.layers.max_layers is not None or len(state.layers) < 2:
         return
     keep = state.layers[:1]
