@@ -27,6 +27,7 @@ from onnxfbp.errors import DataError  # noqa: E402
 from onnxfbp.events import Event, ShardsDone  # noqa: E402
 from onnxfbp.fit.normal import accumulate  # noqa: E402
 from onnxfbp.refine import refine, split  # noqa: E402
+from onnxfbp.schedules.minibatch import train_minibatch  # noqa: E402
 from onnxfbp.schedules.state import ModelState, RunContext, Score  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -110,13 +111,44 @@ def test_cluster_refine_matches_one_process(client: Any, shards: Path, tmp_path:
     assert done[-1].done == done[-1].total
 
 
-def test_minibatch_becomes_the_cluster_schedule(client: Any, shards: Path) -> None:
+def _minibatch(state: ModelState, data: Any, config: RefineConfig) -> dict[str, np.ndarray]:
+    """The minibatch schedule alone on ``state``; the refined weights."""
+    rng, train, val = split(len(data), config)
+    loss, correct, _ = state.scores(data, val)
+    ctx = RunContext(data, train, val, rng, Score(loss, correct), _quiet)
+    assert train_minibatch(state, ctx)
+    return {k: np.asarray(v) for k, v in state.values.items()}
+
+
+def test_minibatch_steps_on_the_cluster_equal_one_process(client: Any, shards: Path) -> None:
+    """The default schedule in its cluster form (each mini-batch cut into
+    per-shard slices): with no convolution refined, the same steps as one
+    process, so the weights agree to float32 reduction tolerance (1e-4)."""
+    config = CONFIG.replace(schedule="minibatch")
+    state, data, _ = start(client, MODEL, config, shards, None, None, _quiet)
+    local = ModelState(MODEL, config)
+    here = _minibatch(local, load_data(shards), config)
+    there = _minibatch(state, data, config)
+    changed = [k for k in here if not np.array_equal(here[k], local.original[k])]
+    assert len(changed) == 4  # the two dense layers' W and b
+    for k in changed:
+        assert np.linalg.norm(here[k] - there[k]) <= 1e-4 * np.linalg.norm(here[k]), k
+    phases = state.record()["phases"]
+    assert phases["steps"]["tasks"] > 3 and phases["precondition"]["tasks"] == 3
+
+
+def test_minibatch_is_the_cluster_default(client: Any, shards: Path) -> None:
+    """Without ``--schedule`` a cluster run takes the default minibatch schedule
+    (then the narrow layers' sweeps and the output layer's optimum, as one process
+    does): the same held-out accuracy as one process."""
+    config = RefineConfig.of(max_layers=2, sweeps=1, threads=1)
     events: list[Event] = []
-    result = refine(MODEL, None, shards, config=RefineConfig.of(max_layers=2, sweeps=1,
-                                                                threads=1),
-                    client=client, progress=events.append)
-    assert result.config["schedule"] == "jacobi"
-    assert any("cluster schedule" in getattr(e, "text", "") for e in events)
+    one = refine(MODEL, None, shards, config=config)
+    two = refine(MODEL, None, shards, config=config, client=client, progress=events.append)
+    assert two.config["schedule"] == "minibatch"
+    assert any("cluster schedule: minibatch" in getattr(e, "text", "") for e in events)
+    assert two.heldout_after.accuracy == one.heldout_after.accuracy > one.heldout_before.accuracy
+    assert "steps" in two.environment["cluster"]["phases"]
 
 
 def test_unreadable_data_is_one_line_before_any_work(client: Any, tmp_path: Path) -> None:

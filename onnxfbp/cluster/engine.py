@@ -131,6 +131,13 @@ class ClusterState(ModelState):
                                         hash=False)
         self._phase("send_model", time.perf_counter() - started, 0.0, 0)
 
+    @property
+    def minibatch_schedule(self) -> type:
+        """The ``minibatch`` schedule's cluster form (:mod:`onnxfbp.cluster.minibatch`)."""
+        from .minibatch import ClusterMinibatch  # noqa: PLC0415
+
+        return ClusterMinibatch
+
     # ------------------------------------------------------------ tasks
 
     def _phase(self, name: str, wall: float, busy: float, tasks: int) -> None:

@@ -78,7 +78,9 @@ def train_minibatch(state: ModelState, ctx: RunContext) -> bool:
     state.layers = whole
     if not whole:
         return False
-    return Minibatch(state, ctx).run()
+    # a state whose passes run elsewhere (a cluster) names its form of the schedule
+    schedule = getattr(state, "minibatch_schedule", Minibatch)
+    return bool(schedule(state, ctx).run())
 
 
 class Minibatch:
