@@ -27,7 +27,7 @@ from onnxfbp.errors import DataError  # noqa: E402
 from onnxfbp.events import Event, ShardsDone  # noqa: E402
 from onnxfbp.fit.normal import accumulate  # noqa: E402
 from onnxfbp.refine import refine, split  # noqa: E402
-from onnxfbp.schedules.minibatch import train_minibatch  # noqa: E402
+from onnxfbp.schedules.minibatch import Minibatch  # noqa: E402
 from onnxfbp.schedules.state import ModelState, RunContext, Score  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -112,27 +112,35 @@ def test_cluster_refine_matches_one_process(client: Any, shards: Path, tmp_path:
 
 
 def _minibatch(state: ModelState, data: Any, config: RefineConfig) -> dict[str, np.ndarray]:
-    """The minibatch schedule alone on ``state``; the refined weights."""
+    """The minibatch schedule alone on ``state`` (its cluster form on a cluster
+    state); each layer's weights after its last step."""
     rng, train, val = split(len(data), config)
     loss, correct, _ = state.scores(data, val)
     ctx = RunContext(data, train, val, rng, Score(loss, correct), _quiet)
-    assert train_minibatch(state, ctx)
-    return {k: np.asarray(v) for k, v in state.values.items()}
+    run = getattr(state, "minibatch_schedule", Minibatch)(state, ctx)
+    run.run()
+    assert not run.diverged and not run.skipped
+    assert not any(np.array_equal(np.asarray(w), run.w_start[n]) for n, w in run.weights.items())
+    return {name: np.asarray(w) for name, w in run.weights.items()}
 
 
 def test_minibatch_steps_on_the_cluster_equal_one_process(client: Any, shards: Path) -> None:
     """The default schedule in its cluster form (each mini-batch cut into
-    per-shard slices): with no convolution refined, the same steps as one
-    process, so the weights agree to float32 reduction tolerance (1e-4)."""
-    config = CONFIG.replace(schedule="minibatch")
+    per-shard slices, the convolutions' positions drawn as one process draws
+    them): the same steps as one process, every layer, the convolutions and the
+    kept branch included, so the weights after the last step agree to float32
+    tolerance (measured: dense 6e-7, convolutions 9e-5, onnxruntime's float32
+    passes over slices of the batch instead of the whole)."""
+    config = CONFIG.replace(schedule="minibatch", max_layers=None)
     state, data, _ = start(client, MODEL, config, shards, None, None, _quiet)
     local = ModelState(MODEL, config)
     here = _minibatch(local, load_data(shards), config)
     there = _minibatch(state, data, config)
-    changed = [k for k in here if not np.array_equal(here[k], local.original[k])]
-    assert len(changed) == 4  # the two dense layers' W and b
-    for k in changed:
-        assert np.linalg.norm(here[k] - there[k]) <= 1e-4 * np.linalg.norm(here[k]), k
+    assert len(here) == 4 and state.kept_branch == local.kept_branch is not None
+    for layer in local.layers:
+        a, b = here[layer.name], there[layer.name]
+        tol = 1e-5 if layer.kind == "dense" else 3e-4
+        assert np.linalg.norm(a - b) <= tol * np.linalg.norm(a), layer.name
     phases = state.record()["phases"]
     assert phases["steps"]["tasks"] > 3 and phases["precondition"]["tasks"] == 3
 

@@ -16,11 +16,14 @@ the workers, one task per shard holding samples of the pass
   the step exactly as one process does;
 - the held-out checks: :meth:`ClusterState.scores` on the shards.
 
-Where no convolution is refined the steps' sums are the single-process sums up
-to float32 summation order, so the weights follow the single-process run. A
-convolution's rows are taken at ``step_positions`` random output positions: one
-process draws them once for the whole batch, a shard for its slice with its own
-seeded generator, so the steps match in distribution, not draw for draw.
+Random draws stay the single-process draws: a convolution's rows are taken at
+output positions drawn once per batch from the run's generator, the same for
+every sample, so every shard's task starts from a copy of the driver's generator
+and draws the positions one process draws for the whole batch (the draws depend
+on the maps' shapes only; the preconditioner's batches of ``run.batch_size``
+samples are replayed so); the driver's generator then moves on as theirs did.
+The steps' sums are therefore the single-process sums up to float32 summation
+order, and the weights follow the single-process run.
 """
 
 from __future__ import annotations
@@ -29,16 +32,12 @@ from typing import Any
 
 import numpy as np
 
-from ..fit.head import SEED_SALT
 from ..fit.solve import PreconditionerSums
 from ..schedules.minibatch import Minibatch
 from . import steps
 from .engine import ClusterState, ShardData
 
 __all__ = ["ClusterMinibatch"]
-
-_PRECOND, _STEP = 5, 6  # seed tags of the two kinds of task
-
 
 class ClusterMinibatch(Minibatch):
     """:class:`Minibatch` whose passes over samples run on the shards of a cluster."""
@@ -48,30 +47,35 @@ class ClusterMinibatch(Minibatch):
         assert isinstance(state, ClusterState) and isinstance(data, ShardData)
         return state, data
 
-    def _seed(self, tag: int, *more: int) -> list[int]:
-        return [self.state.config.split.seed, SEED_SALT, tag, *more]
-
     def precondition_sums(self, data: Any, sample: np.ndarray, total: int,
                           rng: np.random.Generator) -> dict[str, PreconditionerSums]:
-        """Each shard's rows of ``sample``, joined in shard order."""
+        """Each shard's rows of ``sample`` (drawing the positions one process
+        draws), joined in shard order; ``rng`` advanced as one process advances it."""
         engine, shards = self._engine()
         names = [layer.name for layer in self.layers]
+        sample = np.sort(sample)
+        # each sample's place in the sample: its batch of run.batch_size
+        order = np.split(np.arange(len(sample)),
+                         np.cumsum([len(local) for _, local in shards.split(sample)])[:-1])
 
-        def once() -> list[dict[str, PreconditionerSums]]:
+        def once() -> list[tuple[dict[str, PreconditionerSums], np.random.Generator]]:
             values = engine._values()
             return engine.timed("precondition", [
                 (steps.precondition_task, engine.model_ref, engine.settings, values,
-                 shards.shards[k], local, names, total, self._seed(_PRECOND, k))
-                for k, local in shards.split(np.sort(sample))])
+                 shards.shards[k], local, place, names, total, rng)
+                for (k, local), place in zip(shards.split(sample), order, strict=True)])
 
+        parts = engine._again(once)
         merged: dict[str, PreconditionerSums] = {}
-        for part in engine._again(once):
+        for part, _ in parts:
             for key, sums in part.items():
                 into = merged.setdefault(key, PreconditionerSums(sums.dual, engine.xp))
                 if sums.gram is not None:
                     into.gram = sums.gram if into.gram is None else into.gram + sums.gram
                 into.chunks.extend(sums.chunks)
                 into.count += sums.count
+        if parts:
+            rng.bit_generator.state = parts[0][1].bit_generator.state
         return merged
 
     def batch_crosses(
@@ -81,12 +85,13 @@ class ClusterMinibatch(Minibatch):
         engine, shards = self._engine()
         names = [layer.name for layer in self.layers]
         skip = sorted(self.skipped)
+        rng = self.ctx.rng
 
         def once() -> list[steps.StepPart]:
             values = engine._values()
             return engine.timed("steps", [
                 (steps.step_task, engine.model_ref, engine.settings, values, shards.shards[k],
-                 local, names, skip, len(idx), self._seed(_STEP, step, k))
+                 local, names, skip, len(idx), rng)
                 for k, local in shards.split(idx)])
 
         parts = engine._again(once)
@@ -98,8 +103,11 @@ class ClusterMinibatch(Minibatch):
         if self.loss_blew_up(step, loss):
             return None, needed
         crosses: dict[str, Any] = {}
-        for _, part, _ in parts:  # shard order
+        for _, part, _, _ in parts:  # shard order
             for key, cross in part.items():
                 c = engine.xp.asarray(cross, dtype=engine.xp.float64)
                 crosses[key] = crosses[key] + c if key in crosses else c
+        drew = [p[3] for p in parts if p[1]]
+        if drew:  # the positions one process drew: its generator moves on as theirs did
+            rng.bit_generator.state = drew[0].bit_generator.state
         return crosses, needed

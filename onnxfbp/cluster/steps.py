@@ -8,12 +8,15 @@ chosen on its first batch, as one process chooses them on its first step) and
 computes, for its slice of the batch, exactly what the single-process step
 computes for the whole batch: the forward pass, the summed cross-entropy (the
 blow-up test), the label targets carried back, and each layer's ``X^T R`` scaled
-as :meth:`Minibatch.crosses` scales it (divided by the whole batch's size), so
-that the driver's sum over the slices is the single-process step's ``X^T R``.
+as :meth:`Minibatch.crosses` scales it (divided by the whole batch's size) at
+the convolution positions one process draws (every slice starts from the
+driver's generator; the draws depend on shapes only), so that the driver's sum
+over the slices is the single-process step's ``X^T R``.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -25,9 +28,11 @@ __all__ = ["StepPart", "precondition_task", "step_task"]
 
 _RUNS: dict[tuple[int, tuple[str, ...]], Any] = {}
 
-# a slice's result: summed loss (nan: logits not finite), X^T R per leader,
-# and the reverse pass the worker chose (its description, the kept-branch layer)
-StepPart = tuple[float, dict[str, np.ndarray], tuple[str | None, str | None]]
+# a slice's result: summed loss (nan: logits not finite), X^T R per leader, the
+# reverse pass the worker chose (its description, the kept-branch layer), and the
+# generator after the step's position draws
+StepPart = tuple[float, dict[str, np.ndarray], tuple[str | None, str | None],
+                 np.random.Generator]
 
 
 def _schedule(state: Any, names: list[str], skip: list[str]) -> Any:
@@ -52,11 +57,28 @@ def _schedule(state: Any, names: list[str], skip: list[str]) -> Any:
     return run
 
 
+def _draw_rounds(run: Any, acts: dict[str, Any], rng: np.random.Generator, rounds: int,
+                 positions: int) -> np.random.Generator:
+    """A copy of ``rng`` advanced by ``rounds`` batches' position draws of the
+    preconditioner's rows (the draws depend on the maps' shapes only: replayed
+    on one sample of ``acts``)."""
+    rng = copy.deepcopy(rng)
+    one = {name: a[:1] for name, a in acts.items()}
+    for _ in range(rounds):
+        for layer in run.layers:
+            run.blocks[layer.name].rows(one[layer.input], one[layer.output], rng, positions)
+    return rng
+
+
 def precondition_task(
     model: bytes, settings: dict[str, Any], values: dict[str, np.ndarray], ref: ShardRef,
-    local: np.ndarray, names: list[str], total: int, seed: list[int],
-) -> tuple[dict[str, Any], float]:
-    """:meth:`Minibatch.precondition_sums` of rows ``local`` of the shard."""
+    local: np.ndarray, order: np.ndarray, names: list[str], total: int,
+    rng: np.random.Generator,
+) -> tuple[tuple[dict[str, Any], np.random.Generator], float]:
+    """:meth:`Minibatch.precondition_rows` of rows ``local`` of the shard, whose
+    places in the whole sample are ``order``: each batch of ``run.batch_size``
+    places draws its conv positions from ``rng`` advanced past the batches before
+    it, as one process draws them. Also ``rng`` advanced past all batches."""
     started = time.perf_counter()
     data = open_shard(ref)
     read = time.perf_counter() - started
@@ -64,16 +86,26 @@ def precondition_task(
         started = time.perf_counter() - read
         state = _with_values(model, settings, values)
         run = _schedule(state, names, [])
-        sums = run.precondition_sums(data, local, total, np.random.default_rng(seed))
-    return sums, time.perf_counter() - started
+        size, positions = state.config.run.batch_size, run.cfg.gram_positions
+        batch = np.asarray(order) // size
+        sums: dict[str, Any] = {}
+        acts: dict[str, Any] = {}
+        for j in np.unique(batch):
+            x, _ = data.take(local[batch == j])
+            acts = state.forward(x, run.io_names(), on_device=True)
+            run.precondition_rows(sums, acts, len(x),
+                                  _draw_rounds(run, acts, rng, int(j), positions), total)
+        after = _draw_rounds(run, acts, rng, -(-total // size), positions)
+    return (sums, after), time.perf_counter() - started
 
 
 def step_task(
     model: bytes, settings: dict[str, Any], values: dict[str, np.ndarray], ref: ShardRef,
-    local: np.ndarray, names: list[str], skip: list[str], batch: int, seed: list[int],
+    local: np.ndarray, names: list[str], skip: list[str], batch: int, rng: np.random.Generator,
 ) -> tuple[StepPart, float]:
-    """The step's sums of rows ``local`` of the shard (see the module doc);
-    conv positions drawn with ``default_rng(seed)``."""
+    """The step's sums of rows ``local`` of the shard (see the module doc); conv
+    positions drawn from ``rng`` (the driver's generator: every slice draws the
+    positions one process draws for the whole batch)."""
     from ..fit.targets import cross_entropy, label_target  # noqa: PLC0415
     from ..run.backend import to_numpy  # noqa: PLC0415
 
@@ -89,14 +121,15 @@ def step_task(
         views = state.views()
         acts = state.forward(x, run.needed, on_device=True)
         z = acts[logits].reshape(len(y), -1)
+        route = (state.reverse_pass, state.kept_branch)
         if not bool(xp.isfinite(z).all()):
-            return (float("nan"), {}, (state.reverse_pass, state.kept_branch)), \
-                time.perf_counter() - started
+            return (float("nan"), {}, route, rng), time.perf_counter() - started
         loss = float(cross_entropy(z, xp.asarray(y))[0])
         t_logits = label_target(z, xp.asarray(y), 1.0).reshape(acts[logits].shape)
         if run.route is None:
             run.needed = run.choose_route(acts, run.path, views, run.needed)
         residuals = run.residuals(acts, t_logits, views)
-        crosses = run.crosses(acts, residuals, views, np.random.default_rng(seed), len(y), batch)
+        crosses = run.crosses(acts, residuals, views, rng, len(y), batch)
         out = {name: to_numpy(c) for name, c in crosses.items()}
-    return (loss, out, (state.reverse_pass, state.kept_branch)), time.perf_counter() - started
+    route = (state.reverse_pass, state.kept_branch)
+    return (loss, out, route, rng), time.perf_counter() - started

@@ -150,25 +150,34 @@ class Minibatch:
 
     def precondition_sums(self, data: Any, sample: np.ndarray, total: int,
                           rng: np.random.Generator) -> dict[str, PreconditionerSums]:
-        """Each layer's preconditioner rows of the samples ``sample`` of ``data``
-        (``total``: the samples of the whole estimate, which decides whether the
-        rows are kept, ``dual``, or their Gram)."""
-        state, cfg = self.state, self.cfg
+        """Each layer's preconditioner rows of the samples ``sample`` of ``data``,
+        in batches of ``run.batch_size`` (``total``: the samples of the whole
+        estimate, which decides whether the rows are kept, ``dual``, or their Gram)."""
         sums: dict[str, PreconditionerSums] = {}
-        io_names = sorted({n for layer in self.layers for n in (layer.input, layer.output)})
-        for x, _ in data.batches(sample, state.config.run.batch_size):
-            acts = state.forward(x, io_names, on_device=True)
-            for layer in self.layers:
-                xr, _ = self.blocks[layer.name].rows(
-                    acts[layer.input], acts[layer.output], rng, cfg.gram_positions
-                )
-                key = self.leader[layer.name]  # a shared weight: all its readers' rows
-                if key not in sums:  # rows expected in all: keep them if fewer than d
-                    expected = (xr.shape[1] / len(x) * total
-                                * len(self.members[key]))
-                    sums[key] = PreconditionerSums(xr.shape[2] > expected, state.xp)
-                sums[key].add(xr)
+        for x, _ in data.batches(sample, self.state.config.run.batch_size):
+            acts = self.state.forward(x, self.io_names(), on_device=True)
+            self.precondition_rows(sums, acts, len(x), rng, total)
         return sums
+
+    def io_names(self) -> list[str]:
+        """The tensors the preconditioner's rows read."""
+        return sorted({n for layer in self.layers for n in (layer.input, layer.output)})
+
+    def precondition_rows(self, sums: dict[str, PreconditionerSums], acts: dict[str, Any],
+                          n: int, rng: np.random.Generator, total: int) -> None:
+        """Add one batch's rows (``n`` samples, activations ``acts``) to ``sums``;
+        a convolution's output positions drawn from ``rng`` (once per batch)."""
+        state, cfg = self.state, self.cfg
+        for layer in self.layers:
+            xr, _ = self.blocks[layer.name].rows(
+                acts[layer.input], acts[layer.output], rng, cfg.gram_positions
+            )
+            key = self.leader[layer.name]  # a shared weight: all its readers' rows
+            if key not in sums:  # rows expected in all: keep them if fewer than d
+                expected = (xr.shape[1] / n * total
+                            * len(self.members[key]))
+                sums[key] = PreconditionerSums(xr.shape[2] > expected, state.xp)
+            sums[key].add(xr)
 
     # ------------------------------------------------------------ the loop
 
