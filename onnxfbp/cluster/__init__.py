@@ -5,10 +5,10 @@ The schedules run in their cluster form: the default ``minibatch`` schedule
 mini-batch cut into per-shard slices whose sums the workers compute; ``jacobi``
 and ``sequential`` sweeps take every layer's exact normal equations from one pass
 over all shards. The driver reduces in float64 in shard order, solves, and
-broadcasts the new weights. Where no convolution is refined the weights follow
-the single-process weights to float32 reduction tolerance (a convolution's rows
-are drawn at random output positions: per shard on a cluster, so equal only in
-distribution). See docs/cluster.md.
+broadcasts the new weights. The minibatch schedule's weights follow the
+single-process weights to float32 tolerance (the random draws are the
+single-process draws); the sweeps' convolution rows are drawn per shard, so
+their weights are equal in distribution only. See docs/cluster.md.
 """
 
 from __future__ import annotations

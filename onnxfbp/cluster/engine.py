@@ -8,7 +8,10 @@ go to the workers (:mod:`onnxfbp.cluster.worker`), one task per shard:
   and row counts, training and held-out apart (:func:`onnxfbp.fit.normal.accumulate`);
 - ``scores``: summed held-out cross-entropy, correct count and predictions;
 - ``cluster_features``: the output layer's input features of at most
-  ``HeadConfig.max_rows`` samples per split (:func:`onnxfbp.fit.head.head_features`).
+  ``HeadConfig.max_rows`` samples per split (:func:`onnxfbp.fit.head.head_features`);
+
+and the ``minibatch`` schedule's preconditioner rows and steps go to them through
+:attr:`ClusterState.minibatch_schedule` (:mod:`onnxfbp.cluster.minibatch`).
 
 Sums reduce on the cluster in float64 along a fixed binary tree over the shards
 in their order (the result does not depend on which worker ran what, nor on how
