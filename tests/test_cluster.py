@@ -145,20 +145,6 @@ def test_minibatch_steps_on_the_cluster_equal_one_process(client: Any, shards: P
     assert phases["steps"]["tasks"] > 3 and phases["precondition"]["tasks"] == 3
 
 
-def test_minibatch_is_the_cluster_default(client: Any, shards: Path) -> None:
-    """Without ``--schedule`` a cluster run takes the default minibatch schedule
-    (then the narrow layers' sweeps and the output layer's optimum, as one process
-    does): the same held-out accuracy as one process."""
-    config = RefineConfig.of(max_layers=2, sweeps=1, threads=1)
-    events: list[Event] = []
-    one = refine(MODEL, None, shards, config=config)
-    two = refine(MODEL, None, shards, config=config, client=client, progress=events.append)
-    assert two.config["schedule"] == "minibatch"
-    assert any("cluster schedule: minibatch" in getattr(e, "text", "") for e in events)
-    assert two.heldout_after.accuracy == one.heldout_after.accuracy > one.heldout_before.accuracy
-    assert "steps" in two.environment["cluster"]["phases"]
-
-
 def test_unreadable_data_is_one_line_before_any_work(client: Any, tmp_path: Path) -> None:
     out = tmp_path / "out.onnx"
     with pytest.raises(DataError, match="does not exist on worker host") as info:
@@ -172,19 +158,23 @@ def test_unreadable_data_is_one_line_before_any_work(client: Any, tmp_path: Path
 
 def test_cli_against_a_running_scheduler(client: Any, shards: Path, tmp_path: Path) -> None:
     """``--dask ADDRESS``: the model and the report are written, the report
-    records the cluster."""
+    records the cluster and its schedule: the default minibatch schedule's
+    cluster form (its steps and preconditioner), then the output layer's solve."""
     out, report = tmp_path / "out.onnx", tmp_path / "report.json"
     address = client.scheduler.address
     proc = subprocess.run(
         [sys.executable, "-m", "onnxfbp", "refine", str(MODEL), str(out), "--data", str(shards),
-         "--report", str(report), "--dask", address, "--schedule", "jacobi", "--max-layers", "1",
-         "--quiet"],
+         "--report", str(report), "--dask", address, "--max-layers", "2", "--sweeps", "1"],
         capture_output=True, text=True, cwd=PROJECT, timeout=120,
         env={**os.environ, "PYTHONPATH": str(PROJECT)})
     assert proc.returncode == 0, proc.stderr
     assert out.is_file()
-    cluster = json.loads(report.read_text())["environment"]["cluster"]
-    assert cluster["workers"] == 2 and "features" in cluster["phases"]
+    assert "cluster schedule: minibatch" in proc.stderr + proc.stdout
+    rep = json.loads(report.read_text())
+    cluster = rep["environment"]["cluster"]
+    assert rep["config"]["schedule"] == cluster["schedule"] == "minibatch"
+    assert cluster["workers"] == 2
+    assert {"precondition", "steps", "features"} <= set(cluster["phases"])
 
 
 def test_ctrl_c_cancels_the_tasks_and_writes_nothing(client: Any, shards: Path,
