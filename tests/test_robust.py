@@ -216,7 +216,7 @@ def test_summary_says_what_changed_and_what_was_reverted() -> None:
         {"name": "fc", "op": "Gemm", "refined": True, "selected": True, "changed": True,
          "outcome": "changed", "reason": None},
     ]
-    ev = SimpleNamespace(accuracy=0.9, n=10)
+    ev = SimpleNamespace(accuracy=0.9, n=10, task=None)
     result = SimpleNamespace(heldout_before=ev, heldout_after=ev, eval_before=None,
                              eval_after=None, plan={"layers": rows}, layers=[],
                              timings={"total": 1.0})

@@ -2,6 +2,7 @@
 
     python tools/cluster_bench.py prepare DIR     # shards of the shared CNN's data
     python tools/cluster_bench.py overhead DIR    # 5,000: --dask local:2 vs one process
+                                                  # (minibatch and jacobi each)
     python tools/cluster_bench.py scaling DIR     # 50,000: --dask local:1 vs local:2
     python tools/cluster_bench.py memory DIR      # driver peak RSS, 50,000 vs 500,000
 
@@ -109,7 +110,9 @@ def overhead(root: Path) -> None:
         out = Path(tmp)
         _refine(root / "5k", ev, "one-process-minibatch", out)
         _refine(root / "5k", [*ev, "--schedule", "jacobi"], "one-process-jacobi", out)
-        _refine(root / "5k", [*ev, "--dask", "local:2"], "dask-local2", out)
+        _refine(root / "5k", [*ev, "--dask", "local:2"], "dask-local2-minibatch", out)
+        _refine(root / "5k", [*ev, "--schedule", "jacobi", "--dask", "local:2"],
+                "dask-local2-jacobi", out)
 
 
 def scaling(root: Path) -> None:

@@ -38,7 +38,7 @@ from onnxfbp import ModelState, RefineConfig, from_arrays  # noqa: E402
 from onnxfbp.refine import run_refine  # noqa: E402
 
 # innermost first: the schedule's steps and checks, the output-layer solves, sweeps
-PHASES = ("precondition", "take_step", "check", "head_cross_validated", "polish_head",
+PHASES = ("precondition", "crosses", "apply_step", "check", "head_cross_validated", "polish_head",
           "run_sweeps", "scores", "train_on_split", "run_refine")
 
 

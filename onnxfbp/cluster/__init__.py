@@ -1,15 +1,14 @@
 """Refine on a Dask cluster (``refine(..., client=...)``, ``onnxfbp refine --dask``).
 
-The cluster schedule: the default ``minibatch`` schedule takes thousands of small
-sequential steps, each of which would be one round trip to the cluster, so on a
-cluster a run uses the ``jacobi`` full-pass sweeps instead (every layer's exact
-normal equations from one pass over all shards, a ridge solve on the driver,
-the joint update judged on the held-out shards), then the output layer's
-logistic-regression optimum, as a single-process ``jacobi`` run does. With the
-same seed and data the weights equal the single-process ``jacobi`` weights to
-float32 reduction tolerance where no convolution is refined (a convolution's
-rows are drawn at random output positions: per shard on a cluster, so equal
-only in distribution). See docs/cluster.md.
+The schedules run in their cluster form: the default ``minibatch`` schedule
+(:mod:`onnxfbp.cluster.minibatch`) takes the single-process steps, each
+mini-batch cut into per-shard slices whose sums the workers compute; ``jacobi``
+and ``sequential`` sweeps take every layer's exact normal equations from one pass
+over all shards. The driver reduces in float64 in shard order, solves, and
+broadcasts the new weights. The minibatch schedule's weights follow the
+single-process weights to float32 tolerance (the random draws are the
+single-process draws); the sweeps' convolution rows are drawn per shard, so
+their weights are equal in distribution only. See docs/cluster.md.
 """
 
 from __future__ import annotations
@@ -26,13 +25,11 @@ __all__ = ["ClusterError", "ClusterState", "ShardData", "cluster_client", "parse
 
 
 def cluster_config(config: RefineConfig, progress: Progress) -> RefineConfig:
-    """The run's settings on a cluster: the ``minibatch`` schedule becomes ``jacobi``."""
-    if config.schedule != "minibatch":
-        return config
-    progress(Message("cluster schedule: jacobi sweeps with exact normal equations over all "
-                     "shards (the minibatch schedule's small sequential steps do not map onto "
-                     "a cluster)"))
-    return config.replace(schedule="jacobi")
+    """The run's settings on a cluster (the schedules run in their cluster form)."""
+    if config.schedule == "minibatch":
+        progress(Message("cluster schedule: minibatch, each step's mini-batch cut into "
+                         "per-shard slices run on the workers"))
+    return config
 
 
 def start(

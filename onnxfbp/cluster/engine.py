@@ -8,7 +8,10 @@ go to the workers (:mod:`onnxfbp.cluster.worker`), one task per shard:
   and row counts, training and held-out apart (:func:`onnxfbp.fit.normal.accumulate`);
 - ``scores``: summed held-out cross-entropy, correct count and predictions;
 - ``cluster_features``: the output layer's input features of at most
-  ``HeadConfig.max_rows`` samples per split (:func:`onnxfbp.fit.head.head_features`).
+  ``HeadConfig.max_rows`` samples per split (:func:`onnxfbp.fit.head.head_features`);
+
+and the ``minibatch`` schedule's preconditioner rows and steps go to them through
+:attr:`ClusterState.minibatch_schedule` (:mod:`onnxfbp.cluster.minibatch`).
 
 Sums reduce on the cluster in float64 along a fixed binary tree over the shards
 in their order (the result does not depend on which worker ran what, nor on how
@@ -134,6 +137,13 @@ class ClusterState(ModelState):
         self.model_ref = client.scatter(self.model.SerializeToString(), broadcast=True,
                                         hash=False)
         self._phase("send_model", time.perf_counter() - started, 0.0, 0)
+
+    @property
+    def minibatch_schedule(self) -> type:
+        """The ``minibatch`` schedule's cluster form (:mod:`onnxfbp.cluster.minibatch`)."""
+        from .minibatch import ClusterMinibatch  # noqa: PLC0415
+
+        return ClusterMinibatch
 
     # ------------------------------------------------------------ tasks
 

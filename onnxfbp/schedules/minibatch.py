@@ -77,7 +77,9 @@ def train_minibatch(state: ModelState, ctx: RunContext) -> bool:
     state.layers = whole
     if not whole:
         return False
-    return Minibatch(state, ctx).run()
+    # a state whose passes run elsewhere (a cluster) names its form of the schedule
+    schedule = getattr(state, "minibatch_schedule", Minibatch)
+    return bool(schedule(state, ctx).run())
 
 
 class Minibatch:
@@ -130,21 +132,8 @@ class Minibatch:
             if len(train_idx) > cfg.precond_samples
             else train_idx
         )
-        sums: dict[str, PreconditionerSums] = {}
         ft = time.perf_counter()
-        io_names = sorted({n for layer in self.layers for n in (layer.input, layer.output)})
-        for x, _ in ctx.data.batches(sample, state.config.run.batch_size):
-            acts = state.forward(x, io_names, on_device=True)
-            for layer in self.layers:
-                xr, _ = self.blocks[layer.name].rows(
-                    acts[layer.input], acts[layer.output], ctx.rng, cfg.gram_positions
-                )
-                key = self.leader[layer.name]  # a shared weight: all its readers' rows
-                if key not in sums:  # rows expected in all: keep them if fewer than d
-                    expected = (xr.shape[1] / len(x) * len(sample)
-                                * len(self.members[key]))
-                    sums[key] = PreconditionerSums(xr.shape[2] > expected, state.xp)
-                sums[key].add(xr)
+        sums = self.precondition_sums(ctx.data, sample, len(sample), ctx.rng)
         state.clock.forward += time.perf_counter() - ft
         st = time.perf_counter()
         precond = {}
@@ -157,6 +146,37 @@ class Minibatch:
                     ctx.progress(Message(f"{member}: {self.skipped[member]}; left unchanged"))
         state.clock.solve += time.perf_counter() - st
         return precond
+
+    def precondition_sums(self, data: Any, sample: np.ndarray, total: int,
+                          rng: np.random.Generator) -> dict[str, PreconditionerSums]:
+        """Each layer's preconditioner rows of the samples ``sample`` of ``data``,
+        in batches of ``run.batch_size`` (``total``: the samples of the whole
+        estimate, which decides whether the rows are kept, ``dual``, or their Gram)."""
+        sums: dict[str, PreconditionerSums] = {}
+        for x, _ in data.batches(sample, self.state.config.run.batch_size):
+            acts = self.state.forward(x, self.io_names(), on_device=True)
+            self.precondition_rows(sums, acts, len(x), rng, total)
+        return sums
+
+    def io_names(self) -> list[str]:
+        """The tensors the preconditioner's rows read."""
+        return sorted({n for layer in self.layers for n in (layer.input, layer.output)})
+
+    def precondition_rows(self, sums: dict[str, PreconditionerSums], acts: dict[str, Any],
+                          n: int, rng: np.random.Generator, total: int) -> None:
+        """Add one batch's rows (``n`` samples, activations ``acts``) to ``sums``;
+        a convolution's output positions drawn from ``rng`` (once per batch)."""
+        state, cfg = self.state, self.cfg
+        for layer in self.layers:
+            xr, _ = self.blocks[layer.name].rows(
+                acts[layer.input], acts[layer.output], rng, cfg.gram_positions
+            )
+            key = self.leader[layer.name]  # a shared weight: all its readers' rows
+            if key not in sums:  # rows expected in all: keep them if fewer than d
+                expected = (xr.shape[1] / n * total
+                            * len(self.members[key]))
+                sums[key] = PreconditionerSums(xr.shape[2] > expected, state.xp)
+            sums[key].add(xr)
 
     # ------------------------------------------------------------ the loop
 
@@ -176,23 +196,17 @@ class Minibatch:
             if not len(queue):
                 queue = ctx.rng.permutation(ctx.train_idx)
             idx, queue = np.sort(queue[:size]), queue[size:]
-            x, y = ctx.data.take(idx)
             ft = time.perf_counter()
-            views = state.views()
-            acts = state.forward(x, needed, on_device=True)
-            if self.blew_up(step, acts, y):
+            crosses, needed = self.batch_crosses(step, idx, path, needed)
+            state.clock.forward += time.perf_counter() - ft
+            if crosses is None:
                 # the last step blew the weights up: back now, not at the next check
                 # (each step until then would make it worse)
                 if self.halved > cfg.halvings:
                     break
                 continue
-            t_logits = state.label_target(acts, y, 1.0)
-            if step == 1:
-                needed = self.choose_route(acts, path, views, needed)
-            residuals = self.residuals(acts, t_logits, views)
-            state.clock.forward += time.perf_counter() - ft
             st = time.perf_counter()
-            self.take_step(acts, residuals, views, precond, len(y))
+            self.apply_step(crosses, precond)
             state.clock.solve += time.perf_counter() - st
             if step % check_every and step != total:
                 continue
@@ -202,6 +216,24 @@ class Minibatch:
         state.values = self.kept_values
         self.report(step, size, time.perf_counter() - started)
         return self.improved
+
+    def batch_crosses(
+        self, step: int, idx: np.ndarray, path: list[int], needed: list[str]
+    ) -> tuple[dict[str, Any] | None, list[str]]:
+        """Step ``step``'s mini-batch ``idx``: each step's ``X^T R`` (per leader,
+        divided by the batch size), or None when its loss shows a blow-up (then
+        backed off); and the tensors later forward passes must give."""
+        state = self.state
+        x, y = self.ctx.data.take(idx)
+        views = state.views()
+        acts = state.forward(x, needed, on_device=True)
+        if self.blew_up(step, acts, y):
+            return None, needed
+        t_logits = state.label_target(acts, y, 1.0)
+        if step == 1:
+            needed = self.choose_route(acts, path, views, needed)
+        residuals = self.residuals(acts, t_logits, views)
+        return self.crosses(acts, residuals, views, self.ctx.rng, len(y), len(y)), needed
 
     def choose_route(
         self, acts: dict[str, Any], path: list[int], views: dict[str, Any], needed: list[str]
@@ -237,34 +269,42 @@ class Minibatch:
                                self.state.config.sweep.mu, linearized=True)
         return residuals
 
-    def take_step(
+    def crosses(
         self, acts: dict[str, Any], residuals: Any, views: dict[str, Any],
-        precond: dict[str, Preconditioner], n: int,
-    ) -> None:
-        """One preconditioned step of every layer, and the running average. Layers
-        reading one stored weight take one step: their ``X^T R`` averaged, with the
-        Gram of all their rows (the step of the summed least squares)."""
-        state, cfg, xp = self.state, self.cfg, self.state.xp
+        rng: np.random.Generator, n: int, batch: int,
+    ) -> dict[str, Any]:
+        """Each step's ``X^T R`` of ``n`` samples (float64, conv positions scaled back
+        to all, divided by ``batch`` and by the readers of a shared weight), per
+        leader. Layers reading one stored weight take one step: their ``X^T R``
+        averaged, with the Gram of all their rows (the step of the summed least
+        squares)."""
+        cfg, xp = self.cfg, self.state.xp
         assert self.route is not None
-        branch, deepest, beta = self.route.branch, self.layers[-1], cfg.average
+        branch, deepest = self.route.branch, self.layers[-1]
         crosses: dict[str, Any] = {}
         for layer in self.layers:
             if layer.name in self.skipped:
                 continue
             block = self.blocks[layer.name]
             if branch is not None and layer is deepest:
-                keep, positions = branch.draw(self.ctx.rng, cfg.step_positions)
+                keep, positions = branch.draw(rng, cfg.step_positions)
                 out = branch.residual(acts, residuals[branch.source], views, keep)
                 xr, rr = block.rows_at(acts[layer.input], out, keep, branch.grid, True)
             else:
                 out = residuals[layer.output]  # shaped like the layer's output
-                xr, rr = block.rows(acts[layer.input], out, self.ctx.rng, cfg.step_positions, True)
+                xr, rr = block.rows(acts[layer.input], out, rng, cfg.step_positions, True)
                 positions = int(np.prod(out.shape[2:])) if layer.kind == "conv" else 1
             kept = xr.shape[1] // n if layer.kind == "conv" else 1
             cross = xp.matmul(xr.transpose(0, 2, 1), rr).astype(xp.float64)
-            cross *= positions / max(kept, 1) / n / len(self.members[self.leader[layer.name]])
+            cross *= positions / max(kept, 1) / batch / len(self.members[self.leader[layer.name]])
             key = self.leader[layer.name]
             crosses[key] = crosses[key] + cross if key in crosses else cross
+        return crosses
+
+    def apply_step(self, crosses: dict[str, Any], precond: dict[str, Preconditioner]) -> None:
+        """One preconditioned step of every layer from its ``crosses``, and the
+        running average."""
+        state, beta = self.state, self.cfg.average
         for layer in self.layers:
             if layer.name not in crosses:
                 continue
@@ -289,6 +329,10 @@ class Minibatch:
         finite = all(bool(xp.isfinite(acts[t]).all()) for t in self.state.plan.head_logits)
         loss = (self.state.batch_score(acts, y)[0] / max(len(y), 1)
                 if finite else float("nan"))  # no NaN arithmetic
+        return self.loss_blew_up(step, loss)
+
+    def loss_blew_up(self, step: int, loss: float) -> bool:
+        """:meth:`blew_up` of a batch whose mean loss is ``loss``."""
         ref = self.batch_loss
         if ref is not None and (not np.isfinite(loss) or loss > 3 * ref + 1):
             shown = f"{loss:.4g}" if np.isfinite(loss) else "not finite"
