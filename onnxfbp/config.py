@@ -71,6 +71,7 @@ class LayersConfig:
     max_layers: int | None = None  # at most this many refinable layers, from the output
     deep: bool = False  # jacobi/sequential: also layers whose target passes a Conv inverse
     output_name: str | None = None  # the class-score output (default: found automatically)
+    requantize_scales: bool = False  # QDQ --teacher: refit each weight's scale (docs/quant.md)
 
 
 @dataclass(frozen=True)
