@@ -72,6 +72,7 @@ class LayersConfig:
     deep: bool = False  # jacobi/sequential: also layers whose target passes a Conv inverse
     output_name: str | None = None  # the class-score output (default: found automatically)
     requantize_scales: bool = False  # QDQ --teacher: refit each weight's scale (docs/quant.md)
+    gptq_finish: bool = True  # QDQ: round the run's result again by GPTQ (docs/quant.md)
 
 
 @dataclass(frozen=True)

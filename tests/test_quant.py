@@ -188,6 +188,12 @@ def test_int8_label_refinement_keeps_the_model_quantized(
     before, after = _accuracy(qdq["int8"], xe, ye), _accuracy(out, xe, ye)
     assert after > before + 0.02, (before, after)
     assert result.eval_after is not None and abs(result.eval_after.accuracy - after) < 0.01
+    final = result.data["final_rounding"]  # GPTQ from the float steps, kept if better
+    assert final["kept"] in ("gptq", "nearest") and final["layers"], final
+    for layer in final["layers"]:
+        assert layer["output_error_gptq"] <= layer["output_error_nearest"], layer
+    accuracy = final["heldout_accuracy"]
+    assert accuracy[final["kept"]] == max(accuracy.values())
 
 
 @pytest.mark.slow

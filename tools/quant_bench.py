@@ -68,7 +68,7 @@ def accuracy(path: Path, x: np.ndarray, y: np.ndarray, batch: int) -> float:
 
 
 def bench(key: str, n: int, n_eval: int, tmp: Path, parts: list[str], requant: list[str],
-          weights: list[str]) -> dict[str, object]:
+          weights: list[str], finish: list[str]) -> dict[str, object]:
     from onnxruntime.quantization import QuantType  # noqa: PLC0415
 
     fname, shift = MODELS[key]
@@ -93,7 +93,7 @@ def bench(key: str, n: int, n_eval: int, tmp: Path, parts: list[str], requant: l
     # label refinement on the shift, int8 vs float
     if "labels" in parts:
         out["label_refinement"] = labels_part(key, spec, x01, y, f13, paths, n, n_eval, batch,
-                                              shift, tmp)
+                                              shift, tmp, finish)
     if "teacher" in parts:
         out["teacher_recovery"] = teacher_part(key, spec, x01, y, f13, paths, n, n_eval, batch,
                                                tmp, requant, weights)
@@ -101,22 +101,24 @@ def bench(key: str, n: int, n_eval: int, tmp: Path, parts: list[str], requant: l
 
 
 def labels_part(key: str, spec: Any, x01: np.ndarray, y: np.ndarray, f13: Path,
-                paths: dict[str, Path], n: int, n_eval: int, batch: int, shift: str, tmp: Path
-                ) -> dict[str, object]:
+                paths: dict[str, Path], n: int, n_eval: int, batch: int, shift: str, tmp: Path,
+                finish: list[str]) -> dict[str, object]:
     xa = spec.prep(shared_data.shift_images(x01[:n], shift, seed=1)).astype(np.float32)
     xe = spec.prep(shared_data.shift_images(x01[5000:5000 + n_eval], shift, seed=2)
                    ).astype(np.float32)
     ya, ye = y[:n], y[5000:5000 + n_eval]
     labels = {}
-    for tag, src in (("float", f13), ("int8pc", paths["int8pc"])):
-        dst = tmp / f"{key}_{tag}_labels.onnx"
+    runs = [("float", f13, True)] + [(f"int8pc gptq-finish {m}", paths["int8pc"], m == "on")
+                                     for m in finish]
+    for tag, src, fin in runs:
+        dst = tmp / f"{key}_{tag.replace(' ', '_')}_labels.onnx"
         t = time.perf_counter()
-        refine(src, dst, xa, ya, force=True, config=None)
+        refine(src, dst, xa, ya, force=True, config=RefineConfig.of(gptq_finish=fin))
         labels[tag] = {"before": accuracy(src, xe, ye, batch),
                        "after": accuracy(dst, xe, ye, batch), "seconds": time.perf_counter() - t}
     gain = {k: v["after"] - v["before"] for k, v in labels.items()}
-    return {**labels, "gain_ratio_int8_vs_float":
-            gain["int8pc"] / gain["float"] if gain["float"] else None}
+    return {**labels, "gain_ratio_int8_vs_float": {
+        k: v / gain["float"] if gain["float"] else None for k, v in gain.items() if k != "float"}}
 
 
 def teacher_part(key: str, spec: Any, x01: np.ndarray, y: np.ndarray, f13: Path,
@@ -154,11 +156,14 @@ def main() -> None:
                     choices=["off", "on"], help="teacher runs without / with the scale refit")
     ap.add_argument("--weights", nargs="+", default=["int8pc", "int4pt"],
                     choices=["int8pc", "int4pt"], help="QDQ models for the teacher runs")
+    ap.add_argument("--gptq-finish", nargs="+", default=["off", "on"], choices=["off", "on"],
+                    help="int8 label runs without / with the final GPTQ rounding")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.models:
             print(json.dumps(bench(key, args.n, args.eval, Path(tmp), args.parts,
-                                   args.requantize_scales, args.weights), indent=1),
+                                   args.requantize_scales, args.weights, args.gptq_finish),
+                             indent=1),
                   flush=True)
 
 

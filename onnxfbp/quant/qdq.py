@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,6 +149,7 @@ class QuantMap:
     qdq_model: onnx.ModelProto  # the model as given (integer initializers)
     weights: dict[str, QuantWeight] = field(default_factory=dict)
     refit: set[str] = field(default_factory=set)  # tensors whose scale was changed
+    _shadows: dict[int, tuple[Any, np.ndarray]] = field(default_factory=dict, repr=False)
 
     def __bool__(self) -> bool:
         return bool(self.weights)
@@ -172,8 +174,22 @@ class QuantMap:
         self.weights, self.refit = dict(saved[0]), set(saved[1])
 
     def project(self, tensor: str, value: np.ndarray) -> np.ndarray:
+        """``value`` on ``tensor``'s grid; the float ``value`` is kept as the result's
+        shadow (:meth:`shadow`) while the result is alive."""
         qw = self.weights.get(tensor)
-        return value if qw is None else qw.project(value).astype(value.dtype, copy=False)
+        if qw is None:
+            return value
+        out = qw.project(value).astype(value.dtype, copy=False)
+        key = id(out)
+        self._shadows[key] = (weakref.ref(out, lambda _: self._shadows.pop(key, None)),
+                              np.array(value, copy=True))
+        return out
+
+    def shadow(self, value: np.ndarray) -> np.ndarray | None:
+        """The float value that :meth:`project` rounded to ``value`` (this very array),
+        or None (not a projection, or one of another run)."""
+        entry = self._shadows.get(id(value))
+        return entry[1] if entry is not None and entry[0]() is value else None
 
     def integer_values(self, floats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Integer initializer values for refined float tensors (others ignored), and

@@ -15,7 +15,6 @@ The teacher is the float model the QDQ model was quantized from. It gives:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,10 +25,10 @@ import numpy as np
 from ..data import LabelledData, from_arrays
 from ..errors import UnsupportedModelError
 from ..events import Message, Progress
-from ..fit.layers import LayerBlock
 from ..fit.solve import NormalEquations, choose_ridge
 from ..graph.plan import Layer
 from ..schedules.state import ModelState
+from .grid import layer_grid
 from .qdq import QuantWeight
 from .rounding import gptq_round, output_error, refit_scale_ratios
 
@@ -200,30 +199,13 @@ class Teacher:
         if w_t is None or tuple(w_t.shape) != qw.shape:
             return None
         block = student.block(layer)
-        if layer.op == "Gemm" and (float(block.view.attr("alpha")) != 1.0
-                                   or float(block.view.attr("beta")) != 1.0):
-            return None
         bias_q = student.quant.weights.get(layer.bias.initializer) if layer.bias else None
         b_t = tvals.get(tl.bias_tensor) if tl.bias_tensor else None
-        if block.has_bias_row and (bias_q is None or b_t is None):
+        grid = layer_grid(layer, block, qw, bias_q, None if b_t is None else tuple(b_t.shape))
+        if grid is None:
             return None
-
-        def layout(w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
-            view = dataclasses.replace(block.view, static={**block.view.static, 1: w})
-            return LayerBlock(layer, view, b if block.has_bias_row else None, None).weights()
-
-        full = qw.shape
-        scale = layout(np.broadcast_to(qw._expand(qw.scale), full).astype(np.float64),
-                       np.broadcast_to(bias_q._expand(bias_q.scale), b_t.shape)
-                       if bias_q is not None and b_t is not None else None)
-        zero = layout(np.broadcast_to(qw._expand(qw.zero_point), full).astype(np.float64),
-                      np.broadcast_to(bias_q._expand(bias_q.zero_point), b_t.shape)
-                      if bias_q is not None and b_t is not None else None)
+        layout, scale, zero, lo, hi = grid.layout, grid.scale, grid.zero, grid.lo, grid.hi
         target = layout(np.asarray(w_t, np.float64), b_t)
-        lo = np.full(target.shape[1], qw.qrange[0], np.float64)
-        hi = np.full(target.shape[1], qw.qrange[1], np.float64)
-        if block.has_bias_row and bias_q is not None:
-            lo[-1], hi[-1] = bias_q.qrange
         groups, d, k = target.shape
         fit, check = NormalEquations(groups, d, k), NormalEquations(groups, d, k)
         positions = student.config.minibatch.gram_positions
