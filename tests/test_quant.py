@@ -143,6 +143,7 @@ def test_set_scale_writes_the_scale_with_the_integers_graph_unchanged(
     view, qmap = float_view(model)
     tensor, qw = next((t, qw) for t, qw in qmap.weights.items() if qw.bits == 4)
     assert qw.scale_initializer and qw.axis is None
+    assert qmap.reduced_range(tensor) is None  # int4 from max |w|: its full range
     new = qmap.set_scale(tensor, qw.scale * 0.8)
     value = new.project(numpy_helper.to_array(
         next(t for t in view.graph.initializer if t.name == tensor)))

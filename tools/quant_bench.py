@@ -113,9 +113,12 @@ def labels_part(key: str, spec: Any, x01: np.ndarray, y: np.ndarray, f13: Path,
     for tag, src, fin in runs:
         dst = tmp / f"{key}_{tag.replace(' ', '_')}_labels.onnx"
         t = time.perf_counter()
-        refine(src, dst, xa, ya, force=True, config=RefineConfig.of(gptq_finish=fin))
+        result = refine(src, dst, xa, ya, force=True, config=RefineConfig.of(gptq_finish=fin))
+        final = result.data.get("final_rounding")
         labels[tag] = {"before": accuracy(src, xe, ye, batch),
-                       "after": accuracy(dst, xe, ye, batch), "seconds": time.perf_counter() - t}
+                       "after": accuracy(dst, xe, ye, batch), "seconds": time.perf_counter() - t,
+                       "final_rounding": None if final is None else
+                       {k: final[k] for k in ("kept", "heldout_accuracy")}}
     gain = {k: v["after"] - v["before"] for k, v in labels.items()}
     return {**labels, "gain_ratio_int8_vs_float": {
         k: v / gain["float"] if gain["float"] else None for k, v in gain.items() if k != "float"}}

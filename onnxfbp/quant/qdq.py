@@ -167,6 +167,18 @@ class QuantMap:
         self.refit.add(tensor)
         return self.weights[tensor]
 
+    def reduced_range(self, tensor: str) -> int | None:
+        """``max |q|`` over the input's integers of ``tensor`` where they use at most
+        half their type's range (``quantize_static``'s ``reduce_range``: 7-bit values
+        in int8), else None (also for nonzero zero points). A refitted scale keeps
+        the integers within it, so that 7-bit weights stay 7-bit."""
+        qw = self.weights[tensor]
+        if np.any(qw.zero_point != 0):
+            return None
+        init = next(t for t in self.qdq_model.graph.initializer if t.name == qw.initializer)
+        used = int(np.abs(numpy_helper.to_array(init).astype(np.int64)).max(initial=0))
+        return used if 0 < used <= (qw.qrange[1] + 1) // 2 else None
+
     def snapshot(self) -> tuple[dict[str, QuantWeight], set[str]]:
         return dict(self.weights), set(self.refit)
 

@@ -228,6 +228,10 @@ class Teacher:
             if channel is None:
                 info["scale"] = "kept: shared, per block, or channels across columns"
             else:
+                m = student.quant.reduced_range(layer.weight.initializer)
+                if m is not None:  # 7-bit weights stay 7-bit
+                    rows = slice(0, -1) if block.has_bias_row else slice(None)
+                    lo[rows], hi[rows] = np.maximum(lo[rows], -m), np.minimum(hi[rows], m)
                 ratios, _ = refit_scale_ratios(target, gram, scale, zero, lo, hi, channel)
                 qw = student.quant.set_scale(layer.weight.initializer,
                                              np.asarray(qw.scale, np.float64).reshape(-1)
