@@ -74,13 +74,15 @@ def refit_scale_ratios(w: np.ndarray, gram: np.ndarray, scale: np.ndarray, zero:
     n = int(channel.max()) + 1 if weight.any() else 0
     col = np.where(weight.any(axis=1), np.max(np.where(weight, channel, -1), axis=1), -1)
     errors = np.zeros((len(ratios), n))
-    for a, r in enumerate(ratios):
-        s = np.where(weight, scale * r, scale)
-        for g in range(w.shape[0]):
-            e = np.asarray(w[g], np.float64) - gptq_round(w[g], gram[g], s[g], zero[g], lo, hi)
-            per_col = (e * (np.asarray(gram[g], np.float64) @ e)).sum(axis=0)
-            keep = col[g] >= 0
-            np.add.at(errors[a], col[g][keep], per_col[keep])
+    k = w.shape[2]
+    for g in range(w.shape[0]):  # all ratios in one call: columns round independently
+        s = np.concatenate([np.where(weight[g], scale[g] * r, scale[g]) for r in ratios], 1)
+        wide = np.tile(np.asarray(w[g], np.float64), (1, len(ratios)))
+        e = wide - gptq_round(wide, gram[g], s, np.tile(zero[g], (1, len(ratios))), lo, hi)
+        per_col = (e * (np.asarray(gram[g], np.float64) @ e)).sum(axis=0)
+        keep = col[g] >= 0
+        for a in range(len(ratios)):
+            np.add.at(errors[a], col[g][keep], per_col[a * k:(a + 1) * k][keep])
     best = np.asarray(ratios)[errors.argmin(axis=0)]
     one = errors[list(ratios).index(1.0)] if 1.0 in ratios else errors.min(axis=0)
     return best, one
