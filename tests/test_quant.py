@@ -266,3 +266,12 @@ def test_cli_bad_teacher_is_one_line_with_exit_code(
     assert code == EXIT_USER_ERROR, err
     assert err.startswith("onnxfbp: error: --teacher ") and err.count("\n") == 1
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_cli_requantize_scales_reaches_the_config() -> None:
+    from onnxfbp.cli.commands import _config, build_parser  # noqa: PLC0415
+
+    base = ["refine", "q.onnx", "out.onnx", "--data", "calib.npz", "--teacher", "f.onnx"]
+    on = _config(build_parser().parse_args([*base, "--requantize-scales"]))
+    off = _config(build_parser().parse_args(base))
+    assert on.layers.requantize_scales is True and off.layers.requantize_scales is False

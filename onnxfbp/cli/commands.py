@@ -50,14 +50,13 @@ def _config(args: argparse.Namespace) -> Any:
 
     settings = {key: getattr(args, key, None) for key in (
         "max_layers", "sweeps", "holdout", "min_gain", "batch_size", "schedule", "epochs",
-        "max_retain_drop")}
+        "max_retain_drop", "requantize_scales")}
     return RefineConfig.of(
         device=args.device, seed=args.seed,
         **{key: value for key, value in settings.items() if value is not None},
         allow_worse=bool(getattr(args, "allow_worse", False)),
         deep=bool(getattr(args, "deep", False)),
         output_name=getattr(args, "output_name", None),
-        requantize_scales=bool(getattr(args, "requantize_scales", False)),
     )
 
 
@@ -434,9 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher",
                    help="float model the (quantized) MODEL came from: its predictions are the "
                         "targets (--data needs no labels); see docs/quant.md")
-    p.add_argument("--requantize-scales", action="store_true",
-                   help="with --teacher: refit each quantized weight's scale (per tensor or "
-                        "per channel, as stored) before rounding; see docs/quant.md")
+    p.add_argument("--requantize-scales", action="store_true", help="with --teacher: refit "
+                   "each quantized weight's scale before rounding; see docs/quant.md")
     p.add_argument("--max-retain-drop", type=_finite_float,
                    help="exit 3 unless the retain held-out accuracy drops at most this "
                         "much (default 0.01)")
