@@ -307,7 +307,8 @@ def run_refine(
                             state.config.retain.max_retain_drop)
     outcome = _train(state, ctx)
     final_rounding = None
-    if state.quant and state.config.layers.gptq_finish:  # QDQ: docs/quant.md
+    # QDQ (docs/quant.md); in process only (a cluster's state streams its passes)
+    if state.quant and state.config.layers.gptq_finish and type(state) is ModelState:
         from .quant.finish import finish_rounding  # noqa: PLC0415
 
         final_rounding = finish_rounding(state, ctx)
