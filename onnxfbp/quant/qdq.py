@@ -18,7 +18,9 @@ Q/DQ pairs stay: they are planned as a straight-through clip, see
 into the *same* integer initializers (dtype, shape, scale and zero point
 unchanged), so the written model has the input's graph. Every weight the run
 sets is projected onto that grid at once (:meth:`QuantMap.project`), so each
-forward pass and held-out score is the quantized model's own.
+forward pass and held-out score is the quantized model's own. A scale read by
+one node alone may be refitted (:meth:`QuantMap.set_scale`, same shape: per
+tensor stays per tensor); it is then written with the integers.
 """
 
 from __future__ import annotations

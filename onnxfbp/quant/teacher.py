@@ -11,6 +11,8 @@ The teacher is the float model the QDQ model was quantized from. It gives:
   forward order, each Gram taken with the layers before it already rounded.
   That start is kept only if it agrees with the teacher on more held-out
   samples (ties: lower cross-entropy) than the input model's nearest rounding.
+  With ``requantize_scales`` (``--requantize-scales``) each such layer's scales
+  are refitted first (:func:`.rounding.refit_scale_ratios`).
 """
 
 from __future__ import annotations
