@@ -72,6 +72,8 @@ class LayersConfig:
     max_layers: int | None = None  # at most this many refinable layers, from the output
     deep: bool = False  # jacobi/sequential: also layers whose target passes a Conv inverse
     output_name: str | None = None  # the class-score output (default: found automatically)
+    requantize_scales: bool = False  # QDQ --teacher: refit each weight's scale (docs/quant.md)
+    gptq_finish: bool = True  # QDQ: round the run's result again by GPTQ (docs/quant.md)
 
 
 @dataclass(frozen=True)

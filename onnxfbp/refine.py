@@ -366,6 +366,14 @@ def run_refine(
                             retain_before.accuracy * retain_before.n,
                             state.config.retain.max_retain_drop)
     outcome = _train(state, ctx)
+    final_rounding = None
+    # QDQ (docs/quant.md); in process only (a cluster's state streams its passes)
+    if state.quant and state.config.layers.gptq_finish and type(state) is ModelState:
+        from .quant.finish import finish_rounding  # noqa: PLC0415
+
+        final_rounding = finish_rounding(state, ctx)
+        if final_rounding is not None and final_rounding["kept"] == "gptq":
+            outcome.after = state.evaluate(ctx.data, outcome.scored_idx)
     timings["forward_and_targets"] = state.clock.forward
     timings["solve"] = state.clock.solve
     t = time.perf_counter()
@@ -407,6 +415,7 @@ def run_refine(
                 "targets": "labels" if retained.data.labelled else "model outputs",
                 "agreement": agreement,  # with the input model's predictions, after
             },
+            **({"final_rounding": final_rounding} if final_rounding is not None else {}),
         },
     )
 

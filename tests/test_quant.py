@@ -18,7 +18,7 @@ from onnx import TensorProto, numpy_helper, version_converter
 
 from onnxfbp.errors import UnsupportedModelError
 from onnxfbp.quant.qdq import QuantWeight, float_view
-from onnxfbp.quant.rounding import gptq_round, output_error
+from onnxfbp.quant.rounding import gptq_round, output_error, refit_scale_ratios
 from onnxfbp.refine import refine
 
 CNN = "mnist_pytorch25_legacy_cnn.onnx"
@@ -115,6 +115,52 @@ def test_gptq_round_beats_nearest_on_correlated_inputs() -> None:
     assert output_error(w, q, gram) < 0.7 * output_error(w, nearest, gram)
 
 
+def test_refit_scale_ratios_clip_a_long_tail_per_channel() -> None:
+    g = np.random.default_rng(0)
+    x = g.standard_normal((500, 64))
+    w = np.stack([g.standard_t(2, size=64), g.uniform(-1, 1, 64)], axis=1)[None]
+    gram = (x.T @ x)[None]
+    # max-abs scales, as quantize_static's symmetric int4: the heavy-tailed channel's
+    # grid is stretched by its largest weights, and clipping them lowers its error
+    scale = np.broadcast_to(np.abs(w).max(axis=1, keepdims=True) / 7.5, w.shape).copy()
+    zero, lo, hi = np.zeros(w.shape), np.full(64, -8.0), np.full(64, 7.0)
+    channel = np.broadcast_to(np.arange(2), w.shape).copy()
+    ratios, at_one = refit_scale_ratios(w, gram, scale, zero, lo, hi, channel)
+    assert ratios.shape == (2,) and ratios[0] < 1.0
+    for j in range(2):  # each channel chosen on its own: the same ratio alone
+        alone, _ = refit_scale_ratios(w[:, :, j:j + 1], gram, scale[:, :, j:j + 1],
+                                      zero[:, :, j:j + 1], lo, hi, np.zeros((1, 64, 1), int))
+        assert alone[0] == ratios[j]
+    refit = scale * ratios[channel]
+    q = gptq_round(w[0], gram[0], refit[0], zero[0], lo, hi)
+    after = [output_error(w[0][:, j], q[:, j], gram[0]) for j in range(2)]
+    assert after[0] < 0.8 * at_one[0] and after[1] <= at_one[1] + 1e-9
+
+
+def test_set_scale_writes_the_scale_with_the_integers_graph_unchanged(
+        qdq: dict[str, Path]) -> None:
+    model = onnx.load(qdq["int4"])
+    view, qmap = float_view(model)
+    tensor, qw = next((t, qw) for t, qw in qmap.weights.items() if qw.bits == 4)
+    assert qw.scale_initializer and qw.axis is None
+    assert qmap.reduced_range(tensor) is None  # int4 from max |w|: its full range
+    new = qmap.set_scale(tensor, qw.scale * 0.8)
+    value = new.project(numpy_helper.to_array(
+        next(t for t in view.graph.initializer if t.name == tensor)))
+    out = qmap.patched({tensor: value})
+    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    old = {t.name: t for t in model.graph.initializer}
+    assert inits[qw.scale_initializer] == pytest.approx(float(qw.scale) * 0.8)
+    assert old[qw.scale_initializer].data_type == next(
+        t for t in out.graph.initializer if t.name == qw.scale_initializer).data_type
+    assert [n.SerializeToString() for n in out.graph.node] == \
+        [n.SerializeToString() for n in model.graph.node]
+    _, reread = float_view(out)
+    assert np.array_equal(reread.weights[tensor].dequantize(inits[qw.initializer]), value)
+    with pytest.raises(ValueError, match="not finite and positive"):
+        qmap.set_scale(tensor, -qw.scale)
+
+
 def test_float_view_dequantizes_every_weight(qdq: dict[str, Path]) -> None:
     model = onnx.load(qdq["int4"])
     view, qmap = float_view(model)
@@ -143,6 +189,12 @@ def test_int8_label_refinement_keeps_the_model_quantized(
     before, after = _accuracy(qdq["int8"], xe, ye), _accuracy(out, xe, ye)
     assert after > before + 0.02, (before, after)
     assert result.eval_after is not None and abs(result.eval_after.accuracy - after) < 0.01
+    final = result.data["final_rounding"]  # GPTQ from the float steps, kept if better
+    assert final["kept"] in ("gptq", "nearest") and final["layers"], final
+    for layer in final["layers"]:
+        assert layer["output_error_gptq"] <= layer["output_error_nearest"], layer
+    accuracy = final["heldout_accuracy"]
+    assert accuracy[final["kept"]] == max(accuracy.values())
 
 
 @pytest.mark.slow
@@ -167,6 +219,31 @@ def test_teacher_recovers_int4_on_unlabelled_data(
     assert result.data["teacher"]["teacher_eval_accuracy"] == pytest.approx(teacher, abs=1e-9)
 
 
+@pytest.mark.slow
+def test_teacher_requantize_scales_refits_per_tensor_scales(
+        qdq: dict[str, Path], mnist: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
+    from onnxfbp.config import RefineConfig  # noqa: PLC0415
+
+    x = _prep(mnist[0][:300])
+    xe, ye = _prep(mnist[0][5000:5500]), mnist[1][5000:5500]
+    out = tmp_path / "int4_refit.onnx"
+    result = refine(qdq["int4"], out, (x, None), eval_data=(xe, ye), teacher=qdq["float"],
+                    config=RefineConfig.of(requantize_scales=True))
+    rounding = result.data["teacher"]["rounding"]
+    assert rounding["requantize_scales"] is True
+    a, b = onnx.load(qdq["int4"]), onnx.load(out)
+    assert [n.SerializeToString() for n in a.graph.node] == \
+        [n.SerializeToString() for n in b.graph.node]
+    types = {t.name: (t.data_type, tuple(t.dims)) for t in a.graph.initializer}
+    assert types == {t.name: (t.data_type, tuple(t.dims)) for t in b.graph.initializer}
+    if rounding["kept"] != "nearest":  # refitted scales were written with the integers
+        assert all("scale_ratio" in layer for layer in rounding["layers"] if layer["bits"] == 4)
+        changed = {t.name for t, u in zip(a.graph.initializer, b.graph.initializer, strict=True)
+                   if not np.array_equal(numpy_helper.to_array(t), numpy_helper.to_array(u))}
+        assert any(name.endswith("_scale") for name in changed), changed
+    assert _accuracy(out, xe, ye) >= _accuracy(qdq["int4"], xe, ye)
+
+
 def test_teacher_with_other_shapes_is_a_one_line_error(
         qdq: dict[str, Path], shared_models: Path, mnist: tuple[np.ndarray, np.ndarray]) -> None:
     x = _prep(mnist[0][:20])
@@ -189,3 +266,12 @@ def test_cli_bad_teacher_is_one_line_with_exit_code(
     assert code == EXIT_USER_ERROR, err
     assert err.startswith("onnxfbp: error: --teacher ") and err.count("\n") == 1
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_cli_requantize_scales_reaches_the_config() -> None:
+    from onnxfbp.cli.commands import _config, build_parser  # noqa: PLC0415
+
+    base = ["refine", "q.onnx", "out.onnx", "--data", "calib.npz", "--teacher", "f.onnx"]
+    on = _config(build_parser().parse_args([*base, "--requantize-scales"]))
+    off = _config(build_parser().parse_args(base))
+    assert on.layers.requantize_scales is True and off.layers.requantize_scales is False

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import benchlib  # noqa: E402
 import shared_data  # noqa: E402
 
+from onnxfbp.config import RefineConfig  # noqa: E402
 from onnxfbp.refine import refine  # noqa: E402
 
 MODELS = {"mnist": ("mnist_pytorch25_legacy_cnn.onnx", "rot"),
@@ -65,7 +67,8 @@ def accuracy(path: Path, x: np.ndarray, y: np.ndarray, batch: int) -> float:
     return float((z.reshape(len(x), -1).argmax(1) == y).mean())
 
 
-def bench(key: str, n: int, n_eval: int, tmp: Path) -> dict[str, object]:
+def bench(key: str, n: int, n_eval: int, tmp: Path, parts: list[str], requant: list[str],
+          weights: list[str], finish: list[str]) -> dict[str, object]:
     from onnxruntime.quantization import QuantType  # noqa: PLC0415
 
     fname, shift = MODELS[key]
@@ -88,37 +91,61 @@ def bench(key: str, n: int, n_eval: int, tmp: Path) -> dict[str, object]:
         qtime[tag] = quantize(f13, paths[tag], calib, name, batch, wt, pc, rr)
     out: dict[str, object] = {"model": fname, "quantize_static_s": qtime}
     # label refinement on the shift, int8 vs float
+    if "labels" in parts:
+        out["label_refinement"] = labels_part(key, spec, x01, y, f13, paths, n, n_eval, batch,
+                                              shift, tmp, finish)
+    if "teacher" in parts:
+        out["teacher_recovery"] = teacher_part(key, spec, x01, y, f13, paths, n, n_eval, batch,
+                                               tmp, requant, weights)
+    return out
+
+
+def labels_part(key: str, spec: Any, x01: np.ndarray, y: np.ndarray, f13: Path,
+                paths: dict[str, Path], n: int, n_eval: int, batch: int, shift: str, tmp: Path,
+                finish: list[str]) -> dict[str, object]:
     xa = spec.prep(shared_data.shift_images(x01[:n], shift, seed=1)).astype(np.float32)
     xe = spec.prep(shared_data.shift_images(x01[5000:5000 + n_eval], shift, seed=2)
                    ).astype(np.float32)
     ya, ye = y[:n], y[5000:5000 + n_eval]
     labels = {}
-    for tag, src in (("float", f13), ("int8pc", paths["int8pc"])):
-        dst = tmp / f"{key}_{tag}_labels.onnx"
+    runs = [("float", f13, True)] + [(f"int8pc gptq-finish {m}", paths["int8pc"], m == "on")
+                                     for m in finish]
+    for tag, src, fin in runs:
+        dst = tmp / f"{key}_{tag.replace(' ', '_')}_labels.onnx"
         t = time.perf_counter()
-        refine(src, dst, xa, ya, force=True, config=None)
+        result = refine(src, dst, xa, ya, force=True, config=RefineConfig.of(gptq_finish=fin))
+        final = result.data.get("final_rounding")
         labels[tag] = {"before": accuracy(src, xe, ye, batch),
-                       "after": accuracy(dst, xe, ye, batch), "seconds": time.perf_counter() - t}
+                       "after": accuracy(dst, xe, ye, batch), "seconds": time.perf_counter() - t,
+                       "final_rounding": None if final is None else
+                       {k: final[k] for k in ("kept", "heldout_accuracy")}}
     gain = {k: v["after"] - v["before"] for k, v in labels.items()}
-    out["label_refinement"] = {**labels, "gain_ratio_int8_vs_float":
-                               gain["int8pc"] / gain["float"] if gain["float"] else None}
-    # teacher recovery on clean unlabelled data
+    return {**labels, "gain_ratio_int8_vs_float": {
+        k: v / gain["float"] if gain["float"] else None for k, v in gain.items() if k != "float"}}
+
+
+def teacher_part(key: str, spec: Any, x01: np.ndarray, y: np.ndarray, f13: Path,
+                 paths: dict[str, Path], n: int, n_eval: int, batch: int, tmp: Path,
+                 requant: list[str], weights: list[str]) -> dict[str, object]:
+    """Recovery with --teacher on clean unlabelled data; ``requant``: off / on."""
     xc = spec.prep(x01[:n]).astype(np.float32)
     xce, yce = spec.prep(x01[5000:5000 + n_eval]).astype(np.float32), y[5000:5000 + n_eval]
     teacher_acc = accuracy(f13, xce, yce, batch)
-    rec = {"float": teacher_acc}
-    for tag in q:
-        dst = tmp / f"{key}_{tag}_teacher.onnx"
+    rec: dict[str, object] = {"float": teacher_acc}
+    for tag, mode in ((t, m) for t in weights for m in requant):
+        dst = tmp / f"{key}_{tag}_{mode}_teacher.onnx"
         t = time.perf_counter()
-        result = refine(paths[tag], dst, (xc, None), teacher=f13, force=True)
+        config = RefineConfig.of(requantize_scales=mode == "on")
+        result = refine(paths[tag], dst, (xc, None),  # type: ignore[arg-type]
+                        teacher=f13, force=True, config=config)
         before, after = accuracy(paths[tag], xce, yce, batch), accuracy(dst, xce, yce, batch)
         lost = teacher_acc - before
-        rec[tag] = {"before": before, "after": after, "seconds": time.perf_counter() - t,
+        rec[f"{tag} requantize-scales {mode}"] = {
+                    "before": before, "after": after, "seconds": time.perf_counter() - t,
                     "recovered_fraction": (after - before) / lost if lost > 0 else None,
                     "gap_after": teacher_acc - after,
                     "rounding": result.data["teacher"].get("rounding")}
-    out["teacher_recovery"] = rec
-    return out
+    return rec
 
 
 def main() -> None:
@@ -126,10 +153,21 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["mnist", "cifar"], choices=list(MODELS))
     ap.add_argument("--n", type=int, default=1000, help="adaptation / calibration samples")
     ap.add_argument("--eval", type=int, default=2000, help="evaluation samples")
+    ap.add_argument("--parts", nargs="+", default=["labels", "teacher"],
+                    choices=["labels", "teacher"])
+    ap.add_argument("--requantize-scales", nargs="+", default=["off", "on"],
+                    choices=["off", "on"], help="teacher runs without / with the scale refit")
+    ap.add_argument("--weights", nargs="+", default=["int8pc", "int4pt"],
+                    choices=["int8pc", "int4pt"], help="QDQ models for the teacher runs")
+    ap.add_argument("--gptq-finish", nargs="+", default=["off", "on"], choices=["off", "on"],
+                    help="int8 label runs without / with the final GPTQ rounding")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.models:
-            print(json.dumps(bench(key, args.n, args.eval, Path(tmp)), indent=1), flush=True)
+            print(json.dumps(bench(key, args.n, args.eval, Path(tmp), args.parts,
+                                   args.requantize_scales, args.weights, args.gptq_finish),
+                             indent=1),
+                  flush=True)
 
 
 if __name__ == "__main__":

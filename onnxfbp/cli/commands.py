@@ -51,7 +51,7 @@ def _config(args: argparse.Namespace) -> Any:
 
     settings = {key: getattr(args, key, None) for key in (
         "max_layers", "sweeps", "holdout", "min_gain", "batch_size", "schedule", "epochs",
-        "max_retain_drop", "task", "loss")}
+        "max_retain_drop", "task", "loss", "requantize_scales")}
     return RefineConfig.of(
         device=args.device, seed=args.seed,
         **{key: value for key, value in settings.items() if value is not None},
@@ -416,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher",
                    help="float model the (quantized) MODEL came from: its predictions are the "
                         "targets (--data needs no labels); see docs/quant.md")
+    p.add_argument("--requantize-scales", action="store_true", help="with --teacher: refit "
+                   "each quantized weight's scale before rounding; see docs/quant.md")
     p.add_argument("--max-retain-drop", type=finite_float,
                    help="exit 3 unless the retain held-out accuracy drops at most this "
                         "much (default 0.01)")

@@ -18,12 +18,16 @@ Q/DQ pairs stay: they are planned as a straight-through clip, see
 into the *same* integer initializers (dtype, shape, scale and zero point
 unchanged), so the written model has the input's graph. Every weight the run
 sets is projected onto that grid at once (:meth:`QuantMap.project`), so each
-forward pass and held-out score is the quantized model's own.
+forward pass and held-out score is the quantized model's own. A scale read by
+one node alone may be refitted (:meth:`QuantMap.set_scale`, same shape: per
+tensor stays per tensor); it is then written with the integers.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +82,7 @@ class QuantWeight:
     zero_point: np.ndarray = field(repr=False)
     axis: int | None  # None: per tensor
     block_size: int = 0  # > 0: per block along axis
+    scale_initializer: str = ""  # the scale's initializer when only this node reads it
 
     @property
     def bits(self) -> int:
@@ -145,22 +150,74 @@ class QuantMap:
 
     qdq_model: onnx.ModelProto  # the model as given (integer initializers)
     weights: dict[str, QuantWeight] = field(default_factory=dict)
+    refit: set[str] = field(default_factory=set)  # tensors whose scale was changed
+    _shadows: dict[int, tuple[Any, np.ndarray]] = field(default_factory=dict, repr=False)
 
     def __bool__(self) -> bool:
         return bool(self.weights)
 
+    def set_scale(self, tensor: str, scale: np.ndarray) -> QuantWeight:
+        """Give ``tensor``'s weight the scale ``scale`` (its scale initializer's shape;
+        written with the integers). Only for a scale read by this weight alone."""
+        qw = self.weights[tensor]
+        if not qw.scale_initializer:
+            raise ValueError(f"the scale of {tensor} is shared; it cannot be refitted")
+        scale = np.asarray(scale, np.float32).reshape(qw.scale.shape)
+        if not np.isfinite(scale).all() or (scale <= 0).any():
+            raise ValueError(f"refitted scale of {tensor} is not finite and positive")
+        self.weights[tensor] = dataclasses.replace(qw, scale=scale)
+        self.refit.add(tensor)
+        return self.weights[tensor]
+
+    def reduced_range(self, tensor: str) -> int | None:
+        """``max |q|`` over the input's integers of ``tensor`` where they use at most
+        half their type's range (``quantize_static``'s ``reduce_range``: 7-bit values
+        in int8), else None (also for nonzero zero points). A refitted scale keeps
+        the integers within it, so that 7-bit weights stay 7-bit."""
+        qw = self.weights[tensor]
+        if np.any(qw.zero_point != 0):
+            return None
+        init = next(t for t in self.qdq_model.graph.initializer if t.name == qw.initializer)
+        used = int(np.abs(numpy_helper.to_array(init).astype(np.int64)).max(initial=0))
+        return used if 0 < used <= (qw.qrange[1] + 1) // 2 else None
+
+    def snapshot(self) -> tuple[dict[str, QuantWeight], set[str]]:
+        return dict(self.weights), set(self.refit)
+
+    def restore(self, saved: tuple[dict[str, QuantWeight], set[str]]) -> None:
+        self.weights, self.refit = dict(saved[0]), set(saved[1])
+
     def project(self, tensor: str, value: np.ndarray) -> np.ndarray:
+        """``value`` on ``tensor``'s grid; the float ``value`` is kept as the result's
+        shadow (:meth:`shadow`) while the result is alive."""
         qw = self.weights.get(tensor)
-        return value if qw is None else qw.project(value).astype(value.dtype, copy=False)
+        if qw is None:
+            return value
+        out = qw.project(value).astype(value.dtype, copy=False)
+        key = id(out)
+        self._shadows[key] = (weakref.ref(out, lambda _: self._shadows.pop(key, None)),
+                              np.array(value, copy=True))
+        return out
+
+    def shadow(self, value: np.ndarray) -> np.ndarray | None:
+        """The float value that :meth:`project` rounded to ``value`` (this very array),
+        or None (not a projection, or one of another run)."""
+        entry = self._shadows.get(id(value))
+        return entry[1] if entry is not None and entry[0]() is value else None
 
     def integer_values(self, floats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Integer initializer values for refined float tensors (others ignored)."""
-        return {qw.initializer: qw.quantize(floats[t])
-                for t, qw in self.weights.items() if t in floats}
+        """Integer initializer values for refined float tensors (others ignored), and
+        the refitted scales of those tensors."""
+        out = {qw.initializer: qw.quantize(floats[t])
+               for t, qw in self.weights.items() if t in floats}
+        out.update({self.weights[t].scale_initializer: self.weights[t].scale
+                    for t in self.refit if t in floats})
+        return out
 
     def patched(self, floats: dict[str, np.ndarray]) -> onnx.ModelProto:
         """The QDQ model with the integer initializers of ``floats`` (float view
-        names); dtype, shape, scales, zero points and nodes unchanged."""
+        names); dtype, shape, zero points and nodes unchanged, scales too unless
+        refitted (:meth:`set_scale`, ``--requantize-scales``)."""
         from ..output.patch import with_initializers  # noqa: PLC0415
 
         return with_initializers(self.qdq_model, self.integer_values(floats))
@@ -194,8 +251,9 @@ def _weight_dq(node: onnx.NodeProto, inits: dict[str, TensorProto],
         axis = _attr(node, "axis", 1) % max(len(shape), 1)
     if not np.isfinite(scale).all() or (scale <= 0).any():
         return None
+    own_scale = s_name if uses.get(s_name, 0) == 1 else ""
     return QuantWeight(q_name, node.output[0], node.name, q_init.data_type, shape, scale, zp,
-                       axis, block)
+                       axis, block, own_scale)
 
 
 def float_view(model: onnx.ModelProto) -> tuple[onnx.ModelProto, QuantMap]:

@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["gptq_round", "output_error"]
+__all__ = ["RATIOS", "gptq_round", "output_error", "refit_scale_ratios"]
+
+# candidate scale ratios (clipping: a ratio below 1 clips the largest weights)
+RATIOS = tuple(round(0.3 + 0.05 * i, 2) for i in range(19))  # 0.3 .. 1.2
 
 
 def gptq_round(w: np.ndarray, gram: np.ndarray, scale: np.ndarray, zero: np.ndarray,
@@ -51,6 +54,38 @@ def gptq_round(w: np.ndarray, gram: np.ndarray, scale: np.ndarray, zero: np.ndar
         if stop < d:
             w[stop:] -= u[start:stop, stop:].T @ errs
     return out
+
+
+def refit_scale_ratios(w: np.ndarray, gram: np.ndarray, scale: np.ndarray, zero: np.ndarray,
+                       lo: np.ndarray, hi: np.ndarray, channel: np.ndarray,
+                       ratios: tuple[float, ...] = RATIOS) -> tuple[np.ndarray, np.ndarray]:
+    """The scale ratio ``r`` per scale channel that minimizes the layer's output error
+    after GPTQ rounding on the grid ``(q - zero) * r * scale``:
+
+        r_c = argmin_r  sum_{g, j: channel[g, :, j] = c}  e_gj^T H_g e_gj,
+        e_gj = w_gj - gptq_round(w_g, H_g, r scale_g)_j
+
+    (columns ``j`` round independently, so channels with their own scale are chosen
+    independently). ``w``, ``scale``, ``zero``: (groups, d, k); ``gram``: (groups, d, d);
+    ``channel``: (groups, d, k) int, the scale channel of each entry, -1 for entries
+    whose scale stays (the bias row); each column must hold one channel. Returns
+    (ratio per channel, output error per channel at ratio 1)."""
+    weight = channel >= 0
+    n = int(channel.max()) + 1 if weight.any() else 0
+    col = np.where(weight.any(axis=1), np.max(np.where(weight, channel, -1), axis=1), -1)
+    errors = np.zeros((len(ratios), n))
+    k = w.shape[2]
+    for g in range(w.shape[0]):  # all ratios in one call: columns round independently
+        s = np.concatenate([np.where(weight[g], scale[g] * r, scale[g]) for r in ratios], 1)
+        wide = np.tile(np.asarray(w[g], np.float64), (1, len(ratios)))
+        e = wide - gptq_round(wide, gram[g], s, np.tile(zero[g], (1, len(ratios))), lo, hi)
+        per_col = (e * (np.asarray(gram[g], np.float64) @ e)).sum(axis=0)
+        keep = col[g] >= 0
+        for a in range(len(ratios)):
+            np.add.at(errors[a], col[g][keep], per_col[a * k:(a + 1) * k][keep])
+    best = np.asarray(ratios)[errors.argmin(axis=0)]
+    one = errors[list(ratios).index(1.0)] if 1.0 in ratios else errors.min(axis=0)
+    return best, one
 
 
 def _upper_inverse_factor(h: np.ndarray) -> np.ndarray:

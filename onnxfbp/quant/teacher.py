@@ -11,11 +11,12 @@ The teacher is the float model the QDQ model was quantized from. It gives:
   forward order, each Gram taken with the layers before it already rounded.
   That start is kept only if it agrees with the teacher on more held-out
   samples (ties: lower cross-entropy) than the input model's nearest rounding.
+  With ``requantize_scales`` (``--requantize-scales``) each such layer's scales
+  are refitted first (:func:`.rounding.refit_scale_ratios`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,12 +27,12 @@ import numpy as np
 from ..data import LabelledData, from_arrays
 from ..errors import UnsupportedModelError
 from ..events import Message, Progress
-from ..fit.layers import LayerBlock
 from ..fit.solve import NormalEquations, choose_ridge
 from ..graph.plan import Layer
 from ..schedules.state import ModelState
+from .grid import layer_grid
 from .qdq import QuantWeight
-from .rounding import gptq_round, output_error
+from .rounding import gptq_round, output_error, refit_scale_ratios
 
 __all__ = ["Teacher", "open_teacher"]
 
@@ -150,9 +151,13 @@ class Teacher:
         sample = train[: min(len(train), student.config.minibatch.precond_samples)]
         scores = {"nearest": student.scores(data, val)}
         results: dict[str, tuple[dict[str, np.ndarray], list[dict[str, Any]]]] = {}
+        chosen_grids: dict[str, Any] = {}
+        grids = student.quant.snapshot()
+        refit = student.config.layers.requantize_scales
         for mode in ("weights", "features"):
             student.values.clear()
             student.values.update(kept)
+            student.quant.restore(grids)
             rounded = []
             for layer in reversed(student.layers):  # forward order
                 qw = student.quant.weights.get(layer.weight.initializer)
@@ -160,18 +165,21 @@ class Teacher:
                 if qw is None or tl is None:
                     continue
                 done = self._round_layer(student, layer, tl, qw, data, sample,
-                                         np.random.default_rng(rng.integers(2**31)), mode)
+                                         np.random.default_rng(rng.integers(2**31)), mode,
+                                         refit)
                 if done is not None:
                     rounded.append(done)
             if rounded:
                 scores[mode] = student.scores(data, val)
                 results[mode] = (dict(student.values), rounded)
+                chosen_grids[mode] = student.quant.snapshot()
         best = max(scores, key=lambda k: (scores[k][1], -scores[k][0]))
         student.values.clear()
         student.values.update(results[best][0] if best in results else kept)
+        student.quant.restore(chosen_grids.get(best, grids))
         n = max(len(val), 1)
         self.summary["rounding"] = {
-            "method": "gptq", "kept": best,
+            "method": "gptq", "kept": best, "requantize_scales": refit,
             "heldout_agreement": {k: v[1] / n for k, v in scores.items()},
             "layers": results.get(best, results.get("weights", (None, [])))[1],
             "seconds": time.perf_counter() - started,
@@ -182,39 +190,24 @@ class Teacher:
 
     def _round_layer(self, student: ModelState, layer: Layer, tl: Layer, qw: QuantWeight,
                      data: LabelledData, sample: np.ndarray, rng: np.random.Generator,
-                     mode: str) -> dict[str, Any] | None:
+                     mode: str, refit: bool = False) -> dict[str, Any] | None:
         """Round ``layer`` by GPTQ toward the teacher's weights (``mode`` ``weights``)
         or toward the ridge solution (toward them) that maps the quantized model's
-        inputs to the teacher's outputs of the layer (``features``)."""
+        inputs to the teacher's outputs of the layer (``features``). With ``refit``
+        (``--requantize-scales``) the weight's scale is first refitted per scale
+        channel (:func:`.rounding.refit_scale_ratios`; per tensor: its one scale)."""
         tvals = self.state.plan.static_values
         w_t = tvals.get(tl.weight_tensor)
         if w_t is None or tuple(w_t.shape) != qw.shape:
             return None
         block = student.block(layer)
-        if layer.op == "Gemm" and (float(block.view.attr("alpha")) != 1.0
-                                   or float(block.view.attr("beta")) != 1.0):
-            return None
         bias_q = student.quant.weights.get(layer.bias.initializer) if layer.bias else None
         b_t = tvals.get(tl.bias_tensor) if tl.bias_tensor else None
-        if block.has_bias_row and (bias_q is None or b_t is None):
+        grid = layer_grid(layer, block, qw, bias_q, None if b_t is None else tuple(b_t.shape))
+        if grid is None:
             return None
-
-        def layout(w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
-            view = dataclasses.replace(block.view, static={**block.view.static, 1: w})
-            return LayerBlock(layer, view, b if block.has_bias_row else None, None).weights()
-
-        full = qw.shape
-        scale = layout(np.broadcast_to(qw._expand(qw.scale), full).astype(np.float64),
-                       np.broadcast_to(bias_q._expand(bias_q.scale), b_t.shape)
-                       if bias_q is not None and b_t is not None else None)
-        zero = layout(np.broadcast_to(qw._expand(qw.zero_point), full).astype(np.float64),
-                      np.broadcast_to(bias_q._expand(bias_q.zero_point), b_t.shape)
-                      if bias_q is not None and b_t is not None else None)
+        layout, scale, zero, lo, hi = grid.layout, grid.scale, grid.zero, grid.lo, grid.hi
         target = layout(np.asarray(w_t, np.float64), b_t)
-        lo = np.full(target.shape[1], qw.qrange[0], np.float64)
-        hi = np.full(target.shape[1], qw.qrange[1], np.float64)
-        if block.has_bias_row and bias_q is not None:
-            lo[-1], hi[-1] = bias_q.qrange
         groups, d, k = target.shape
         fit, check = NormalEquations(groups, d, k), NormalEquations(groups, d, k)
         positions = student.config.minibatch.gram_positions
@@ -231,10 +224,48 @@ class Teacher:
             if choice.why is not None:
                 return None
             target = np.asarray(choice.weights)
+        info: dict[str, Any] = {}
+        if refit:
+            channel = self._channels(qw, layout, b_t)
+            if channel is None:
+                info["scale"] = "kept: shared, per block, or channels across columns"
+            else:
+                m = student.quant.reduced_range(layer.weight.initializer)
+                if m is not None:  # 7-bit weights stay 7-bit
+                    rows = slice(0, -1) if block.has_bias_row else slice(None)
+                    lo[rows], hi[rows] = np.maximum(lo[rows], -m), np.minimum(hi[rows], m)
+                ratios, _ = refit_scale_ratios(target, gram, scale, zero, lo, hi, channel)
+                qw = student.quant.set_scale(layer.weight.initializer,
+                                             np.asarray(qw.scale, np.float64).reshape(-1)
+                                             * ratios if qw.axis is not None
+                                             else qw.scale * ratios[0])
+                scale = np.where(channel >= 0, scale * ratios[np.maximum(channel, 0)], scale)
+                info["scale_ratio"] = {"min": float(ratios.min()), "max": float(ratios.max()),
+                                       "mean": float(ratios.mean())}
         out = np.stack([gptq_round(target[g], gram[g], scale[g], zero[g], lo, hi)
                         for g in range(target.shape[0])])
         before = sum(output_error(target[g], current[g], gram[g]) for g in range(len(gram)))
         after = sum(output_error(target[g], out[g], gram[g]) for g in range(len(gram)))
         student.set_weights(layer, block, out)
         return {"name": layer.name, "bits": qw.bits, "granularity": qw.granularity,
-                "output_error_nearest": before, "output_error_gptq": after}
+                "output_error_nearest": before, "output_error_gptq": after, **info}
+
+    @staticmethod
+    def _channels(qw: QuantWeight, layout: Any, b_t: np.ndarray | None) -> np.ndarray | None:
+        """Each solver entry's scale channel (-1: the bias row), or None where the scale
+        cannot be refitted alone (shared, per block, or a column across channels)."""
+        if not qw.scale_initializer or qw.block_size:
+            return None
+        ids = np.zeros(qw.shape, np.float64)
+        if qw.axis is not None:
+            ids = np.broadcast_to(qw._expand(np.arange(qw.scale.size, dtype=np.float64)),
+                                  qw.shape)
+        bias = None if b_t is None else np.full(np.shape(b_t), -1.0)
+        channel = np.rint(np.asarray(layout(np.array(ids), bias))).astype(np.int64)
+        weight = channel >= 0
+        top = np.where(weight, channel, -1).max(axis=1, keepdims=True)
+        low = np.where(weight, channel, 2**40).min(axis=1, keepdims=True)
+        if (weight & (channel != top)).any() or (weight.any(axis=1, keepdims=True)
+                                                 & (low != top)).any():
+            return None
+        return channel
