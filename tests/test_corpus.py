@@ -92,7 +92,7 @@ def test_file_matches_its_manifest_row(row: dict[str, str]) -> None:
 
 @pytest.mark.parametrize("row", [r for r in ROWS if r["file"].endswith(".const.onnx")],
                          ids=lambda r: r["file"])
-def test_clean_metric_reproduces(row: dict[str, str]) -> None:
+def test_clean_metric_reproduces(row: dict[str, str], mnist: object) -> None:
     """The held-out clean metric of the MANIFEST, recomputed (first 300 images: within
     the sampling error of the 2,000 it was measured on)."""
     import corpus
@@ -114,7 +114,8 @@ def test_inspect_exits_0(row: dict[str, str]) -> None:
     assert code == 0, err.getvalue()
 
 
-def test_data_builder_writes_the_labels_the_manifest_describes(tmp_path: Path) -> None:
+def test_data_builder_writes_the_labels_the_manifest_describes(
+        tmp_path: Path, mnist: object) -> None:
     import corpus
 
     shapes = {"seg_fcn": (6, 56, 56), "mask_sigmoid": (6, 1, 56, 56), "bbox_regress": (6, 4),
