@@ -227,8 +227,16 @@ def polish_head(state: ModelState, ctx: RunContext) -> tuple[bool, EvalResult | 
     if best is None:
         return False, None
     loss, correct, w, lam_rel = best
+    n_val = len(yva)
+    if len(val_idx) < len(ctx.val_idx):
+        # the solve saw a subset of the held-out split: judge it on the whole split,
+        # as every other update is (the best score so far is a whole-split count)
+        state.set_weights(block.layer, block, w[None])
+        loss, correct, _ = state.scores(ctx.data, ctx.val_idx)
+        state.set_weights(block.layer, block, w0[None])
+        n_val = len(ctx.val_idx)
     report = head_report(block, w0[None], w[None], lam_rel)
-    report.heldout_accuracy = correct / len(yva)
+    report.heldout_accuracy = correct / n_val
     report.reason = "output layer solved to the logistic-regression optimum; "
     estimate = None
     if ctx.accept(state, loss, correct,
