@@ -197,6 +197,10 @@ def test_two_inputs_fed_by_name(models: dict[str, Path], digits: dict[str, np.nd
     assert main(["eval", str(models["pair"]), "--data", str(folder), "--json"]) == 0
     line = json.loads(capsys.readouterr().out)
     assert line["n"] == len(y) and line["outputs"]["sum"]["task"] == "classification"
+    # inspect lists both inputs
+    assert main(["inspect", str(models["pair"]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [i["name"] for i in info["inputs"]] == ["left", "right"]
 
 
 def test_two_outputs_improve_both_heads(models: dict[str, Path], digits: dict[str, np.ndarray],

@@ -3,8 +3,9 @@ its weights, and which layers a refine run would change.
 
 :func:`inspect_model` returns a JSON-able dict (``onnxfbp inspect --json``):
 
-- ``model``, ``producer``, ``opset``, ``input`` {name, shape}, ``output`` {name,
-  kind, logits, classes}, ``batch`` (``dynamic`` or ``fixed N``);
+- ``model``, ``producer``, ``opset``, ``input`` {name, shape} (the first data
+  input), ``inputs`` (every data input, {name, shape}), ``output`` {name, kind,
+  logits, classes}, ``batch`` (``dynamic`` or ``fixed N``);
 - ``reverse_pass``: with ``--schedule minibatch``, how residuals would be carried
   back, from the plan alone (nothing is compiled): ``onnxruntime`` if every node
   on the reverse path has an ONNX adjoint (onnxruntime may still decline a form
@@ -176,6 +177,8 @@ def inspect_model(
         "producer": f"{model.producer_name} {model.producer_version}".strip(),
         "opset": plan.opset,
         "input": {"name": plan.input_name, "shape": plan.input_shape},
+        "inputs": [{"name": n, "shape": plan.input_shapes.get(n, plan.input_shape)}
+                   for n in plan.input_names],
         "output": {"name": plan.output_name, "kind": plan.output_kind, "logits": plan.logits,
                    "classes": plan.n_classes},
         "batch": "dynamic" if state.runner.chunk is None else f"fixed {state.runner.chunk}",
@@ -248,7 +251,8 @@ def render_table(info: dict[str, Any], console: Any = None) -> None:
     out = info["output"]
     console.print(Text.assemble((info["model"], "bold"),
                                 f"  producer: {info['producer'] or '?'}  opset {info['opset']}"))
-    console.print(f"input {info['input']['name']} {info['input']['shape']}  ->  output "
+    ins = ", ".join(f"{i['name']} {i['shape']}" for i in info["inputs"])
+    console.print(f"input {ins}  ->  output "
                   f"{out['name']} ({out['kind']}, {out['classes'] or '?'} classes)  "
                   f"batch: {info['batch']}", markup=False)
     layers = {entry["name"]: entry for entry in info.get("layers", [])}
