@@ -17,12 +17,11 @@ over the slices is the single-process step's ``X^T R``.
 from __future__ import annotations
 
 import copy
-import time
 from typing import Any
 
 import numpy as np
 
-from .worker import _LOCK, ShardRef, _with_values, open_shard
+from .worker import ShardRef, busy
 
 __all__ = ["StepPart", "precondition_task", "step_task"]
 
@@ -79,12 +78,7 @@ def precondition_task(
     places in the whole sample are ``order``: each batch of ``run.batch_size``
     places draws its conv positions from ``rng`` advanced past the batches before
     it, as one process draws them. Also ``rng`` advanced past all batches."""
-    started = time.perf_counter()
-    data = open_shard(ref)
-    read = time.perf_counter() - started
-    with _LOCK:
-        started = time.perf_counter() - read
-        state = _with_values(model, settings, values)
+    with busy(model, settings, values, ref) as (state, data, seconds):
         run = _schedule(state, names, [])
         size, positions = state.config.run.batch_size, run.cfg.gram_positions
         batch = np.asarray(order) // size
@@ -96,7 +90,7 @@ def precondition_task(
             run.precondition_rows(sums, acts, len(x),
                                   _draw_rounds(run, acts, rng, int(j), positions), total)
         after = _draw_rounds(run, acts, rng, -(-total // size), positions)
-    return (sums, after), time.perf_counter() - started
+    return (sums, after), seconds()
 
 
 def step_task(
@@ -109,12 +103,7 @@ def step_task(
     from ..fit.targets import cross_entropy, label_target  # noqa: PLC0415
     from ..run.backend import to_numpy  # noqa: PLC0415
 
-    started = time.perf_counter()
-    data = open_shard(ref)
-    read = time.perf_counter() - started
-    with _LOCK:
-        started = time.perf_counter() - read
-        state = _with_values(model, settings, values)
+    with busy(model, settings, values, ref) as (state, data, seconds):
         run = _schedule(state, names, skip)
         xp, logits = state.xp, state.plan.logits
         x, y = data.take(local)
@@ -123,7 +112,7 @@ def step_task(
         z = acts[logits].reshape(len(y), -1)
         route = (state.reverse_pass, state.kept_branch)
         if not bool(xp.isfinite(z).all()):
-            return (float("nan"), {}, route, rng), time.perf_counter() - started
+            return (float("nan"), {}, route, rng), seconds()
         loss = float(cross_entropy(z, xp.asarray(y))[0])
         t_logits = label_target(z, xp.asarray(y), 1.0).reshape(acts[logits].shape)
         if run.route is None:
@@ -132,4 +121,4 @@ def step_task(
         crosses = run.crosses(acts, residuals, views, rng, len(y), batch)
         out = {name: to_numpy(c) for name, c in crosses.items()}
     route = (state.reverse_pass, state.kept_branch)
-    return (loss, out, route, rng), time.perf_counter() - started
+    return (loss, out, route, rng), seconds()

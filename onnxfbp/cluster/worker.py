@@ -23,6 +23,8 @@ import threading
 import time
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,6 +165,21 @@ def _with_values(model: bytes, settings: dict[str, Any], values: dict[str, np.nd
     return state
 
 
+@contextmanager
+def busy(
+    model: bytes, settings: dict[str, Any], values: dict[str, np.ndarray], ref: ShardRef
+) -> Iterator[tuple[Any, LabelledData, Callable[[], float]]]:
+    """A task's shard and the model state at ``values``, under the worker's lock,
+    and a clock of the task's busy seconds: the shard's read and everything from
+    taking the lock on (not the wait for another task)."""
+    started = time.perf_counter()
+    data = open_shard(ref)
+    read = time.perf_counter() - started
+    with _LOCK:
+        started = time.perf_counter() - read
+        yield _with_values(model, settings, values), data, lambda: time.perf_counter() - started
+
+
 def validate_task(ref: ShardRef, input_shape: list[Any], n_classes: int | None) -> float:
     """Check the shard against the model (:meth:`LabelledData.validate`)."""
     started = time.perf_counter()
@@ -179,12 +196,7 @@ def sums_task(
     and ``val``); conv positions drawn with ``default_rng(seed)``."""
     from ..fit.normal import add_rows, new_sums  # noqa: PLC0415
 
-    started = time.perf_counter()
-    data = open_shard(ref)
-    read = time.perf_counter() - started
-    with _LOCK:  # busy: the read and from here on (not the wait for another task)
-        started = time.perf_counter() - read
-        state = _with_values(model, settings, values)
+    with busy(model, settings, values, ref) as (state, data, seconds):
         by_name = {layer.name: layer for layer in state.plan.refinable}
         layers = [by_name[n] for n in names]
         stats = new_sums(state, layers)
@@ -193,7 +205,7 @@ def sums_task(
     out = {name: (st.train.gram, st.train.cross, np.array([st.train.target_sq, st.train.rows]),
                   st.val.gram, st.val.cross, np.array([st.val.target_sq, st.val.rows]))
            for name, st in stats.items()}
-    return out, time.perf_counter() - started
+    return out, seconds()
 
 
 def add_parts(
@@ -212,14 +224,9 @@ def scores_task(
     local: np.ndarray,
 ) -> tuple[tuple[float, int, np.ndarray], float]:
     """Summed cross-entropy, correct count and predictions of rows ``local``."""
-    started = time.perf_counter()
-    data = open_shard(ref)
-    read = time.perf_counter() - started
-    with _LOCK:  # busy: the read and from here on (not the wait for another task)
-        started = time.perf_counter() - read
-        state = _with_values(model, settings, values)
+    with busy(model, settings, values, ref) as (state, data, seconds):
         result = state.scores(data, local)
-    return result, time.perf_counter() - started
+    return result, seconds()
 
 
 def features_task(
@@ -229,14 +236,9 @@ def features_task(
     """The tensor ``name`` of rows ``local``, one row per sample."""
     from ..fit.head import features  # noqa: PLC0415
 
-    started = time.perf_counter()
-    data = open_shard(ref)
-    read = time.perf_counter() - started
-    with _LOCK:  # busy: the read and from here on (not the wait for another task)
-        started = time.perf_counter() - read
-        state = _with_values(model, settings, values)
+    with busy(model, settings, values, ref) as (state, data, seconds):
         out = features(state, data, local, name, bias_column)
-    return out, time.perf_counter() - started
+    return out, seconds()
 
 
 def take_task(ref: ShardRef, local: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
