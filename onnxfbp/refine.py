@@ -248,7 +248,7 @@ def _few_heldout(state: ModelState, n_val: int, progress: Progress) -> None:
     output layer only 0.883 on rotated MNIST)."""
     head = state.config.head
     # a dense or mask sample scores every position: far more held-out labels per sample
-    floor = head.min_heldout_for_depth_dense if getattr(state.task, "positions", 1) > 1 \
+    floor = head.min_heldout_for_depth_dense if state.task.positions > 1 \
         else head.min_heldout_for_depth
     if n_val >= floor or state.config.layers.max_layers is not None or len(state.layers) < 2:
         return

@@ -360,6 +360,7 @@ class MultiTask:
     output_kind: str = "several"
     n_classes: int | None = None
     classification: bool = False
+    positions: int = 1  # the loss is per sample (each output's positions averaged)
 
     def accuracy(self, correct: int, n: int) -> float | None:
         return None  # the weighted loss judges
