@@ -12,6 +12,7 @@ Adapt on MNIST / CIFAR-10 test images 0-1999 shifted with seed 1; evaluate on
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 import tempfile
 import time
@@ -42,7 +43,7 @@ def models_dir() -> Path:
     return Path(__file__).resolve().parent.parent.parent / "shared" / "models"
 
 
-def probe(cell: str, models: Path) -> str:
+def probe(cell: str, models: Path, config: RefineConfig) -> str:
     alias, shift = cell.split(":")
     name = ALIASES.get(alias, alias)
     spec = MODELS[name]
@@ -55,7 +56,7 @@ def probe(cell: str, models: Path) -> str:
     path = models / name
     t = time.perf_counter()
     try:
-        result: RefineResult = refine(path, None, xa, ya, config=RefineConfig(),
+        result: RefineResult = refine(path, None, xa, ya, config=config,
                                       eval_data=(xe, ye))
     except GateError as err:
         result = err.result  # type: ignore[attr-defined]
@@ -83,9 +84,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cells", nargs="*", default=CELLS, help="alias:shift, e.g. keras:elastic")
     parser.add_argument("--models", type=Path, default=models_dir())
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting other than its default (flat name, e.g. trust=0.2);"
+                             " repeatable")
     args = parser.parse_args()
+    config = RefineConfig.of(**dict(setting(s) for s in args.set))
     for cell in args.cells:
-        print(probe(cell, args.models), flush=True)
+        print(probe(cell, args.models, config), flush=True)
+
+
+def setting(text: str) -> tuple[str, object]:
+    """``name=value`` with the value read as a Python literal where it is one."""
+    name, _, value = text.partition("=")
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name, value
 
 
 if __name__ == "__main__":
