@@ -84,14 +84,13 @@ class MinibatchConfig:
     step_batch: int = 100  # samples per step
     epochs: float = 1.25  # passes over the training split at most
     average: float = 0.9  # checks score the running average of the steps (0: off)
-    lr: float = 0.3  # scale of each preconditioned step
+    lr: float = 0.05  # each step moves every layer by this fraction of its weight norm
     damping: float = 1.0  # preconditioner lam / mean diag of each layer's row Gram
     precond_samples: int = 1000  # samples whose rows estimate each layer's Gram
     gram_positions: int = 16  # conv output positions per sample in those rows
     step_positions: int = 48  # conv output positions of each step's rows
     checks_per_epoch: int = 2  # held-out checks per epoch
     patience: int = 2  # checks without a held-out gain before the schedule stops
-    trust: float = 0.1  # a step changes each layer's weights by at most this relative norm
     halvings: int = 6  # blow-ups survived (each halves the step) before the schedule stops
     compiled_reverse: bool = True  # carry residuals back with an onnxruntime graph
     sweep_max_inputs: int = 1024  # then sweep dense layers with at most this d_in + 1

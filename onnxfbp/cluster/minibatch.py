@@ -2,7 +2,7 @@
 
 The schedule is :class:`onnxfbp.schedules.minibatch.Minibatch` itself: the same
 split, the same sequence of mini-batches (drawn on the driver with the run's
-generator), the same preconditioner sample, per-layer trust region, Polyak
+generator), the same preconditioner sample, relative per-layer steps, Polyak
 average, blow-up tests and held-out checks. Only the passes over samples run on
 the workers, one task per shard holding samples of the pass
 (:mod:`onnxfbp.cluster.steps`):

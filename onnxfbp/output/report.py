@@ -94,8 +94,6 @@ LAYER_SCHEMA: dict[str, Any] = {
                                    "update, e.g. non-finite features: left unchanged)"},
         "halvings": {"type": "integer", "minimum": 0,
                      "description": "minibatch blow-ups survived, each halving the step"},
-        "clipped_steps": {"type": "integer", "minimum": 0,
-                          "description": "minibatch steps cut to the layer's trust region"},
     },
 }
 

@@ -41,7 +41,6 @@ class LayerReport:
     seconds: float = 0.0
     outcome: str | None = None  # "kept", "reverted" (tried, then undone) or "skipped"
     halvings: int = 0  # minibatch blow-ups survived (each halved the step)
-    clipped_steps: int = 0  # minibatch steps cut to the layer's trust region
 
 
 @dataclass

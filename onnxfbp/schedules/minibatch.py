@@ -6,12 +6,21 @@ from ``precond_samples`` training samples and factored with damping
 ``lam = damping * mean diag(C)``. Then, for each mini-batch of ``n`` samples,
 the logits residual ``onehot(y) - softmax(z)`` is carried back through every
 node's linearized rule (:meth:`InverseRule.vjp`), giving each layer the target
-residual ``R = -dL/dz_l`` at its output, and every layer takes the step
+residual ``R = -dL/dz_l`` at its output. Each layer's step direction is
 
-    W <- W + lr (C + lam I)^-1 X^T R / n,
+    D = (C + lam I)^-1 X^T R / n,
 
-the minimizer of ``||X dW - lr R||^2 / n + lam ||dW||^2`` with the Gram from the
-larger sample (for a convolution ``X`` are im2col rows at ``step_positions``
+the minimizer of ``||X D - R||^2 / n + lam ||D||^2`` with the Gram from the
+larger sample, and every layer moves the same fraction ``lr`` of its own norm:
+
+    W <- W + lr ||W|| D / ||D||
+
+(a layer whose weights are all zero takes ``lr D``). The residual's scale falls
+by each saturating nonlinearity it crosses, so an unnormalized step would move
+deep layers of a sigmoid network barely and the layers next to the output much;
+the relative step moves every layer alike and bounds each step, however large
+the preconditioned direction of, say, a narrow first convolution before parallel
+branches. (For a convolution ``X`` are im2col rows at ``step_positions``
 output positions, the same for every sample of the batch, ``X^T R`` scaled back
 to all positions; the Gram's rows take ``gram_positions`` per sample). The steps
 are averaged (Polyak averaging, exponential with ``beta = average``),
@@ -23,21 +32,15 @@ and every ``1 / checks_per_epoch`` epoch the held-out split scores ``W_avg``
 is kept as the result; ``patience`` checks with neither a better score nor a
 lower held-out loss end the schedule.
 
-Each layer's step is held to its trust region,
-
-    dW <- dW min(1, trust ||W|| / ||dW||),
-
-so that no layer can move far on one batch however large its preconditioned
-step (a layer whose output feeds many others, such as a narrow first
-convolution before parallel branches, would otherwise overshoot and diverge).
 A blow-up — a mini-batch loss at the current weights above ``3 ref + 1`` for
 ``ref`` the running mean of the batch losses, or not finite (then at once), or a
 held-out loss above 1.5x the best or not finite (at a check) — goes back to the
-kept weights with the step and the trust region halved, and the run goes on
+kept weights with ``lr`` halved, and the run goes on
 with every layer; blow-ups are counted apart from ``patience``, and more than
 ``halvings`` of them end the schedule. Each layer's report says what happened:
 kept, reverted (no held-out gain, with the blow-ups' steps and halvings) or
-skipped (its rows were not finite: :class:`NonFiniteError`, no step).
+skipped (its rows were not finite: :class:`NonFiniteError`, no step); a step
+whose direction is not finite is not taken, and counted.
 
 Where the deepest layer is a convolution whose branch to the next one allows
 it, its residual is computed at its kept positions only
@@ -108,14 +111,13 @@ class Minibatch:
         self.kept_values = dict(state.values)
         self.kept_weights = dict(self.weights)
         self.averaged: dict[str, Array] = {}  # from the first step on; updated in place
-        self.lr = self.cfg.lr
-        self.trust = self.cfg.trust  # halved with the step at each blow-up
+        self.lr = self.cfg.lr  # halved at each blow-up
         self.best_loss = ctx.score.loss
         self.improved = False
         self.stale = 0
         self.halved = 0  # blow-ups so far, each halving the step
         self.diverged: list[int] = []  # the steps at which they happened
-        self.clipped: dict[str, int] = {}  # steps cut to the trust region, per layer
+        self.nonfinite: dict[str, int] = {}  # steps not taken (direction not finite), per layer
         self.skipped: dict[str, str] = {}  # layers that take no step, and why
         self.batch_loss: float | None = None  # running mean loss of the mini-batches
         self.route: KeptRoute | None = None
@@ -308,8 +310,8 @@ class Minibatch:
         for layer in self.layers:
             if layer.name not in crosses:
                 continue
-            w = self.weights[layer.name] + self.trusted(
-                layer.name, self.lr * precond[layer.name].apply(crosses[layer.name]))
+            w = self.weights[layer.name] + self.relative_step(
+                layer.name, precond[layer.name].apply(crosses[layer.name]))
             if layer.name in self.averaged:
                 mean = self.averaged[layer.name]
                 mean *= beta
@@ -342,21 +344,18 @@ class Minibatch:
         self.batch_loss = loss if ref is None else 0.9 * ref + 0.1 * loss
         return False
 
-    def trusted(self, name: str, dw: Any) -> Any:
-        """``dw`` within the layer's trust region ``||dw|| <= trust ||W||`` (scaled
-        down onto its border when outside; counted per layer)."""
-        xp, trust = self.state.xp, self.trust
-        if trust <= 0:
-            return dw
-        size = float(xp.linalg.norm(dw))
-        bound = trust * max(float(xp.linalg.norm(self.weights[name])), 1e-12)
+    def relative_step(self, name: str, direction: Any) -> Any:
+        """``lr ||W|| D / ||D||`` for the layer's direction ``D`` (``lr D`` when ``W``
+        is all zero); zero, and counted, when ``D`` is not finite or zero."""
+        xp = self.state.xp
+        size = float(xp.linalg.norm(direction))
         if not np.isfinite(size):
-            self.clipped[name] = self.clipped.get(name, 0) + 1
-            return xp.zeros_like(dw)
-        if size > bound:
-            self.clipped[name] = self.clipped.get(name, 0) + 1
-            return dw * (bound / size)
-        return dw
+            self.nonfinite[name] = self.nonfinite.get(name, 0) + 1
+            return xp.zeros_like(direction)
+        if size == 0.0:
+            return direction
+        norm = float(xp.linalg.norm(self.weights[name]))
+        return direction * (self.lr * norm / size if norm > 0 else self.lr)
 
     def check(self, step: int, total: int) -> None:
         """Score the averaged steps on the held-out split; keep, go on or back off."""
@@ -383,14 +382,12 @@ class Minibatch:
         ctx.progress(StepChecked(step, total, float("nan") if shown is None else shown, loss / n))
 
     def back_off(self, step: int, why: str) -> None:
-        """A blow-up: back to the kept weights with half the step and the trust
-        region halved too; counted apart from ``patience`` (the run goes on with
+        """A blow-up: back to the kept weights with half the step; counted apart from ``patience`` (the run goes on with
         every layer until ``halvings`` blow-ups)."""
         self.state.values = dict(self.kept_values)
         self.weights = {name: w.copy() for name, w in self.kept_weights.items()}
         self.averaged = {}
         self.lr /= 2
-        self.trust /= 2
         self.halved += 1
         self.diverged.append(step)
         self.ctx.progress(StepBackedOff(step, why, self.lr))
@@ -414,13 +411,13 @@ class Minibatch:
         parts = [kept]
         if blowups:
             parts.append(blowups + ", went on with every layer")
-        if self.clipped.get(name):
-            parts.append(f"{self.clipped[name]} steps cut to the trust region")
+        if self.nonfinite.get(name):
+            parts.append(f"{self.nonfinite[name]} steps not taken (direction not finite)")
         return "kept", "; ".join(parts)
 
     def report(self, steps: int, size: int, seconds: float) -> None:
         """One report per layer: the kept weights' change, or reverted / skipped
-        and why (blow-ups, halvings, steps cut to the trust region)."""
+        and why (blow-ups, halvings, steps not taken)."""
         cfg, ctx = self.cfg, self.ctx
         for layer in self.layers:
             w_new = to_numpy(self.kept_weights[layer.name])
@@ -440,7 +437,6 @@ class Minibatch:
                 seconds=seconds / len(self.layers),
                 outcome=outcome,
                 halvings=self.halved,
-                clipped_steps=self.clipped.get(layer.name, 0),
             ))
         if self.diverged:
             _, why = self.outcome(self.layers[0].name)
