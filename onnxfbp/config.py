@@ -118,6 +118,7 @@ class HeadConfig:
     iterations: int = 100  # bound-optimization iterations per lam
     max_rows: int = 20000  # samples per split used by the solve
     refit: bool = True  # refit on train + held-out with the chosen lam
+    min_z: float = 1.0  # kept only if held-out wins - losses >= min_z sqrt(wins + losses)
     min_heldout_for_depth: int = 200  # fewer held-out samples: output layer only, by CV
     min_heldout_for_depth_dense: int = 20  # the same for dense and mask tasks (labels per position)
     folds: int = 5  # cross-validation folds for that case
@@ -225,6 +226,8 @@ def _problems(config: RefineConfig) -> list[str]:
         bad.append(f"device {config.run.device!r} (auto, cpu or cuda)")
     if not 0.0 <= config.split.holdout < 1.0:
         bad.append(f"holdout {config.split.holdout} (a fraction in [0, 1))")
+    if not (math.isfinite(config.head.min_z) and config.head.min_z >= 0):
+        bad.append(f"min_z {config.head.min_z} (a number >= 0)")
     drop = config.retain.max_retain_drop
     if not (math.isfinite(drop) and 0.0 <= drop <= 1.0):
         bad.append(f"max_retain_drop {drop} (a fraction in [0, 1])")

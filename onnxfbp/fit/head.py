@@ -170,8 +170,13 @@ def polish_head(state: ModelState, ctx: RunContext) -> tuple[bool, EvalResult | 
     (:func:`logistic_path` on its input features, computed once: only it changes).
 
     ``lam`` is chosen by held-out cross-entropy among those that keep the retain
-    constraint (:meth:`RunContext.accept`, with retain data); the result is kept only if the
-    held-out score improves, then (``HeadConfig.refit``) refitted on training and
+    constraint (:meth:`RunContext.accept`, with retain data). The solve jumps to an
+    optimum of the new data, and every move away from the input weights costs the
+    original domain, so it must win clearly on the held-out split: with ``wins``
+    (``losses``) the samples it gets right (wrong) that the current model gets
+    wrong (right), a sign test asks ``wins - losses >= min_z sqrt(wins + losses)``
+    (``min_z`` standard errors). It is kept only if, besides, the held-out score
+    improves; then (``HeadConfig.refit``) refitted on training and
     held-out samples together. Returns whether it ran (False: the layer is not a
     dense layer feeding the logits through shape-only nodes, or no ``lam`` keeps
     the retain bound) and, after a refit,
@@ -239,8 +244,13 @@ def polish_head(state: ModelState, ctx: RunContext) -> tuple[bool, EvalResult | 
     report.heldout_accuracy = correct / n_val
     report.reason = "output layer solved to the logistic-regression optimum; "
     estimate = None
-    if ctx.accept(state, loss, correct,
-                  retain_preds=retain_preds(w) if retain is not None else None):
+    wins, losses = paired_counts((xva @ w0 + fixed).argmax(axis=1),
+                                 (xva @ w + fixed).argmax(axis=1), yva)
+    if wins - losses < cfg.min_z * np.sqrt(wins + losses):
+        report.reason += (f"held-out: {wins} samples won, {losses} lost against the current "
+                          f"model, short of {cfg.min_z:g} standard errors; reverted")
+    elif ctx.accept(state, loss, correct,
+                    retain_preds=retain_preds(w) if retain is not None else None):
         report.accepted, report.reason, report.outcome = True, report.reason + "kept", "kept"
         if cfg.refit and refittable:
             # lam chosen, the held-out samples join the fit (as a CV refit does);
@@ -260,6 +270,13 @@ def polish_head(state: ModelState, ctx: RunContext) -> tuple[bool, EvalResult | 
     report.seconds = time.perf_counter() - started
     ctx.record(report)
     return True, estimate
+
+
+def paired_counts(before: np.ndarray, after: np.ndarray, y: np.ndarray) -> tuple[int, int]:
+    """``(wins, losses)``: the samples ``after`` predicts right and ``before`` wrong,
+    and the other way round."""
+    right_before, right_after = before == y, after == y
+    return int((right_after & ~right_before).sum()), int((right_before & ~right_after).sum())
 
 
 def head_cross_validated(
