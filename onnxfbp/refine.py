@@ -47,7 +47,7 @@ from .graph.plan import Plan
 from .multidata import KeyedLabelData, MultiInputData, load_inputs, read_label_keys
 from .output.patch import check_output_path, write_refined
 from .output.results import EvalResult, LayerReport, RefineResult
-from .output.summary import environment, feature_maps, plan_summary
+from .output.summary import environment, feature_maps, plan_summary, task_figures, task_outputs
 from .schedules.minibatch import train_minibatch
 from .schedules.state import ModelState, Retain, RunContext, Score
 from .schedules.sweeps import Sweeps, narrow_sweeps, run_sweeps
@@ -206,6 +206,20 @@ def _retain_eval(state: ModelState, retained: _Retained) -> tuple[EvalResult, fl
     return result, float((z.argmax(axis=1) == pseudo).mean())
 
 
+def _attach_retain(state: ModelState, ctx: RunContext,
+                   retain_data: LabelledData) -> tuple[_Retained, EvalResult]:
+    """Join ``retain_data`` to the run's data (:func:`_join_retain`): its training
+    part to ``ctx.train_idx``, its held-out part as ``ctx.retain``; the input
+    model's result on that held-out part."""
+    retained = _join_retain(state, ctx.data, retain_data, ctx.progress)
+    before, _ = _retain_eval(state, retained)
+    ctx.train_idx = np.concatenate([ctx.train_idx, retained.train_idx])
+    ctx.data = retained.joined
+    ctx.retain = Retain(retained.val_idx, retained.credit(), before.accuracy * before.n,
+                        state.config.retain.max_retain_drop)
+    return retained, before
+
+
 @dataclass
 class _Outcome:
     """What the training stage gives the report: held-out before/after and how
@@ -352,19 +366,15 @@ def run_refine(
     _few_heldout(state, len(val_idx), progress)
     t = time.perf_counter()
     eval_before = state.evaluate(eval_data) if eval_data is not None else None
+    shown = (eval_data, np.arange(len(eval_data))) if eval_data is not None else (data, val_idx)
+    shown_before = task_outputs(state, *shown)  # the task figures': eval data, else held-out
     timings["evaluate_before"] = time.perf_counter() - t
     ctx = RunContext(data, train_idx, val_idx, rng, Score(0.0, 0), progress)
     retained, retain_before = None, None
     if retain_data is not None:
         t = time.perf_counter()
-        retained = _join_retain(state, data, retain_data, progress)
-        retain_before, _ = _retain_eval(state, retained)
+        retained, retain_before = _attach_retain(state, ctx, retain_data)
         timings["evaluate_before"] += time.perf_counter() - t
-        ctx.data = retained.joined
-        ctx.train_idx = np.concatenate([train_idx, retained.train_idx])
-        ctx.retain = Retain(retained.val_idx, retained.credit(),
-                            retain_before.accuracy * retain_before.n,
-                            state.config.retain.max_retain_drop)
     outcome = _train(state, ctx)
     final_rounding = None
     # QDQ (docs/quant.md); in process only (a cluster's state streams its passes)
@@ -380,6 +390,7 @@ def run_refine(
     eval_after = state.evaluate(eval_data) if eval_data is not None else None
     retain_after, agreement = (_retain_eval(state, retained) if retained is not None
                                else (None, None))
+    shown_after = task_outputs(state, *shown)
     timings["evaluate_after"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return RefineResult(
@@ -397,6 +408,8 @@ def run_refine(
         plan=plan_summary(state, ctx.reports),
         config=state.config.to_dict(),
         feature_maps=feature_maps(state, data, outcome.scored_idx[:4]),
+        task_figures=task_figures(shown_before, shown_after,
+                                  "held-out" if eval_data is None else "eval"),
         warnings=warnings,
         model_path=str(state.model_path),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
