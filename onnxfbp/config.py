@@ -135,7 +135,8 @@ class GateConfig:
 @dataclass(frozen=True)
 class RetainConfig:
     """The original-domain data (``--retain-data``): every update must keep its
-    held-out accuracy within ``max_retain_drop`` of the input model's."""
+    held-out accuracy (another task: its gate metric, :mod:`onnxfbp.retain`)
+    within ``max_retain_drop`` of the input model's."""
 
     max_retain_drop: float = 0.01  # largest allowed retain held-out accuracy drop, in [0, 1]
 

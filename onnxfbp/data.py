@@ -402,7 +402,7 @@ class JoinedData(LabelledData):
         super().__init__(source=f"{first.source} + {second.source}",
                          shard_sizes=[len(first), len(second)])
         self.first, self.second = first, second
-        self.second_labels = np.asarray(second_labels, dtype=np.int64)
+        self.second_labels = _label_array(second_labels)
 
     def _halves(self, idx: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         idx = np.arange(len(self)) if idx is None else np.asarray(idx, dtype=np.int64)

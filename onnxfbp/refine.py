@@ -19,9 +19,10 @@ as the input model on the held-out data (or better by ``min_gain`` when asked).
 
 With retain data (original-domain samples, ``retain_data=`` / ``--retain-data``)
 the run trains on the union of both training splits (retain samples with their
-labels, or, unlabelled, with the input model's predictions as labels), every
-update must also keep the retain held-out accuracy within ``max_retain_drop``
-of the input model's, and so must the final result (else :class:`GateError`).
+labels, or, unlabelled, with the input model's outputs as targets), every
+update must also keep the retain held-out figure (accuracy; another task: its
+gate metric, :mod:`onnxfbp.retain`) within ``max_retain_drop`` of the input
+model's, and so must the final result (else :class:`GateError`).
 """
 
 from __future__ import annotations
@@ -37,19 +38,20 @@ import numpy as np
 
 from .checks import announce, label_warnings, range_warnings
 from .config import RefineConfig
-from .data import JoinedData, LabelledData, from_arrays, load_data
+from .data import LabelledData, from_arrays, load_data
 from .errors import ConfigError, DataError, GateError, UnsupportedModelError
 from .events import Event, Message, Progress
 from .fit.head import SEED_SALT, head_cross_validated, polish_head
-from .fit.targets import log_softmax
 from .fit.tasks import GATE_METRIC, gate_value, task_gain
+from .fit.tasks import retain_drop as task_retain_drop
 from .graph.plan import Plan
 from .multidata import KeyedLabelData, MultiInputData, load_inputs, read_label_keys
 from .output.patch import check_output_path, write_refined
 from .output.results import EvalResult, LayerReport, RefineResult
-from .output.summary import environment, feature_maps, plan_summary
+from .output.summary import environment, feature_maps, plan_summary, task_figures, task_outputs
+from .retain import RetainLike, as_retain, attach_retain, retain_eval
 from .schedules.minibatch import train_minibatch
-from .schedules.state import ModelState, Retain, RunContext, Score
+from .schedules.state import ModelState, RunContext, Score
 from .schedules.sweeps import Sweeps, narrow_sweeps, run_sweeps
 
 __all__ = [
@@ -63,7 +65,6 @@ __all__ = [
 ]
 
 DataLike = LabelledData | tuple[np.ndarray, np.ndarray] | str | os.PathLike[str]
-RetainLike = LabelledData | tuple[np.ndarray, np.ndarray | None] | str | os.PathLike[str]
 
 
 def _quiet(event: Event) -> None:
@@ -115,95 +116,6 @@ def _several_inputs(data: DataLike, plan: Plan) -> LabelledData:
                         f"with the keys {plan.input_names}")
     return MultiInputData({n: from_arrays(x[n], y, f"input {n!r}") for n in plan.input_names},
                           plan.input_shapes)
-
-
-def _as_retain(data: RetainLike, input_name: str) -> LabelledData:
-    """Retain data: as :func:`_as_data`, labels optional (``(x, None)``, or a file
-    without ``y``)."""
-    if isinstance(data, LabelledData):
-        return data
-    if isinstance(data, (str, os.PathLike)):
-        return load_data(data, input_name, labels_optional=True, what="retain data file")
-    x, y = data
-    if y is not None:
-        return from_arrays(x, y, "retain arrays")
-    x = x if isinstance(x, np.memmap) else np.asarray(x)
-    out = from_arrays(x, np.zeros(len(x) if x.ndim else 0, np.int64), "retain arrays")
-    out.labelled = False
-    return out
-
-
-@dataclass
-class _Retained:
-    """The retain data inside the run's data: its split, labels (true, or the
-    input model's predictions) and the input model's softmax on it."""
-
-    data: LabelledData
-    joined: JoinedData
-    train_idx: np.ndarray  # into joined
-    val_idx: np.ndarray  # into joined
-    probs: np.ndarray  # the input model's softmax on every retain sample
-
-    def credit(self) -> np.ndarray:
-        """:class:`Retain` credit of the held-out part: one-hot labels, or the
-        input model's softmax for unlabelled data."""
-        local = self.val_idx - len(self.joined.first)
-        if self.data.labelled:
-            return np.eye(self.probs.shape[1])[self.joined.second_labels[local]]
-        return self.probs[local]
-
-
-def _logits(state: ModelState, data: LabelledData, idx: np.ndarray) -> np.ndarray:
-    """The current model's logits on ``data[idx]`` as float64 (N, K)."""
-    forward = state.frozen_forward([state.plan.logits])
-    parts = [forward(x)[state.plan.logits].reshape(len(x), -1).astype(np.float64)
-             for x, _ in data.batches(idx, state.config.run.batch_size)]
-    return np.concatenate(parts)
-
-
-def _join_retain(state: ModelState, adapt: LabelledData, retain: LabelledData,
-                 progress: Progress) -> _Retained:
-    """Append ``retain`` to ``adapt``: its labels, or (unlabelled) the input
-    model's predictions, computed once before any change; its own training and
-    held-out split (the same holdout fraction, its own draw)."""
-    z = _logits(state, retain, np.arange(len(retain)))
-    probs = np.exp(log_softmax(z))
-    if retain.labelled:
-        labels = retain.labels()
-    else:
-        progress(Message(f"retain data: {len(retain)} samples without labels; the input "
-                         "model's predictions are their targets"))
-        labels = z.argmax(axis=1)
-    n = len(retain)
-    pick = np.random.default_rng([state.config.split.seed, SEED_SALT, 2])
-    is_val = pick.random(n) < state.config.split.holdout if n >= 10 else np.zeros(n, bool)
-    train, val = np.flatnonzero(~is_val), np.flatnonzero(is_val)
-    if len(val) == 0:
-        val = train
-    offset = len(adapt)
-    return _Retained(retain, JoinedData(adapt, retain, labels), train + offset, val + offset,
-                     probs)
-
-
-def _retain_eval(state: ModelState, retained: _Retained) -> tuple[EvalResult, float]:
-    """The current model on the retain held-out part, and its agreement with the
-    input model's predictions. Labelled: the usual accuracy. Unlabelled: the
-    accuracy the input model expects, ``mean_i p0[i, pred_i]`` (``p0`` its
-    softmax), and the cross-entropy against ``p0``; no per-class figures."""
-    idx = retained.val_idx
-    if retained.data.labelled:
-        result = state.evaluate(retained.joined, idx)
-        z = None
-    else:
-        z = _logits(state, retained.joined, idx)
-        q = retained.credit()
-        preds = z.argmax(axis=1)
-        score = float(q[np.arange(len(preds)), preds].sum())
-        loss = -float((q * log_softmax(z)).sum())
-        result = EvalResult(score / len(idx), len(idx), loss / len(idx))
-    z = z if z is not None else _logits(state, retained.joined, idx)
-    pseudo = retained.probs[idx - len(retained.joined.first)].argmax(axis=1)
-    return result, float((z.argmax(axis=1) == pseudo).mean())
 
 
 @dataclass
@@ -336,9 +248,6 @@ def run_refine(
     plan, timings = state.plan, state.timings
     cfg_task = state.config.task
     task = state.detect_task(data, cfg_task.task, cfg_task.loss)
-    if not task.classification and retain_data is not None:
-        raise UnsupportedModelError(f"--retain-data works with classification outputs; "
-                                    f"this output's task is {task.kind}: drop --retain-data")
     for d in (data, eval_data, retain_data):
         if d is not None:
             d.validate(plan.input_shape, task.n_classes if not task.classification
@@ -352,19 +261,15 @@ def run_refine(
     _few_heldout(state, len(val_idx), progress)
     t = time.perf_counter()
     eval_before = state.evaluate(eval_data) if eval_data is not None else None
+    shown = (eval_data, np.arange(len(eval_data))) if eval_data is not None else (data, val_idx)
+    shown_before = task_outputs(state, *shown)  # the task figures': eval data, else held-out
     timings["evaluate_before"] = time.perf_counter() - t
     ctx = RunContext(data, train_idx, val_idx, rng, Score(0.0, 0), progress)
     retained, retain_before = None, None
     if retain_data is not None:
         t = time.perf_counter()
-        retained = _join_retain(state, data, retain_data, progress)
-        retain_before, _ = _retain_eval(state, retained)
+        retained, retain_before = attach_retain(state, ctx, retain_data)
         timings["evaluate_before"] += time.perf_counter() - t
-        ctx.data = retained.joined
-        ctx.train_idx = np.concatenate([train_idx, retained.train_idx])
-        ctx.retain = Retain(retained.val_idx, retained.credit(),
-                            retain_before.accuracy * retain_before.n,
-                            state.config.retain.max_retain_drop)
     outcome = _train(state, ctx)
     final_rounding = None
     # QDQ (docs/quant.md); in process only (a cluster's state streams its passes)
@@ -378,8 +283,9 @@ def run_refine(
     timings["solve"] = state.clock.solve
     t = time.perf_counter()
     eval_after = state.evaluate(eval_data) if eval_data is not None else None
-    retain_after, agreement = (_retain_eval(state, retained) if retained is not None
+    retain_after, agreement = (retain_eval(state, retained) if retained is not None
                                else (None, None))
+    shown_after = task_outputs(state, *shown)
     timings["evaluate_after"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return RefineResult(
@@ -397,6 +303,8 @@ def run_refine(
         plan=plan_summary(state, ctx.reports),
         config=state.config.to_dict(),
         feature_maps=feature_maps(state, data, outcome.scored_idx[:4]),
+        task_figures=task_figures(shown_before, shown_after,
+                                  "held-out" if eval_data is None else "eval"),
         warnings=warnings,
         model_path=str(state.model_path),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -414,6 +322,7 @@ def run_refine(
                 "heldout": len(retained.val_idx),
                 "targets": "labels" if retained.data.labelled else "model outputs",
                 "agreement": agreement,  # with the input model's predictions, after
+                **({"scale": retained.scale} if task.kind == "regression" else {}),
             },
             **({"final_rounding": final_rounding} if final_rounding is not None else {}),
         },
@@ -443,13 +352,16 @@ def _gate(result: RefineResult, config: RefineConfig) -> None:
         failure = f"refined model is worse on held-out data ({gain:+.4f})"
     max_drop = config.retain.max_retain_drop
     retain_drop = None
-    if result.retain_before is not None and result.retain_after is not None:
-        retain_drop = result.retain_before.accuracy - result.retain_after.accuracy
+    rb, ra = result.retain_before, result.retain_after
+    if rb is not None and ra is not None:
+        retain_drop = task_retain_drop(rb, ra, (result.data.get("retain") or {}).get("scale", 1.0))
         if failure is None and retain_drop > max_drop + 1e-12:
-            failure = (f"retain held-out accuracy dropped {retain_drop:.4f} "
-                       f"({result.retain_before.accuracy:.4f} -> "
-                       f"{result.retain_after.accuracy:.4f}), more than --max-retain-drop "
-                       f"{max_drop:g}; raise --max-retain-drop or give more retain data")
+            name = GATE_METRIC[rb.task][0] if rb.task is not None else "accuracy"
+            failure = (f"retain held-out {name} {'rose' if rb.task == 'regression' else 'dropped'}"
+                       f" {retain_drop:.4f} ({gate_value(rb):.4f} -> {gate_value(ra):.4f}"
+                       f"{', relative to its scale' if rb.task == 'regression' else ''}), more "
+                       f"than --max-retain-drop {max_drop:g}; raise --max-retain-drop or give "
+                       "more retain data")
     result.gate = {
         "metric": metric,
         "before": gate_value(gate_before),
@@ -523,12 +435,12 @@ def refine(
             coach = open_teacher(teacher, state)
             given = (load_data(data, name, labels_optional=True)
                      if isinstance(data, (str, os.PathLike)) and y is None
-                     else _as_retain((data, y) if y is not None else data, name))  # type: ignore[arg-type]
+                     else as_retain((data, y) if y is not None else data, name))  # type: ignore[arg-type]
             adapt = coach.prepare(state, given, held, progress or _quiet)
         else:
             adapt = _as_data((data, y) if y is not None else data, name,  # type: ignore[arg-type]
                              state.plan, keys)
-        kept = _as_retain(retain_data, name) if retain_data is not None else None
+        kept = as_retain(retain_data, name) if retain_data is not None else None
     result = run_refine(state, adapt, held, progress, kept)
     if coach is not None:
         coach.settle(state, result, progress or _quiet)

@@ -348,7 +348,9 @@ def _least_squares_head(state: ModelState, ctx: RunContext) -> bool:
         W = argmin ||X W + fixed - Y||^2 + lam ||W - W0||^2,  lam = lam_rel mean diag(X^T X)
 
     for each ``lam_rel`` of ``HeadConfig.l2_grid`` on the training split, the one
-    with the lowest held-out loss kept if it beats the best score so far. Other
+    with the lowest held-out loss kept if it beats the best score so far (with
+    retain data: the lowest among those that keep the retain bound,
+    :meth:`RunContext.accept`). Other
     tasks (and other losses) keep the steps of the schedule: returns False."""
     task = state.task
     if task.kind != "regression" or task.loss != "mse" or task.output_kind != "logits":
@@ -374,29 +376,40 @@ def _least_squares_head(state: ModelState, ctx: RunContext) -> bool:
         require_finite(np.asarray(xva, np.float64), "the output layer's held-out input features")
         rhs = xtr64.T @ (ytr - fixed)
         scale = float(np.mean(np.diag(gram))) or 1.0
-        best: tuple[float, np.ndarray, float] | None = None
+        solved: list[tuple[float, np.ndarray, float]] = []
         for lam_rel in sorted(cfg.l2_grid, reverse=True):
             lam = lam_rel * scale
             w = spd_inverse(gram + lam * np.eye(len(gram))) @ (rhs + lam * w0)
             r = np.asarray(xva, np.float64) @ w + fixed - yva
             loss = float(0.5 * (r * r).sum())
-            if np.isfinite(loss) and (best is None or loss < best[0]):
-                best = (loss, w, lam_rel)
+            if np.isfinite(loss):
+                solved.append((loss, w, lam_rel))
     except NonFiniteError as err:
         state.clock.solve += time.perf_counter() - solving
         _skipped(ctx, block, w0, str(err), started)
         return True
     state.clock.solve += time.perf_counter() - solving
-    if best is None:
+    if not solved:
         return False
-    loss, w, lam_rel = best
+    # by held-out loss (ties: the larger lam); the first that keeps the retain bound
+    solved.sort(key=lambda c: c[0])
+    saved = dict(state.values)
+    for chosen in solved:
+        loss, w, lam_rel = chosen
+        state.set_weights(block.layer, block, w[None])  # the retain bound reads them
+        kept = ctx.accept(state, loss, 0)
+        if kept or ctx.retain is None or not ctx.score.better(loss, 0, commit=False):
+            break
+        state.values = dict(saved)
     report = head_report(block, w0[None], w[None], lam_rel)
     report.reason = "output layer solved to the least-squares optimum; "
-    if ctx.accept(state, loss, 0):
-        state.set_weights(block.layer, block, w[None])
+    if kept:
         report.accepted, report.reason, report.outcome = True, report.reason + "kept", "kept"
     else:
-        report.reason += "held-out loss did not improve; reverted"
+        state.values = saved
+        report.reason += ("held-out loss did not improve or no lam keeps the retain bound; "
+                          "reverted" if ctx.retain is not None
+                          else "held-out loss did not improve; reverted")
     report.seconds = time.perf_counter() - started
     ctx.record(report)
     return True

@@ -44,7 +44,7 @@ from ..rules import Array, xp_of
 from .targets import cross_entropy, label_target
 
 __all__ = ["GATE_METRIC", "LOSSES", "TASKS", "Head", "Metrics", "MultiTask", "Task",
-           "detect_task", "gate_value", "metric_line", "parse_pairs", "task_gain"]
+           "detect_task", "gate_value", "metric_line", "parse_pairs", "retain_drop", "task_gain"]
 
 TASKS = ("classification", "dense", "binary", "regression")
 LOSSES = ("mse", "l1", "huber")
@@ -332,6 +332,16 @@ def task_gain(before: Any, after: Any) -> float:
     gain = gate_value(after) - gate_value(before)
     lower = getattr(after, "task", None) is not None and GATE_METRIC[after.task][1]
     return -gain if lower else gain
+
+
+def retain_drop(before: Any, after: Any, scale: float = 1.0) -> float:
+    """How far ``after`` fell behind ``before`` on retain data, in the units of
+    ``--max-retain-drop``: the decrease of the gate's figure (accuracy, mean
+    IoU); for a lower-is-better one (MAE) its increase divided by ``scale`` (the
+    MAE of always predicting the targets' mean)."""
+    gain = task_gain(before, after)
+    lower = getattr(after, "task", None) is not None and GATE_METRIC[after.task][1]
+    return -gain / scale if lower else -gain
 
 
 @dataclass(frozen=True)

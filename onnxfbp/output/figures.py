@@ -1,7 +1,8 @@
 """The figures of the HTML report, drawn with matplotlib (Agg) and returned as
 figures for :mod:`onnxfbp.output.html` to embed as base64 PNG: accuracy before
 and after, per class, confusion matrices, layer visits, time per phase and
-feature maps next to their reconstructed targets. Each draws a bounded amount,
+feature maps next to their reconstructed targets, and per trained output that is
+not a classifier predicted vs true values or masks before and after. Each draws a bounded amount,
 whatever the report's size."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 
 BEFORE, AFTER = "#9aa5b1", "#2563eb"
 KEPT, REVERTED = "#16a34a", "#d97706"
+IGNORE_SHOWN = 255  # a dense label the metrics ignore: left blank in the masks
 
 
 def _figure(width: float, height: float) -> Any:
@@ -319,6 +321,64 @@ def fig_feature_map(name: str, fm: dict[str, Any], max_samples: int,
         axes[0].legend(fontsize=8, ncols=2, loc="upper right")
         axes[-1].set_xlabel("feature")
         fig.suptitle(f"{name} ({fm['op']}): output vs reconstructed target", fontsize=9)
+        return fig
+    return None
+
+
+def fig_task(name: str, tf: dict[str, Any]) -> Any | None:
+    """A trained output's ``task_figures`` entry: predicted vs true (regression,
+    one panel per stored value, with y = x), or per sample the input, the true
+    mask and the predicted masks before and after (dense, binary)."""
+    true = np.asarray(tf["true"], dtype=np.float64)
+    before = np.asarray(tf["before"], dtype=np.float64)
+    after = np.asarray(tf["after"], dtype=np.float64)
+    if tf["task"] == "regression" and true.ndim == 2:
+        d = true.shape[1]
+        fig = _figure(0.6 + 3.3 * d, 3.6)
+        axes = fig.subplots(1, d, squeeze=False)[0]
+        for j, ax in enumerate(axes):
+            t = true[:, j]
+            lo = float(min(t.min(), before[:, j].min(), after[:, j].min()))
+            hi = float(max(t.max(), before[:, j].max(), after[:, j].max()))
+            ax.plot([lo, hi], [lo, hi], color="#52606d", linewidth=0.8, linestyle="--",
+                    label="y = x")
+            for pred, color, what in ((before[:, j], BEFORE, "before"),
+                                      (after[:, j], AFTER, "after")):
+                mae = float(np.abs(pred - t).mean())
+                ax.scatter(t, pred, s=6, alpha=0.6, color=color, label=f"{what} (MAE {mae:.3g})")
+            ax.set_xlabel(f"true value {j}" if d > 1 else "true", fontsize=8)
+            ax.set_ylabel("predicted", fontsize=8)
+            ax.legend(fontsize=7, loc="upper left")
+            ax.spines[["top", "right"]].set_visible(False)
+        fig.suptitle(f"{name}: predicted vs true, {tf['split']} (n={len(true)})", fontsize=9)
+        return fig
+    if tf["task"] in ("dense", "binary") and true.ndim == 3:
+        image = tf.get("input")
+        cols = ([("input", np.asarray(image, dtype=np.float64))] if image is not None else []) \
+            + [("true", true), ("before", before), ("after", after)]
+        s = len(true)
+        fig = _figure(0.4 + 2.0 * len(cols), 0.5 + 2.0 * s)
+        axes = fig.subplots(s, len(cols), squeeze=False)
+        top = max(float(np.where(true == IGNORE_SHOWN, 0, true).max(initial=1)),
+                  float(before.max(initial=1)), float(after.max(initial=1)), 1.0)
+        for i in range(s):
+            for j, (what, arr) in enumerate(cols):
+                ax = axes[i, j]
+                if what == "input":
+                    ax.imshow(arr[i], cmap="gray", interpolation="nearest")
+                else:
+                    mask = np.ma.masked_equal(arr[i], IGNORE_SHOWN)
+                    ax.imshow(mask, cmap="tab20" if tf["task"] == "dense" else "gray",
+                              vmin=0, vmax=top, interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if i == 0:
+                    ax.set_title(what, fontsize=9)
+                if j == 0:
+                    ax.set_ylabel(f"sample {tf['samples'][i]}", fontsize=8)
+        fig.suptitle(f"{name}: masks, {tf['split']}"
+                     + (" (classes; blank: ignored)" if tf["task"] == "dense" else ""),
+                     fontsize=9)
         return fig
     return None
 

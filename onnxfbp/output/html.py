@@ -26,6 +26,7 @@ from .figures import (
     fig_feature_map,
     fig_layers,
     fig_per_class,
+    fig_task,
     fig_timings,
     measured_splits,
     png,
@@ -256,11 +257,34 @@ def _feature_maps_section(report: dict[str, Any], max_samples: int, max_channels
     return parts
 
 
+def _task_section(report: dict[str, Any]) -> list[str]:
+    """Per trained output that is not a classifier: its ``task_figures`` drawn."""
+    figures = report.get("task_figures") or {}
+    if not figures:
+        return []
+    parts = ["<h2>Outputs</h2>"]
+    for name, tf in figures.items():
+        fig = fig_task(name, tf)
+        if fig is None:
+            parts.append(f'<p class="note">{_e(name)}: cannot draw a {_e(tf["task"])} '
+                         "output of this shape.</p>")
+            continue
+        caption = ("predicted vs true values; grey: the input model, blue: the refined "
+                   "model; dashed: y = x" if tf["task"] == "regression" else
+                   "per sample: the input's first channel, the true mask, the input "
+                   "model's and the refined model's predicted masks")
+        parts.append(_img(fig, f"{tf['task']} output {name} before and after",
+                          f"{name} ({tf['task']}, {tf['split']}, samples "
+                          f"{len(tf['samples'])}): {caption}"))
+    return parts
+
+
 def build_html(report: dict[str, Any], *, title: str | None = None, source: str | None = None,
                max_samples: int = 3, max_channels: int = 6, max_feature_layers: int = 6) -> str:
     """One self-contained HTML page for a (validated) report."""
     title = title or "onnxfbp refine report"
     parts = [_header(report, title, source), *_accuracy_section(report),
+             *_task_section(report),
              *_layers_section(report),
              *_feature_maps_section(report, max_samples, max_channels, max_feature_layers),
              "<h2>Time</h2>"]

@@ -5,7 +5,8 @@ report. :data:`SCHEMA` describes it in a JSON-Schema subset (``type``,
 ``properties``, ``required``, ``items``, ``additionalProperties``, ``minimum``,
 ``maximum``, ``pattern``); :func:`validate_report` checks a report against it
 plus the cross-field facts a schema cannot say (a confusion matrix is k x k and
-sums to n, feature maps and their targets have one shape, ...), raising
+sums to n, feature maps and their targets have one shape, so do a task figure's
+true values and predictions, ...), raising
 :class:`ReportError` with the path of the first bad field.
 
 :mod:`onnxfbp.output.html` renders a report as one self-contained HTML page
@@ -115,6 +116,28 @@ FEATURE_MAP_SCHEMA: dict[str, Any] = {
     },
 }
 
+TASK_FIGURE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "one trained output that is not a classifier, on a few samples of the "
+                   "eval data (or the held-out split): before and after the run",
+    "required": ["task", "split", "samples", "true", "before", "after"],
+    "properties": {
+        "task": {"type": "string", "description": "regression, dense or binary"},
+        "split": {"type": "string", "description": "eval or held-out"},
+        "samples": {"type": "array", "items": {"type": "integer"},
+                    "description": "indices of the samples in that split"},
+        "true": {"type": "array", "description": "regression: [sample][value], at most 500 "
+                 "samples and the first 4 values of each; dense, binary: [sample][h][w] "
+                 "masks (classes, 255 ignored; or 0/1), at most 3 samples, strided to at "
+                 "most 128 per side"},
+        "before": {"type": "array", "description": "the input model's predictions, as true"},
+        "after": {"type": "array", "description": "the refined model's predictions, as true"},
+        "input": {"type": ["array", "null"],
+                  "description": "dense, binary: the first channel of the first input "
+                                 "[sample][h][w], strided as the masks; null if not an image"},
+    },
+}
+
 SCHEMA: dict[str, Any] = {
     "type": "object",
     "description": "the report of one refine run (RefineResult.to_dict())",
@@ -208,6 +231,9 @@ SCHEMA: dict[str, Any] = {
                                     "inputs far outside the retain data's range)"},
         "feature_maps": {"type": "object", "additionalProperties": FEATURE_MAP_SCHEMA,
                          "description": "optional: layer name -> feature maps of a few samples"},
+        "task_figures": {"type": "object", "additionalProperties": TASK_FIGURE_SCHEMA,
+                         "description": "optional: output name -> true values or masks and "
+                                        "the predictions before and after"},
     },
 }
 
@@ -317,6 +343,16 @@ def _check_feature_map(fm: dict[str, Any], path: str) -> None:
         raise ReportError(f"{path}.channels: {len(fm['channels'])} indices for {shape[1]} channels")
 
 
+def _check_task_figure(tf: dict[str, Any], path: str) -> None:
+    shape = _nested_shape(tf["true"], f"{path}.true")
+    for part in ("before", "after"):
+        if _nested_shape(tf[part], f"{path}.{part}") != shape:
+            raise ReportError(f"{path}.{part}: shape differs from true's {list(shape)}")
+    if len(shape) < 2 or len(tf["samples"]) != shape[0]:
+        raise ReportError(f"{path}.samples: {len(tf['samples'])} indices for true of shape "
+                          f"{list(shape)}")
+
+
 def validate_report(report: Any) -> None:
     """Raise :class:`ReportError` unless ``report`` (parsed JSON) is an onnxfbp report.
 
@@ -338,6 +374,8 @@ def validate_report(report: Any) -> None:
             raise ReportError(f"{split}: before and after were measured on different sample counts")
     for name, fm in (report.get("feature_maps") or {}).items():
         _check_feature_map(fm, f"feature_maps[{name!r}]")
+    for name, tf in (report.get("task_figures") or {}).items():
+        _check_task_figure(tf, f"task_figures[{name!r}]")
 
 
 MAX_REPORT_BYTES = 512 * 2**20  # reports of real runs are kilobytes to a few megabytes

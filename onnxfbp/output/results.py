@@ -89,6 +89,8 @@ class RefineResult:
     plan: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)  # RefineConfig.to_dict(): nested
     feature_maps: dict[str, Any] = field(default_factory=dict)
+    # per trained output that is not a classifier: what its figure draws (summary.task_figures)
+    task_figures: dict[str, Any] = field(default_factory=dict)
     model_path: str | None = None
     created: str = ""
     data: dict[str, Any] = field(default_factory=dict)  # sample counts and sources
@@ -127,6 +129,7 @@ class RefineResult:
                 "plan": self.plan,
                 "config": self.config,
                 "feature_maps": self.feature_maps,
+                "task_figures": self.task_figures,
                 "warnings": self.warnings,
             }
         )

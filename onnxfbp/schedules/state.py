@@ -6,7 +6,7 @@ scores with them, and :meth:`ModelState.set_weights` to write a layer's solved
 block back. :class:`RunContext` is one run's data split, random generator,
 best held-out score, reports and progress callback; :meth:`RunContext.accept`
 is the one test every update passes (a better held-out score and, with retain
-data, a retain held-out accuracy within ``max_retain_drop`` of the input model's).
+data, a retain held-out score within ``max_retain_drop`` of the input model's).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ..data import LabelledData
 from ..events import LayerVisited, Progress
 from ..fit.layers import LayerBlock
 from ..fit.targets import cross_entropy
-from ..fit.tasks import Head, Metrics, MultiTask, Task, detect_task
+from ..fit.tasks import Head, Metrics, MultiTask, Task, detect_task, retain_drop
 from ..graph.plan import Layer, Plan, load_model, plan_model
 from ..graph.weights import lift_constants
 from ..output.results import EvalResult, LayerReport, eval_result
@@ -67,16 +67,20 @@ class Score:
 @dataclass
 class Retain:
     """The held-out part of the retain (original-domain) data inside the run's
-    data, indices ``idx``, and the credit ``Q`` (n, classes) of each prediction:
-    one-hot labels, or for unlabelled data the input model's softmax, so that
-    ``score = sum_i Q[i, pred_i]`` is the correct count, or the accuracy the
-    input model expects of the predictions. An update must keep
-    ``score >= before - max_drop * n`` (``before``: the input model's score)."""
+    data, indices ``idx``. A classifier's: the credit ``Q`` (n, classes) of each
+    prediction, one-hot labels, or for unlabelled data the input model's softmax,
+    so that ``score = sum_i Q[i, pred_i]`` is the correct count, or the accuracy
+    the input model expects of the predictions; an update must keep
+    ``score >= before - max_drop * n`` (``before``: the input model's score).
+    Another task's: ``baseline``, the input model's result on ``idx``; an update
+    must keep :func:`onnxfbp.fit.tasks.retain_drop` of it at most ``max_drop``."""
 
     idx: np.ndarray
     credit: np.ndarray
     before: float
     max_drop: float
+    baseline: EvalResult | None = None  # tasks other than classification
+    scale: float = 1.0  # regression: the MAE rise that counts as a drop of 1
 
     def score(self, preds: np.ndarray) -> float:
         """``sum_i Q[i, pred_i]`` of predictions ``preds`` on ``idx``."""
@@ -85,6 +89,17 @@ class Retain:
 
     def kept(self, preds: np.ndarray) -> bool:
         return self.score(preds) >= self.before - self.max_drop * len(self.idx) - 1e-9
+
+    def holds(self, state: ModelState, data: LabelledData,
+              preds: np.ndarray | None = None) -> bool:
+        """Whether the weights in ``state`` keep the bound on ``data[idx]``
+        (``preds``: a classifier's predictions there, when already at hand)."""
+        if self.baseline is not None:
+            drop = retain_drop(self.baseline, state.evaluate(data, self.idx), self.scale)
+            return drop <= self.max_drop + 1e-12
+        if preds is None:
+            _, _, preds = state.scores(data, self.idx)
+        return self.kept(preds)
 
 
 @dataclass
@@ -108,11 +123,8 @@ class RunContext:
         already at hand, else computed here); records the score when ``commit``."""
         if not self.score.better(loss, correct, commit=False):
             return False
-        if self.retain is not None:
-            if retain_preds is None:
-                _, _, retain_preds = state.scores(self.data, self.retain.idx)
-            if not self.retain.kept(retain_preds):
-                return False
+        if self.retain is not None and not self.retain.holds(state, self.data, retain_preds):
+            return False
         if commit:
             self.score.better(loss, correct)
         return True
