@@ -172,15 +172,12 @@ def polish_head(state: ModelState, ctx: RunContext) -> tuple[bool, EvalResult | 
     ``lam`` is chosen by held-out cross-entropy among those that keep the retain
     constraint (:meth:`RunContext.accept`, with retain data). The solve jumps to an
     optimum of the new data, and every move away from the input weights costs the
-    original domain, so it must win clearly on the held-out split: with ``wins``
-    (``losses``) the samples it gets right (wrong) that the current model gets
-    wrong (right), a sign test asks ``wins - losses >= min_z sqrt(wins + losses)``
-    (``min_z`` standard errors). It is kept only if, besides, the held-out score
-    improves; then (``HeadConfig.refit``) refitted on training and
-    held-out samples together. Returns whether it ran (False: the layer is not a
-    dense layer feeding the logits through shape-only nodes, or no ``lam`` keeps
-    the retain bound) and, after a refit,
-    the held-out result of the fit that did not see the held-out samples."""
+    original domain, so it is kept only if it wins clearly on the held-out split
+    (:func:`no_clear_win`) and the held-out score improves; then (``refit``)
+    refitted on training and held-out samples together. Returns whether it ran
+    (False: not a dense layer feeding the logits through shape-only nodes, or no
+    ``lam`` keeps the retain bound) and, after a refit, the held-out result of
+    the fit that did not see the held-out samples."""
     if not state.task.classification:
         return _least_squares_head(state, ctx), None
     cfg = state.config.head
@@ -244,11 +241,9 @@ def polish_head(state: ModelState, ctx: RunContext) -> tuple[bool, EvalResult | 
     report.heldout_accuracy = correct / n_val
     report.reason = "output layer solved to the logistic-regression optimum; "
     estimate = None
-    wins, losses = paired_counts((xva @ w0 + fixed).argmax(axis=1),
-                                 (xva @ w + fixed).argmax(axis=1), yva)
-    if wins - losses < cfg.min_z * np.sqrt(wins + losses):
-        report.reason += (f"held-out: {wins} samples won, {losses} lost against the current "
-                          f"model, short of {cfg.min_z:g} standard errors; reverted")
+    shortfall = no_clear_win(xva @ w0 + fixed, xva @ w + fixed, yva, cfg.min_z)
+    if shortfall:
+        report.reason += shortfall
     elif ctx.accept(state, loss, correct,
                     retain_preds=retain_preds(w) if retain is not None else None):
         report.accepted, report.reason, report.outcome = True, report.reason + "kept", "kept"
@@ -260,8 +255,7 @@ def polish_head(state: ModelState, ctx: RunContext) -> tuple[bool, EvalResult | 
                 np.concatenate([xtr, xva]), np.concatenate([ytr, yva]), w0, fixed,
                 (lam_rel,), cfg.iterations, state.xp)]
             if refit and (retain is None or retain.kept(retain_preds(refit[0]))):
-                z = xva @ w + fixed
-                estimate = state.result(loss, correct, z.argmax(axis=1), yva)
+                estimate = state.result(loss, correct, (xva @ w + fixed).argmax(axis=1), yva)
                 w = refit[0]
                 report.reason += f", then refitted on all {len(ytr) + len(yva)} samples"
         state.set_weights(block.layer, block, w[None])
@@ -272,11 +266,17 @@ def polish_head(state: ModelState, ctx: RunContext) -> tuple[bool, EvalResult | 
     return True, estimate
 
 
-def paired_counts(before: np.ndarray, after: np.ndarray, y: np.ndarray) -> tuple[int, int]:
-    """``(wins, losses)``: the samples ``after`` predicts right and ``before`` wrong,
-    and the other way round."""
-    right_before, right_after = before == y, after == y
-    return int((right_after & ~right_before).sum()), int((right_before & ~right_after).sum())
+def no_clear_win(z_before: np.ndarray, z_after: np.ndarray, y: np.ndarray, min_z: float) -> str:
+    """Why scores ``z_after`` do not clearly beat ``z_before`` on labels ``y`` (the
+    sign test ``wins - losses >= min_z sqrt(wins + losses)``, ``wins``: samples
+    right after and wrong before, ``losses`` the other way round); "" if they do."""
+    right_before, right_after = z_before.argmax(axis=1) == y, z_after.argmax(axis=1) == y
+    wins = int((right_after & ~right_before).sum())
+    losses = int((right_before & ~right_after).sum())
+    if wins - losses >= min_z * np.sqrt(wins + losses):
+        return ""
+    return (f"held-out: {wins} samples won, {losses} lost against the current model, "
+            f"short of {min_z:g} standard errors; reverted")
 
 
 def head_cross_validated(

@@ -382,8 +382,9 @@ class Minibatch:
         ctx.progress(StepChecked(step, total, float("nan") if shown is None else shown, loss / n))
 
     def back_off(self, step: int, why: str) -> None:
-        """A blow-up: back to the kept weights with half the step; counted apart from ``patience`` (the run goes on with
-        every layer until ``halvings`` blow-ups)."""
+        """A blow-up: back to the kept weights with half the step; counted apart
+        from ``patience`` (the run goes on with every layer until ``halvings``
+        blow-ups)."""
         self.state.values = dict(self.kept_values)
         self.weights = {name: w.copy() for name, w in self.kept_weights.items()}
         self.averaged = {}
