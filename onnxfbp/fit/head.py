@@ -229,19 +229,20 @@ def polish_head(state: ModelState, ctx: RunContext) -> tuple[bool, EvalResult | 
     if best is None:
         return False, None
     loss, correct, w, lam_rel = best
-    n_val = len(yva)
+    judged = ((xva @ w0 + fixed).argmax(axis=1), (xva @ w + fixed).argmax(axis=1), yva)
     if len(val_idx) < len(ctx.val_idx):
         # the solve saw a subset of the held-out split: judge it on the whole split,
         # as every other update is (the best score so far is a whole-split count)
+        preds_before = state.scores(ctx.data, ctx.val_idx)[2]
         state.set_weights(block.layer, block, w[None])
-        loss, correct, _ = state.scores(ctx.data, ctx.val_idx)
+        loss, correct, preds_after = state.scores(ctx.data, ctx.val_idx)
         state.set_weights(block.layer, block, w0[None])
-        n_val = len(ctx.val_idx)
+        judged = (preds_before, preds_after, ctx.data.labels(ctx.val_idx))
     report = head_report(block, w0[None], w[None], lam_rel)
-    report.heldout_accuracy = correct / n_val
+    report.heldout_accuracy = correct / len(judged[2])
     report.reason = "output layer solved to the logistic-regression optimum; "
     estimate = None
-    shortfall = no_clear_win(xva @ w0 + fixed, xva @ w + fixed, yva, cfg.min_z)
+    shortfall = no_clear_win(*judged, cfg.min_z)
     if shortfall:
         report.reason += shortfall
     elif ctx.accept(state, loss, correct,
@@ -266,11 +267,11 @@ def polish_head(state: ModelState, ctx: RunContext) -> tuple[bool, EvalResult | 
     return True, estimate
 
 
-def no_clear_win(z_before: np.ndarray, z_after: np.ndarray, y: np.ndarray, min_z: float) -> str:
-    """Why scores ``z_after`` do not clearly beat ``z_before`` on labels ``y`` (the
+def no_clear_win(before: np.ndarray, after: np.ndarray, y: np.ndarray, min_z: float) -> str:
+    """Why predictions ``after`` do not clearly beat ``before`` on labels ``y`` (the
     sign test ``wins - losses >= min_z sqrt(wins + losses)``, ``wins``: samples
     right after and wrong before, ``losses`` the other way round); "" if they do."""
-    right_before, right_after = z_before.argmax(axis=1) == y, z_after.argmax(axis=1) == y
+    right_before, right_after = np.asarray(before) == y, np.asarray(after) == y
     wins = int((right_after & ~right_before).sum())
     losses = int((right_before & ~right_after).sum())
     if wins - losses >= min_z * np.sqrt(wins + losses):
