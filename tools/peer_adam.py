@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     out_names = [o.name for o in proto.graph.output]
     targets = [tuple(s.split("=", 1)) for s in args.target] or [(out_names[0], "y")]
     try:
-        xs, ys, heads = load_data(args.data, proto, targets, args.loss)  # type: ignore[arg-type]
+        xs, ys, heads = load_data(args.data, proto, targets, args.loss)
     except PeerError as exc:
         print(f"peer_adam: error: {exc}", file=sys.stderr)
         return 2
