@@ -82,7 +82,7 @@ class MinibatchConfig:
     (:mod:`onnxfbp.schedules.minibatch`)."""
 
     step_batch: int = 100  # samples per step
-    epochs: float = 1.25  # passes over the training split at most
+    epochs: float = 3.0  # passes over the training split at most (patience ends it sooner)
     average: float = 0.9  # checks score the running average of the steps (0: off)
     lr: float = 0.05  # each step moves every layer by this fraction of its weight norm
     damping: float = 1.0  # preconditioner lam / mean diag of each layer's row Gram

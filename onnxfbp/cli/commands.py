@@ -439,8 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minibatch (default): preconditioned least-squares steps on "
                         "mini-batches; jacobi / sequential: full-pass sweeps")
     p.add_argument("--epochs", type=finite_float,
-                   help="minibatch: passes over the training split at most (default 1.25; "
-                        "3 measured +0.2-0.35 points on MNIST shifts in about twice the time)")
+                   help="minibatch: passes over the training split at most (default 3; "
+                        "the run ends sooner when held-out data stops improving)")
     p.add_argument("--sweeps", type=int, help="jacobi / sequential: sweeps at most")
     p.add_argument("--holdout", type=finite_float,
                    help="fraction held out for choices (default 0.2; it must leave at least "
