@@ -2,8 +2,10 @@
 
 Every ``benchmarks/matrix-*.json`` is a run of ``tools/matrix.py`` (its ``--out``),
 kept in the repository because the tables are generated from it; the newest run
-comes first. Every ``benchmarks/corpus-*.json`` is a run of ``tools/corpus_bench.py``
-(the corpus table of ``models/corpus``), rendered after the matrix runs. Nothing is measured here.
+comes first. Every ``benchmarks/tasks-*.json`` is a run of ``tools/task_bench.py`` (the
+task models of ``models/corpus``) and every ``benchmarks/corpus-*.json`` one of
+``tools/corpus_bench.py`` (the corpus classifiers), rendered after the matrix runs.
+Nothing is measured here.
 
     python tools/benchmarks_md.py            # rewrite BENCHMARKS.md
     python tools/benchmarks_md.py --check    # exit 1 if BENCHMARKS.md is out of date
@@ -19,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus_bench import markdown as corpus_markdown  # noqa: E402
 from matrix import markdown  # noqa: E402
+from task_bench import markdown as task_markdown  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks"
@@ -66,6 +69,9 @@ def render() -> str:
             "### Robustness matrix", "### Robustness matrix").strip() + "\n")
     if not runs:
         parts.append("No result files yet: run `tools/matrix.py` as above.\n")
+    for path in sorted(RESULTS.glob("tasks-*.json"), reverse=True):  # tools/task_bench.py
+        parts.append(f"## `benchmarks/{path.name}`\n\n"
+                     + task_markdown(json.loads(path.read_text())).strip() + "\n")
     for path in sorted(RESULTS.glob("corpus-*.json"), reverse=True):  # tools/corpus_bench.py
         parts.append(f"## `benchmarks/{path.name}`\n\n"
                      + corpus_markdown(json.loads(path.read_text())).strip() + "\n")

@@ -230,7 +230,13 @@ def _yes(v: Any) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     """One row per model and method; the verdict columns on onnxfbp's rows."""
-    lines = ["| model, shift | method | shifted eval before → after | original before → after "
+    meta = result.get("meta", {})
+    machine = meta.get("machine", {})
+    lines = [f"`{meta.get('command', '')}` at {meta.get('commit', '?')}, "
+             f"{meta.get('date', '?')[:16].replace('T', ' ')} UTC, {machine.get('cpu', '?')} "
+             f"{machine.get('cores', '?')} cores; seconds are whole processes, spawn to exit.",
+             "",
+             "| model, shift | method | shifted eval before → after | original before → after "
              "| s | target | ≤5 % of tuned | orig ≥ tuned | time / adam-1 |",
              "|---|---|---|---|---:|---|---|---|---:|"]
     for cell in result["cells"]:
