@@ -346,7 +346,8 @@ class Minibatch:
 
     def relative_step(self, name: str, direction: Any) -> Any:
         """``lr ||W|| D / ||D||`` for the layer's direction ``D`` (``lr D`` when ``W``
-        is all zero); zero, and counted, when ``D`` is not finite or zero."""
+        is all zero; a zero ``D`` stays zero); zero, and counted, when ``D`` is not
+        finite."""
         xp = self.state.xp
         size = float(xp.linalg.norm(direction))
         if not np.isfinite(size):
