@@ -332,6 +332,8 @@ def test_progress_events_render() -> None:
         "sweep 3 Conv a: b/Conv: reverted, held-out acc n/a, lam None, 0.10s")
     assert render(StepChecked(3, 40, 0.91234, 0.3)) == (
         "minibatch step 3/40: held-out acc 0.9123, loss 0.3000")
+    assert render(StepChecked(3, 40, float("nan"), 0.3)) == (  # a regression: no accuracy
+        "minibatch step 3/40: held-out loss 0.3000")
     assert render(StepBackedOff(2, "held-out loss rose", 0.15)) == (
         "minibatch step 2: held-out loss rose, step halved to 0.15")
     assert render(Message("loading model")) == "loading model"

@@ -35,6 +35,7 @@ in a log). Callers that may receive a plain function use
 
 from __future__ import annotations
 
+import math
 import sys
 import weakref
 from types import TracebackType
@@ -84,9 +85,10 @@ def render(event: Event | str) -> str:
     if isinstance(event, LayerVisited):
         r = event.report
         return f"sweep {r.sweep + 1} {r.op} {r.name}: {_layer_outcome(r)}"
-    if isinstance(event, StepChecked):
-        return (f"minibatch step {event.step}/{event.total}: held-out acc "
-                f"{event.accuracy:.4f}, loss {_loss(event.loss)}")
+    if isinstance(event, StepChecked):  # no accuracy (nan) for a regression: the loss alone
+        acc = "" if math.isnan(event.accuracy) else f"acc {event.accuracy:.4f}, "
+        return (f"minibatch step {event.step}/{event.total}: held-out {acc}"
+                f"loss {_loss(event.loss)}")
     if isinstance(event, StepBackedOff):
         return f"minibatch step {event.step}: {event.why}, step halved to {event.lr:g}"
     if isinstance(event, ShardsDone):
