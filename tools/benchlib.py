@@ -293,6 +293,23 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
     return info
 
 
+def commit() -> str:
+    """The source tree's short commit (raises when it is not a git checkout)."""
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def choose(value: str | None, allowed: list[str], what: str,
+           fail: Callable[[str], None]) -> list[str]:
+    """The comma list ``value`` (None or empty: all of ``allowed``); an item not
+    in ``allowed`` goes to ``fail`` with the choices."""
+    items = [s.strip() for s in (value or "").split(",") if s.strip()]
+    bad = [s for s in items if s not in allowed]
+    if bad:
+        fail(f"unknown {what} {', '.join(bad)}; choose from {', '.join(allowed)}")
+    return items or list(allowed)
+
+
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for pkg in ("onnxfbp", "onnxruntime", "onnx", "torch", "onnx2torch", "numpy", "scipy"):
@@ -304,12 +321,7 @@ def versions() -> dict[str, str]:
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[pkg] = metadata.version(pkg)
     try:
-        sha = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        sha = commit()
         dirty = subprocess.run(
             ["git", "-C", str(ROOT), "status", "--porcelain"],
             capture_output=True,

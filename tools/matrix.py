@@ -76,6 +76,7 @@ from benchlib import (  # noqa: E402
     MODELS,
     ROOT,
     child_env,
+    choose,
     datasets_module,
     load_images01,
     machine_info,
@@ -401,14 +402,6 @@ def markdown(result: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- main
 
 
-def _choose(value: str | None, allowed: list[str], what: str) -> list[str]:
-    items = [s.strip() for s in (value or "").split(",") if s.strip()]
-    bad = [s for s in items if s not in allowed]
-    if bad:
-        fail(f"unknown {what} {', '.join(bad)}; choose from {', '.join(allowed)}")
-    return items or list(allowed)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -435,9 +428,9 @@ def main(argv: list[str] | None = None) -> int:
             fail(f"{args.from_json} does not exist; pass a results JSON written by --out")
         print(markdown(json.loads(args.from_json.read_text())))
         return 0
-    models = _choose(args.models, list(MODELS), "model")
-    shifts = _choose(args.shifts, list(SHIFTS), "shift")
-    methods = _choose(args.methods, list(METHODS), "method")
+    models = choose(args.models, list(MODELS), "model", fail)
+    shifts = choose(args.shifts, list(SHIFTS), "shift", fail)
+    methods = choose(args.methods, list(METHODS), "method", fail)
     try:
         sizes = [int(s) for s in args.n_adapt.split(",") if s.strip()]
     except ValueError:

@@ -54,7 +54,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import ROOT, child_env, machine_info, run_timed_process, versions  # noqa: E402
+from benchlib import (  # noqa: E402
+    ROOT,
+    child_env,
+    choose,
+    commit,
+    machine_info,
+    run_timed_process,
+    versions,
+)
 
 # model: (shift, [(output, labels key)] or [] for the default first output on y)
 TASKS: dict[str, tuple[str, list[tuple[str, str]]]] = {
@@ -255,20 +263,11 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _commit() -> str:
+def _source_commit() -> str:
     try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
+        return commit()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def _choose(value: str | None, allowed: list[str], what: str) -> list[str]:
-    items = [s.strip() for s in (value or "").split(",") if s.strip()]
-    bad = [s for s in items if s not in allowed]
-    if bad:
-        fail(f"unknown {what} {', '.join(bad)}; choose from {', '.join(allowed)}")
-    return items or list(allowed)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -291,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             fail(f"{args.from_json} does not exist; pass a results JSON written by --out")
         print(markdown(json.loads(args.from_json.read_text())))
         return 0
-    models = _choose(args.models, list(TASKS), "model")
-    methods = _choose(args.methods, list(METHODS), "method")
+    models = choose(args.models, list(TASKS), "model", fail)
+    methods = choose(args.methods, list(METHODS), "method", fail)
     if args.n < 1:
         fail("--n must be >= 1")
     date = dt.datetime.now(dt.timezone.utc)
@@ -300,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "meta": {"command": shlex.join(["python", "tools/task_bench.py", *sys.argv[1:]]),
-                 "commit": _commit(), "date": date.isoformat(timespec="seconds"),
+                 "commit": _source_commit(), "date": date.isoformat(timespec="seconds"),
                  "machine": machine_info(), "versions": versions()},
         "methods": methods, "cells": []}
     for i, name in enumerate(models, 1):
