@@ -68,6 +68,7 @@ import statistics
 import sys
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -194,11 +195,13 @@ def onnxfbp_layers(report_path: Path) -> dict[str, Any]:
     return out
 
 
-def method_command(method: str, model: Path, out: Path, data: Path, report: Path) -> list[str]:
+def method_command(method: str, model: Path, out: Path, data: Path, report: Path,
+                   extra: Sequence[str] = ()) -> list[str]:
+    """The whole process of ``method`` on one cell (``extra``: more onnxfbp flags)."""
     py = sys.executable
     if method.startswith("onnxfbp"):
         cmd = [py, "-m", "onnxfbp.cli", "refine", str(model), str(out), "--data", str(data),
-               "--report", str(report), "--seed", "0", "--device", "cpu", "--quiet"]
+               "--report", str(report), "--seed", "0", "--device", "cpu", "--quiet", *extra]
         if method == "onnxfbp-retain":
             cmd += ["--retain-data", str(data.with_name("retain.npz"))]
         elif method == "onnxfbp-retain-unlabelled":
@@ -214,7 +217,8 @@ def method_command(method: str, model: Path, out: Path, data: Path, report: Path
 
 
 def run_cell(model_name: str, shift: str, n: int, methods: list[str], cache: DataCache,
-             timeout: float, reused: dict[str, Any] | None = None) -> dict[str, Any]:
+             timeout: float, reused: dict[str, Any] | None = None,
+             extra: Sequence[str] = ()) -> dict[str, Any]:
     """One (model, shift, n) cell: every method as a whole process, scored before/after.
     Methods in ``reused`` (the peers' rows of an earlier run of the same cell) are not
     run again: their rows are copied, marked ``reused``."""
@@ -243,7 +247,7 @@ def run_cell(model_name: str, shift: str, n: int, methods: list[str], cache: Dat
                 continue
             out, report = Path(tmp) / method / "out.onnx", Path(tmp) / method / "report.json"
             out.parent.mkdir()
-            row = run_timed(method_command(method, model, out, data, report), timeout)
+            row = run_timed(method_command(method, model, out, data, report, extra), timeout)
             if method.startswith("onnxfbp"):
                 row.update(onnxfbp_layers(report))
             elif report.is_file():
@@ -418,6 +422,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peers-from", type=Path, help="reuse the peers' results of this "
                    "earlier run's JSON for the same cells (run only onnxfbp again)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per process")
+    p.add_argument("--onnxfbp-args", default="", help="more flags for every onnxfbp run, "
+                   "e.g. '--epochs 2' (a candidate default, judged on the whole matrix)")
     return p.parse_args(argv)
 
 
@@ -460,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     lock = threading.Lock()
 
     def one(job: tuple[str, str, int]) -> None:
-        cell = run_cell(*job, methods, cache, args.timeout, peers.get(job))
+        cell = run_cell(*job, methods, cache, args.timeout, peers.get(job),
+                        shlex.split(args.onnxfbp_args))
         with lock:
             result["cells"].append(cell)
             out.write_text(json.dumps(result, indent=1))
