@@ -134,11 +134,18 @@ class GateConfig:
 
 @dataclass(frozen=True)
 class RetainConfig:
-    """The original-domain data (``--retain-data``): every update must keep its
-    held-out accuracy (another task: its gate metric, :mod:`onnxfbp.retain`)
-    within ``max_retain_drop`` of the input model's."""
+    """Keeping the original domain. With retain data (``--retain-data``) every
+    update must keep its held-out accuracy (another task: its gate metric,
+    :mod:`onnxfbp.retain`) within ``max_retain_drop`` of the input model's; with
+    or without it, the schedule's change is blended back toward the input
+    weights as far as the held-out split allows (:mod:`onnxfbp.schedules.blend`)."""
 
     max_retain_drop: float = 0.01  # largest allowed retain held-out accuracy drop, in [0, 1]
+    # the retain data's held-out fraction, which judges that bound: a bound of 1 point
+    # needs hundreds of samples (0.2 of 1,000 allows a drop of 2 samples)
+    retain_holdout: float = 0.5
+    # the fractions of the schedule's change tried when blending back (schedules.blend)
+    blend_grid: tuple[float, ...] = (0.25, 0.5, 0.75)
 
 
 @dataclass(frozen=True)
@@ -229,6 +236,10 @@ def _problems(config: RefineConfig) -> list[str]:
         bad.append(f"holdout {config.split.holdout} (a fraction in [0, 1))")
     if not (math.isfinite(config.head.min_z) and config.head.min_z >= 0):
         bad.append(f"min_z {config.head.min_z} (a number >= 0)")
+    if not 0.0 < config.retain.retain_holdout < 1.0:
+        bad.append(f"retain_holdout {config.retain.retain_holdout} (a fraction in (0, 1))")
+    if not all(math.isfinite(a) and 0.0 < a < 1.0 for a in config.retain.blend_grid):
+        bad.append(f"blend_grid {config.retain.blend_grid} (fractions in (0, 1))")
     drop = config.retain.max_retain_drop
     if not (math.isfinite(drop) and 0.0 <= drop <= 1.0):
         bad.append(f"max_retain_drop {drop} (a fraction in [0, 1])")

@@ -50,6 +50,7 @@ from .output.patch import check_output_path, write_refined
 from .output.results import EvalResult, LayerReport, RefineResult
 from .output.summary import environment, feature_maps, plan_summary, task_figures, task_outputs
 from .retain import RetainLike, as_retain, attach_retain, retain_eval
+from .schedules.blend import blend_back
 from .schedules.minibatch import train_minibatch
 from .schedules.state import ModelState, RunContext, Score
 from .schedules.sweeps import Sweeps, narrow_sweeps, run_sweeps
@@ -185,6 +186,7 @@ def train_on_split(state: ModelState, ctx: RunContext) -> EvalResult | None:
                           else (False, None))
     if polished:
         return estimate
+    before = Score(ctx.score.loss, ctx.score.correct)
     if state.config.schedule == "minibatch":
         train_minibatch(state, ctx)
         # Then full-pass sweeps over the narrow dense layers: their exact
@@ -195,6 +197,7 @@ def train_on_split(state: ModelState, ctx: RunContext) -> EvalResult | None:
             run_sweeps(state, ctx, 1, narrow)
     else:
         run_sweeps(state, ctx, 0, Sweeps(state.layers, state.downstream))
+    blend_back(state, ctx, before)
     if len(state.layers) > 1 and (ctx.score.correct > 0 or not state.task.classification):
         # With the features settled, take the output layer to its optimum too.
         _, estimate = polish_head(state, ctx)
@@ -325,6 +328,7 @@ def run_refine(
                 **({"scale": retained.scale} if task.kind == "regression" else {}),
             },
             **({"final_rounding": final_rounding} if final_rounding is not None else {}),
+            **({"blend": ctx.blend} if ctx.blend is not None else {}),
         },
     )
 

@@ -92,10 +92,11 @@ def _model_targets(state: ModelState, z: np.ndarray) -> np.ndarray:
 
 
 def _split(state: ModelState, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The retain data's own training and held-out split (the holdout fraction,
-    its own draw; fewer than 10 samples: the training part judges itself)."""
+    """The retain data's own training and held-out split (``retain_holdout`` of
+    it held out, its own draw; fewer than 10 samples: the training part judges
+    itself)."""
     pick = np.random.default_rng([state.config.split.seed, SEED_SALT, 2])
-    is_val = pick.random(n) < state.config.split.holdout if n >= 10 else np.zeros(n, bool)
+    is_val = pick.random(n) < state.config.retain.retain_holdout if n >= 10 else np.zeros(n, bool)
     train, val = np.flatnonzero(~is_val), np.flatnonzero(is_val)
     return train, (val if len(val) else train)
 

@@ -50,7 +50,8 @@ def test_labelled_retain_keeps_the_original_domain(
     result = refine(MODEL, None, adapt, config=CPU, retain_data=clean)
     rb, ra = result.retain_before, result.retain_after
     assert rb is not None and ra is not None
-    assert 150 <= rb.n <= 250  # the retain data's own held-out fifth
+    n = len(clean[1])  # the retain data's own held-out half (retain_holdout)
+    assert 0.4 * n <= rb.n <= 0.6 * n
     assert ra.accuracy >= rb.accuracy - 0.01
     assert result.gate["passed"] and result.gate["retain_drop"] <= 0.01
     # the shift is still learnt: at least 80% of the held-out gain without retain data

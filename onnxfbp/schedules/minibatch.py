@@ -65,7 +65,7 @@ from ..reverse.arrays import reverse
 from ..reverse.select import KeptRoute, choose_reverse, kept_route
 from ..rules import Array
 from ..run.backend import to_numpy
-from .state import ModelState, RunContext, whole_groups
+from .state import ModelState, RunContext, Score, whole_groups
 
 __all__ = ["Minibatch", "train_minibatch"]
 
@@ -113,6 +113,7 @@ class Minibatch:
         self.averaged: dict[str, Array] = {}  # from the first step on; updated in place
         self.lr = self.cfg.lr  # halved at each blow-up
         self.best_loss = ctx.score.loss
+        self.unbound = Score(ctx.score.loss, ctx.score.correct)
         self.improved = False
         self.stale = 0
         self.halved = 0  # blow-ups so far, each halving the step
@@ -370,6 +371,8 @@ class Minibatch:
         if not np.isfinite(loss) or loss > 1.5 * self.best_loss:
             self.back_off(step, "held-out loss rose")
         else:
+            if ctx.retain is not None and self.unbound.better(loss, correct):
+                ctx.unbound = dict(state.values)  # the best regardless of the retain bound
             if ctx.accept(state, loss, correct):
                 self.kept_values = dict(state.values)
                 self.kept_weights = {name: w.copy() for name, w in scored.items()}

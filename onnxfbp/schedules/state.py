@@ -114,6 +114,9 @@ class RunContext:
     progress: Progress
     reports: list[LayerReport] = field(default_factory=list)
     retain: Retain | None = None  # with --retain-data: the constraint every update keeps
+    # with retain data: the schedule's best held-out weights regardless of its bound
+    unbound: dict[str, np.ndarray] | None = None
+    blend: dict[str, Any] | None = None  # what the blend back kept (schedules.blend)
 
     def accept(self, state: ModelState, loss: float, correct: int, commit: bool = True,
                retain_preds: np.ndarray | None = None) -> bool:
