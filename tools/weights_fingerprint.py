@@ -14,6 +14,12 @@ The settings are written with the names of the current configuration
 ``RefineConfig`` when the package imported is one without ``onnxfbp.config``,
 so that the same tool fingerprints the code before and after a change.
 ``tests/test_same_weights.py`` recomputes the fingerprints and compares.
+
+The file also records :func:`machine`: the CPU's SIMD features as NumPy sees them
+and the NumPy and onnxruntime versions. Trained weights depend on them beyond
+the comparison's tolerance (the kernels round differently: the same commit gave
+the demo's weights 1e-2 apart on an AVX2 and an AVX-512 machine), so the test
+compares only on a machine like the one that recorded them.
 """
 
 from __future__ import annotations
@@ -212,6 +218,19 @@ def compare(want: dict[str, Any], got: dict[str, Any], rtol: float = 1e-5) -> li
     return problems
 
 
+def machine() -> dict[str, Any]:
+    """What the trained weights depend on besides the code: the CPU's SIMD features
+    (as NumPy dispatches on them) and the NumPy and onnxruntime versions."""
+    import onnxruntime as ort  # noqa: PLC0415
+
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features  # noqa: PLC0415
+    except ImportError:  # NumPy 1.x
+        from numpy.core._multiarray_umath import __cpu_features__ as features  # noqa: PLC0415
+    return {"simd": sorted(k for k, on in features.items() if on), "numpy": np.__version__,
+            "onnxruntime": ort.__version__}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["demo", "shared"], default=None)
@@ -222,11 +241,11 @@ def main() -> int:
         cases.update(demo_cases())
     if args.only in (None, "shared"):
         cases.update(shared_cases())
-    out = {}
+    out: dict[str, Any] = {}
     for name, run in cases.items():
         print(f"fingerprinting {name}...", file=sys.stderr, flush=True)
         out[name] = run()
-    text = json.dumps(out, indent=1, sort_keys=True)
+    text = json.dumps({"machine": machine(), "cases": out}, indent=1, sort_keys=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
