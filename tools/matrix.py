@@ -356,6 +356,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{N_EVAL} shifted + the same {N_EVAL} unshifted (original domain). Each method is "
         "one whole process, ONNX in, ONNX out, timed from spawn to exit; `tools/matrix.py` "
         "docstring has the definitions.",
+        *([f"- Note: {meta['note']}"] if meta.get("note") else []),
         "",
         "#### Summary against the tuned peer",
         "",
