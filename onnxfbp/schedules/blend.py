@@ -17,6 +17,9 @@ With retain data, a blend counts only if it keeps the retain bound
 (:class:`Retain`), and the schedule's best held-out weights regardless of that
 bound (``RunContext.unbound``) are blended too: where every step of the schedule
 broke the bound, some fraction of its best change may keep it.
+
+Classifiers only (the sign test counts samples right and wrong); the other tasks
+keep the schedule's result as it is.
 """
 
 from __future__ import annotations
