@@ -14,8 +14,8 @@ those of the best blend by less than the sign test of
 losses)``), and that still beats the input model's held-out score.
 
 With retain data, a blend counts only if it keeps the retain bound
-(:class:`Retain`), and the schedule's best held-out weights regardless of that
-bound (``RunContext.unbound``) are blended too: where every step of the schedule
+(:class:`Retain`), and the minibatch schedule's best held-out weights
+regardless of that bound (``RunContext.unbound``) are blended too: where every step of the schedule
 broke the bound, some fraction of its best change may keep it.
 
 Classifiers only (the sign test counts samples right and wrong); the other tasks

@@ -114,7 +114,7 @@ class RunContext:
     progress: Progress
     reports: list[LayerReport] = field(default_factory=list)
     retain: Retain | None = None  # with --retain-data: the constraint every update keeps
-    # with retain data: the schedule's best held-out weights regardless of its bound
+    # with retain data: the minibatch schedule's best held-out weights regardless of its bound
     unbound: dict[str, np.ndarray] | None = None
     blend: dict[str, Any] | None = None  # what the blend back kept (schedules.blend)
 
