@@ -131,3 +131,17 @@ def test_out_of_range_blend_and_retain_settings_say_which(settings: dict[str, An
                                                           named: str) -> None:
     with pytest.raises(ConfigError, match=f"setting out of range: {named}"):
         RefineConfig.of(**settings)
+
+
+def test_the_summary_says_what_the_blend_kept(adapt: Any, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI's summary names the blend, even with --quiet (a changed result
+    is said, never hidden)."""
+    from onnxfbp.cli.commands import _outcome_lines  # noqa: PLC0415
+
+    cfg = CPU.replace(min_z=1e9)  # the smallest blend that beats the input is kept
+    result = refine(MODEL, None, adapt, config=cfg)
+    a = result.data["blend"]["a"]
+    assert f"blended back: {a:g} of the schedule's change kept" in _outcome_lines(result)
+    plain = refine(MODEL, None, adapt, config=CPU.replace(blend_grid=()))
+    assert not any("blended" in line for line in _outcome_lines(plain))

@@ -17,6 +17,7 @@ Regenerate (only when a change of the results is intended):
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,18 +37,27 @@ DEMO = sorted(fp.demo_cases())
 SHARED = sorted(name for name in RECORDED if name not in DEMO)
 
 
+def other_machine() -> str:
+    """Why this machine cannot give the recorded weights ("" if it can): what
+    differs from the one that recorded them (SIMD features, NumPy and
+    onnxruntime versions) and how to record them here."""
+    here, there = fp.machine(), FILE["machine"]
+    if here == there:
+        return ""
+    diff = {k: v for k, v in here.items() if there.get(k) != v}
+    return (f"fingerprints were recorded on another machine (here {diff}); regenerate "
+            "them here to compare: python tools/weights_fingerprint.py "
+            "--out tests/data/weights_fingerprint.json")
+
+
 @pytest.fixture(autouse=True)
 def same_machine(request: pytest.FixtureRequest) -> None:
-    """Compare only where the weights can be the same: a machine like the one
-    that recorded them (SIMD features, NumPy and onnxruntime versions)."""
-    if request.node.name.startswith("test_compare"):
+    """Compare only where the weights can be the same (:func:`other_machine`)."""
+    if request.node.name.startswith(("test_compare", "test_another")):
         return
-    here, there = fp.machine(), FILE["machine"]
-    if here != there:
-        diff = {k: v for k, v in here.items() if there.get(k) != v}
-        pytest.skip(f"fingerprints were recorded on another machine (here {diff}); "
-                    "regenerate them here to compare: python tools/weights_fingerprint.py "
-                    "--out tests/data/weights_fingerprint.json")
+    why = other_machine()
+    if why:
+        pytest.skip(why)
 
 
 @pytest.mark.parametrize("case", DEMO)
@@ -81,3 +91,13 @@ def test_compare_notices_a_change() -> None:
     assert fp.compare(base, {"w": fp.fingerprint(nudged)})
     assert fp.compare(base, {"w": fp.fingerprint(w.reshape(10, 6))})
     assert fp.compare(base, {"v": fp.fingerprint(w)})
+
+
+def test_another_machine_skips_and_says_how_to_regenerate(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fingerprints recorded elsewhere are not compared: the reason names what
+    differs and the command that records them here."""
+    monkeypatch.setattr(fp, "machine", lambda: dict(FILE["machine"]))
+    assert other_machine() == ""  # the recording machine: compared
+    monkeypatch.setattr(fp, "machine", lambda: {**FILE["machine"], "numpy": "0.0-other"})
+    assert re.search(r"numpy.*0\.0-other.*weights_fingerprint\.py", other_machine())

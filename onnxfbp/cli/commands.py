@@ -91,6 +91,9 @@ def _outcome_lines(result: Any) -> list[str]:
                          f"({p.get('reason') or 'no update kept'})")
     if len(rows) > 1 and changed == [rows[-1]["name"]]:  # plan order: the output layer last
         lines.append("only the output layer changed: it alone carries the gain")
+    if (blend := (getattr(result, "data", None) or {}).get("blend")) is not None:
+        what = "change" if blend["of"] == "kept" else "best change regardless of the retain bound"
+        lines.append(f"blended back: {blend['a']:g} of the schedule's {what} kept")
     lines.extend(getattr(result, "warnings", None) or [])  # shown even with --quiet
     return lines
 
