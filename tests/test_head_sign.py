@@ -18,9 +18,23 @@ def test_the_sign_test_counts_wins_and_losses() -> None:
     y = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
     before = np.array([0, 1, 2, 3, 4, 5, 0, 0, 0, 0])  # 6 right
     after = np.array([0, 1, 2, 3, 4, 0, 6, 7, 0, 0])  # 7 right: won 6, 7; lost 5
-    assert "2 samples won, 1 lost" in no_clear_win(before, after, y, 1.0)  # 1 < sqrt(3)
-    assert no_clear_win(before, after, y, 0.5) == ""  # 1 >= 0.5 sqrt(3)
-    assert no_clear_win(before, y, y, 1.0) == ""  # won 4, lost 0: 4 >= 2
+    # won 2, lost 1: P(X >= 2 | 3 flips) = 0.5, above Phi(-1) = 0.159 and Phi(-0.5) = 0.31
+    assert "2 samples won, 1 lost" in no_clear_win(before, after, y, 1.0)
+    assert "2 samples won, 1 lost" in no_clear_win(before, after, y, 0.5)
+    assert no_clear_win(before, after, y, 0.0) == ""  # p 0.5 <= Phi(0) = 0.5
+    assert no_clear_win(before, y, y, 1.0) == ""  # won 4, lost 0: p 1/16 = 0.0625
+    assert "4 samples won" in no_clear_win(before, y, y, 1.6)  # Phi(-1.6) = 0.055
+
+
+def test_small_counts_need_the_exact_test() -> None:
+    """2 wins and no loss happen by chance 1 time in 4: no clear win at one
+    standard error, though its normal approximation (2 >= sqrt(2)) says so; and
+    no flip at all is no win."""
+    y = np.arange(10)
+    before = np.where(np.arange(10) < 8, y, 0)  # 8 right
+    after = y.copy()  # 10 right: won 2, lost 0
+    assert "2 samples won, 0 lost" in no_clear_win(before, after, y, 1.0)
+    assert "0 samples won, 0 lost" in no_clear_win(after, after, y, 0.0)
 
 
 def test_a_solve_without_a_clear_win_is_reverted_and_says_so() -> None:
@@ -34,7 +48,7 @@ def test_a_solve_without_a_clear_win_is_reverted_and_says_so() -> None:
         device="cpu", max_layers=1, min_z=50.0))
     [layer] = strict.layers
     assert layer.outcome != "kept"
-    assert "samples won" in layer.reason and "short of 50 standard errors" in layer.reason
+    assert "samples won" in layer.reason and "50 standard errors" in layer.reason
     assert strict.heldout_after.accuracy == strict.heldout_before.accuracy
     loose = onnxfbp.refine(model, None, x, y, config=RefineConfig.of(
         device="cpu", max_layers=1, min_z=0.0))

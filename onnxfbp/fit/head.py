@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 from ..data import LabelledData
 from ..output.results import EvalResult, LayerReport
@@ -268,16 +269,22 @@ def polish_head(state: ModelState, ctx: RunContext) -> tuple[bool, EvalResult | 
 
 
 def no_clear_win(before: np.ndarray, after: np.ndarray, y: np.ndarray, min_z: float) -> str:
-    """Why predictions ``after`` do not clearly beat ``before`` on labels ``y`` (the
-    sign test ``wins - losses >= min_z sqrt(wins + losses)``, ``wins``: samples
-    right after and wrong before, ``losses`` the other way round); "" if they do."""
+    """Why predictions ``after`` do not clearly beat ``before`` on labels ``y``; ""
+    if they do. ``wins``: samples right after and wrong before, ``losses`` the
+    other way round; under no difference ``wins`` is Binomial(wins + losses, 1/2),
+    and a clear win is one as unlikely as ``min_z`` standard errors of a normal,
+    ``P(X >= wins) <= Phi(-min_z)`` (the exact one-sided sign test: its normal
+    approximation, ``wins - losses >= min_z sqrt(wins + losses)``, lets 2 wins
+    and no loss pass at ``min_z`` 1, a chance of 1 in 4)."""
     right_before, right_after = np.asarray(before) == y, np.asarray(after) == y
     wins = int((right_after & ~right_before).sum())
     losses = int((right_before & ~right_after).sum())
-    if wins - losses >= min_z * np.sqrt(wins + losses):
+    p_max = float(stats.norm.sf(min_z))
+    p = float(stats.binom.sf(wins - 1, wins + losses, 0.5)) if wins else 1.0
+    if wins > losses and p <= p_max:
         return ""
-    return (f"held-out: {wins} samples won, {losses} lost against the current model, "
-            f"short of {min_z:g} standard errors; reverted")
+    return (f"held-out: {wins} samples won, {losses} lost against the current model "
+            f"(sign test p {p:.3g}, above {p_max:.3g}: {min_z:g} standard errors); reverted")
 
 
 def head_cross_validated(
