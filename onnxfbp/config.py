@@ -118,7 +118,7 @@ class HeadConfig:
     iterations: int = 100  # bound-optimization iterations per lam
     max_rows: int = 20000  # samples per split used by the solve
     refit: bool = True  # refit on train + held-out with the chosen lam
-    min_z: float = 1.0  # kept only if held-out wins - losses >= min_z sqrt(wins + losses)
+    min_z: float = 1.0  # kept only on a held-out sign test's p <= Phi(-min_z) (fit.head)
     min_heldout_for_depth: int = 100  # fewer held-out samples: output layer only, by CV
     min_heldout_for_depth_dense: int = 20  # the same for dense and mask tasks (labels per position)
     folds: int = 5  # cross-validation folds for that case

@@ -10,8 +10,9 @@ Each part of the change costs the original domain, and the held-out split of the
 new data cannot see that cost, so the rule is the least change that the full one
 does not clearly beat: the smallest ``a`` whose held-out predictions lose to
 those of the best blend by less than the sign test of
-:func:`onnxfbp.fit.head.no_clear_win` (``wins - losses < min_z sqrt(wins +
-losses)``), and that still beats the input model's held-out score.
+:func:`onnxfbp.fit.head.no_clear_win` (the exact one-sided sign test at
+``min_z`` standard errors), and that still beats the input model's held-out
+score.
 
 With retain data, a blend counts only if it keeps the retain bound
 (:class:`Retain`), and the minibatch schedule's best held-out weights
