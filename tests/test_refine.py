@@ -151,14 +151,15 @@ def test_checks_score_the_running_average_of_the_steps(
     """Two steps, one held-out check after them: with ``average=0.9`` the kept body
     weights are ``0.9 W1 + 0.1 W2`` of the steps that ``average=0`` keeps after one
     and after two steps (same seed, so the same steps); the output layer is solved
-    afterwards either way, so only the body is compared."""
+    afterwards either way, so only the body is compared (no blend back, which
+    would scale the change: tests/test_blend.py)."""
     model = shared_models / "mnist_pytorch25_legacy_cnn.onnx"
     x, y = _legacy_prep(mnist_rot["x_adapt"][:2000]), mnist_rot["y_adapt"][:2000]
     body = ("conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "fc1.weight", "fc1.bias")
 
     def kept(average: float, epochs: float) -> dict[str, np.ndarray]:
         config = RefineConfig.of(average=average, epochs=epochs, step_batch=900,
-                              checks_per_epoch=1, allow_worse=True)
+                              checks_per_epoch=1, allow_worse=True, blend_grid=())
         out = tmp_path / f"r{average}-{epochs}.onnx"
         result = refine(model, out, x, y, config=config)
         assert result.layers[0].reason.startswith(f"minibatch schedule, {round(epochs * 2)} steps")
