@@ -146,6 +146,10 @@ class RetainConfig:
     retain_holdout: float = 0.5
     # the fractions of the schedule's change tried when blending back (schedules.blend)
     blend_grid: tuple[float, ...] = (0.25, 0.5, 0.75)
+    # labelled classifiers: the weight kappa of the pull of the retain training samples' logits
+    # toward the input model's, kappa (z0 - z), in the schedule's second run, when the
+    # retain bound cost most of the first's gain (refine.train_on_split; 0: no second run)
+    retain_anchor: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -238,6 +242,8 @@ def _problems(config: RefineConfig) -> list[str]:
         bad.append(f"min_z {config.head.min_z} (a number >= 0)")
     if not 0.0 < config.retain.retain_holdout < 1.0:
         bad.append(f"retain_holdout {config.retain.retain_holdout} (a fraction in (0, 1))")
+    if not (math.isfinite(config.retain.retain_anchor) and config.retain.retain_anchor >= 0):
+        bad.append(f"retain_anchor {config.retain.retain_anchor} (a weight >= 0)")
     if not all(math.isfinite(a) and 0.0 < a < 1.0 for a in config.retain.blend_grid):
         bad.append(f"blend_grid {config.retain.blend_grid} (fractions in (0, 1))")
     drop = config.retain.max_retain_drop

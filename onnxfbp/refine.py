@@ -22,7 +22,10 @@ the run trains on the union of both training splits (retain samples with their
 labels, or, unlabelled, with the input model's outputs as targets), every
 update must also keep the retain held-out figure (accuracy; another task: its
 gate metric, :mod:`onnxfbp.retain`) within ``max_retain_drop`` of the input
-model's, and so must the final result (else :class:`GateError`).
+model's, and so must the final result (else :class:`GateError`). Where that
+bound cost a classifier most of the minibatch schedule's gain, the schedule runs
+a second time with the retain samples anchored to the input model's logits, and
+the better run is kept (:func:`onnxfbp.retain.retry_anchored`).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from .multidata import KeyedLabelData, MultiInputData, load_inputs, read_label_k
 from .output.patch import check_output_path, write_refined
 from .output.results import EvalResult, LayerReport, RefineResult
 from .output.summary import environment, feature_maps, plan_summary, task_figures, task_outputs
-from .retain import RetainLike, as_retain, attach_retain, retain_eval
+from .retain import RetainLike, as_retain, attach_retain, retain_eval, retry_anchored
 from .schedules.blend import blend_back
 from .schedules.minibatch import train_minibatch
 from .schedules.state import ModelState, RunContext, Score
@@ -187,20 +190,28 @@ def train_on_split(state: ModelState, ctx: RunContext) -> EvalResult | None:
     if polished:
         return estimate
     before = Score(ctx.score.loss, ctx.score.correct)
+
+    def schedule() -> EvalResult | None:
+        if state.config.schedule == "minibatch":
+            train_minibatch(state, ctx)
+            # Then full-pass sweeps over the narrow dense layers: their exact
+            # least-squares solves are cheap there and can jump further than small
+            # steps (measured: the demo model 0.905 -> 0.946).
+            narrow = narrow_sweeps(state)
+            if any(layer is not state.layers[0] for layer in narrow.layers):
+                run_sweeps(state, ctx, 1, narrow)
+        else:
+            run_sweeps(state, ctx, 0, Sweeps(state.layers, state.downstream))
+        blend_back(state, ctx, before)
+        if len(state.layers) > 1 and (ctx.score.correct > 0 or not state.task.classification):
+            # With the features settled, take the output layer to its optimum too.
+            return polish_head(state, ctx)[1]
+        return None
+
+    start, mark = dict(state.values), len(ctx.reports)
+    estimate = schedule()
     if state.config.schedule == "minibatch":
-        train_minibatch(state, ctx)
-        # Then full-pass sweeps over the narrow dense layers: their exact
-        # least-squares solves are cheap there and can jump further than small
-        # steps (measured: the demo model 0.905 -> 0.946).
-        narrow = narrow_sweeps(state)
-        if any(layer is not state.layers[0] for layer in narrow.layers):
-            run_sweeps(state, ctx, 1, narrow)
-    else:
-        run_sweeps(state, ctx, 0, Sweeps(state.layers, state.downstream))
-    blend_back(state, ctx, before)
-    if len(state.layers) > 1 and (ctx.score.correct > 0 or not state.task.classification):
-        # With the features settled, take the output layer to its optimum too.
-        _, estimate = polish_head(state, ctx)
+        estimate = retry_anchored(state, ctx, before, start, mark, schedule, estimate)
     return estimate
 
 
@@ -325,6 +336,10 @@ def run_refine(
                 "heldout": len(retained.val_idx),
                 "targets": "labels" if retained.data.labelled else "model outputs",
                 "agreement": agreement,  # with the input model's predictions, after
+                # the pull toward the input model's logits (classifiers) and the second,
+                # anchored run of the schedule (null: not needed)
+                "anchor": None if ctx.anchor is None else {
+                    "weight": ctx.anchor.weight, "second_run": ctx.anchor.outcome},
                 **({"scale": retained.scale} if task.kind == "regression" else {}),
             },
             **({"final_rounding": final_rounding} if final_rounding is not None else {}),

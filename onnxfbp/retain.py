@@ -1,7 +1,9 @@
 """Retain data (``--retain-data``): original-domain samples the run must not forget.
 
 The retain samples join the run's data (:func:`attach_retain`): their training
-part trains with the adaptation data, their held-out part is the constraint
+part trains with the adaptation data (labelled ones of a classifier, in a second
+run where the bound cost the first most of its gain, also pulled toward the input
+model's logits: :func:`retry_anchored`), their held-out part is the constraint
 :class:`onnxfbp.schedules.state.Retain` every update keeps, and the gate checks
 it again on the result (``refine._gate``). Their targets are their labels, or,
 unlabelled, the input model's own outputs computed once before any change: its
@@ -17,6 +19,7 @@ MAE of always predicting the mean of the retain held-out targets (``scale``).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,9 +31,12 @@ from .fit.head import SEED_SALT
 from .fit.targets import log_softmax
 from .fit.tasks import MultiTask
 from .output.results import EvalResult
-from .schedules.state import ModelState, Retain, RunContext
+from .schedules.state import Anchor, ModelState, Retain, RunContext, Score
 
-__all__ = ["RetainLike", "Retained", "as_retain", "attach_retain", "retain_eval"]
+__all__ = ["RetainLike", "Retained", "as_retain", "attach_retain", "retain_eval",
+           "retry_anchored"]
+
+RETRY_BELOW = 0.8  # a second, anchored run when the kept gain is below this share of the best
 
 RetainLike = LabelledData | tuple[np.ndarray, np.ndarray | None] | str | os.PathLike[str]
 
@@ -63,6 +69,7 @@ class Retained:
     val_idx: np.ndarray  # into joined
     probs: np.ndarray | None
     scale: float = 1.0
+    logits: np.ndarray | None = None  # classification: the input model's (n, classes)
 
     def credit(self) -> np.ndarray:
         """:class:`Retain` credit of the held-out part (classification): one-hot
@@ -128,8 +135,9 @@ def _join(state: ModelState, adapt: LabelledData, retain: LabelledData,
         held = np.asarray(labels[val], np.float64).reshape(len(val), -1)
         scale = float(np.abs(held - held.mean(axis=0)).mean()) or 1.0
     offset = len(adapt)
+    logits = z.reshape(len(z), -1).astype(np.float32) if classification else None
     return Retained(retain, JoinedData(adapt, retain, labels), train + offset, val + offset,
-                    probs, scale)
+                    probs, scale, logits)
 
 
 def retain_eval(state: ModelState, retained: Retained) -> tuple[EvalResult, float | None]:
@@ -166,6 +174,12 @@ def attach_retain(state: ModelState, ctx: RunContext,
     ctx.train_idx = np.concatenate([ctx.train_idx, retained.train_idx])
     ctx.data = retained.joined
     max_drop = state.config.retain.max_retain_drop
+    # labelled only: the second run changes more predictions, and the unlabelled
+    # bound's estimate cannot tell whether they were right (docs/retain.md)
+    if (retained.logits is not None and retained.data.labelled
+            and state.config.retain.retain_anchor > 0):
+        ctx.anchor = Anchor(len(retained.joined.first), retained.logits,
+                            state.config.retain.retain_anchor)
     if retained.probs is not None:
         ctx.retain = Retain(retained.val_idx, retained.credit(), before.accuracy * before.n,
                             max_drop)
@@ -173,3 +187,54 @@ def attach_retain(state: ModelState, ctx: RunContext,
         ctx.retain = Retain(retained.val_idx, np.zeros((0, 0)), 0.0, max_drop, before,
                             retained.scale)
     return retained, before
+
+
+def retry_anchored(state: ModelState, ctx: RunContext, before: Score,
+                   start: dict[str, np.ndarray], mark: int,
+                   schedule: Callable[[], EvalResult | None],
+                   estimate: EvalResult | None) -> EvalResult | None:
+    """After ``schedule`` ran once from the weights ``start`` (held-out score
+    ``before``; its layer reports from index ``mark`` of ``ctx.reports``): where
+    the retain bound kept less than ``RETRY_BELOW`` of its best held-out gain
+    regardless of the bound, run it again from ``start`` with the retain samples
+    anchored to the input model's logits (:class:`Anchor`), and keep the run with
+    the better held-out score (the other's layer reports are dropped; the
+    progress and ``anchor.outcome`` say which). Returns the kept run's
+    ``estimate`` (``schedule``'s return: a refitted output layer's held-out
+    estimate, or None)."""
+    anchor, best = ctx.anchor, ctx.unbound_score
+    if anchor is None or anchor.weight == 0 or best is None:
+        return estimate
+    gain, kept = best.correct - before.correct, ctx.score.correct - before.correct
+    if gain <= 0 or kept >= RETRY_BELOW * gain:
+        return estimate
+    n = len(ctx.val_idx)
+    first = (dict(state.values), ctx.score, ctx.blend, ctx.unbound, best, len(ctx.reports),
+             estimate)
+    ctx.progress(Message(
+        f"retain bound: the schedule kept {kept} of the {gain} held-out samples it won "
+        f"regardless of the bound; running it again with the retain samples pulled toward "
+        f"the input model's logits (weight {anchor.weight:g})"))
+    state.values, ctx.score = dict(start), Score(before.loss, before.correct)
+    ctx.blend, ctx.unbound, ctx.unbound_score = None, None, None
+    anchor.on = True
+    try:
+        second_estimate = schedule()
+    finally:
+        anchor.on = False
+    second = ctx.score
+    use_second = Score(first[1].loss, first[1].correct).better(second.loss, second.correct,
+                                                                 commit=False)
+    anchor.outcome = {"first_heldout_accuracy": first[1].correct / n,
+                      "anchored_heldout_accuracy": second.correct / n,
+                      "kept": "anchored" if use_second else "first"}
+    if use_second:
+        ctx.reports = ctx.reports[:mark] + ctx.reports[first[5]:]
+    else:
+        state.values, ctx.score, ctx.blend, ctx.unbound, ctx.unbound_score = first[:5]
+        ctx.reports = ctx.reports[:first[5]]
+    ctx.progress(Message(
+        f"retain bound: the anchored run {'is' if use_second else 'is not'} better on "
+        f"held-out ({second.correct / n:.4f} vs {first[1].correct / n:.4f}); keeping the "
+        f"{'anchored' if use_second else 'first'} run"))
+    return second_estimate if use_second else first[6]

@@ -126,6 +126,7 @@ def test_unlabelled_retain_keeps_part_of_a_change_its_bound_refused(shared_model
 @pytest.mark.parametrize("settings, named", [
     ({"retain_holdout": 0.0}, "retain_holdout"), ({"retain_holdout": 1.0}, "retain_holdout"),
     ({"blend_grid": (0.5, 1.5)}, "blend_grid"), ({"blend_grid": (float("nan"),)}, "blend_grid"),
+    ({"retain_anchor": -0.1}, "retain_anchor"), ({"retain_anchor": float("inf")}, "retain_anchor"),
 ])
 def test_out_of_range_blend_and_retain_settings_say_which(settings: dict[str, Any],
                                                           named: str) -> None:

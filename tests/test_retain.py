@@ -16,7 +16,7 @@ from onnxfbp.cli.commands import main
 from onnxfbp.data import load_data
 from onnxfbp.errors import DataError
 from onnxfbp.output.report import validate_report
-from onnxfbp.schedules.state import Retain
+from onnxfbp.schedules.state import Anchor, Retain
 
 PROJECT = Path(__file__).resolve().parent.parent
 MODELS = PROJECT / "models"
@@ -81,6 +81,7 @@ def test_unlabelled_retain_uses_the_models_own_outputs(
     assert ra.accuracy >= rb.accuracy - 0.01
     info = result.data["retain"]
     assert not info["labelled"] and info["targets"] == "model outputs"
+    assert info["anchor"] is None  # no anchored second run without labels
     assert 0.9 <= info["agreement"] <= 1.0
     assert result.heldout_after.accuracy > result.heldout_before.accuracy + 0.05
     validate_report(json.loads(json.dumps(result.to_dict())))
@@ -216,3 +217,66 @@ def test_retain_inputs_on_another_scale_are_warned_about(
     assert not any("far outside" in w for w in same.warnings)
     raw = refine(MODEL, None, adapt, config=small, retain_data=(x / 255.0, y))
     assert any("far outside the retain data's range" in w for w in raw.warnings)
+
+
+def test_anchor_pulls_only_the_retain_rows() -> None:
+    """While on, ``Anchor.pull`` adds ``step * weight * (z0 - z)`` to the rows of
+    retain samples (index >= offset) and leaves the adaptation rows and its input
+    alone; off, it changes nothing."""
+    z0 = np.array([[1.0, 0.0], [0.0, 2.0]], np.float32)
+    anchor = Anchor(offset=3, logits=z0, weight=0.5)
+    idx = np.array([0, 2, 3, 4])
+    z = np.array([[0, 0], [0, 0], [0, 0], [1, 1]], np.float32)
+    target = np.ones((4, 2), np.float32)
+    assert anchor.pull(idx, z, target, 2.0) is target  # off
+    anchor.on = True
+    out = anchor.pull(idx, z, target, 2.0)
+    np.testing.assert_array_equal(out[:2], target[:2])
+    np.testing.assert_allclose(out[2], 1 + 2 * 0.5 * (z0[0] - z[2]))
+    np.testing.assert_allclose(out[3], 1 + 2 * 0.5 * (z0[1] - z[3]))
+    np.testing.assert_array_equal(target, 1.0)  # the input is not modified
+    head = target[:2]
+    assert anchor.pull(np.array([0, 1]), z[:2], head, 2.0) is head  # no retain row
+
+
+def test_anchored_second_run_where_the_bound_cost_the_gain() -> None:
+    """keras MLP, inverted digits, 1,000 labelled upright digits: every check of the
+    schedule breaks the retain bound (the kept result gains almost nothing); the
+    second run, with the retain samples anchored to the input model's logits,
+    learns the new domain within the bound and is kept."""
+    from shared_data import mnist_test, models_dir
+
+    model = models_dir() / "mnist_keras_tf2onnx192_mlp.onnx"
+    if not model.is_file():
+        pytest.skip(f"shared model corpus not found at {model.parent}; set ONNXFBP_MODELS_DIR")
+    images, labels = mnist_test()
+    x01 = images.astype(np.float32) / 255.0
+    adapt = (1.0 - x01[:2000], labels[:2000])  # inverted digits
+    retain = (x01[2000:3000], labels[2000:3000])
+    events: list[Any] = []
+    result = refine(model, None, adapt, config=CPU, retain_data=retain, progress=events.append)
+    second = result.data["retain"]["anchor"]["second_run"]
+    assert second is not None and second["kept"] == "anchored", second
+    assert second["anchored_heldout_accuracy"] > second["first_heldout_accuracy"] + 0.3
+    assert result.heldout_after.accuracy > result.heldout_before.accuracy + 0.5
+    rb, ra = result.retain_before, result.retain_after
+    assert rb is not None and ra is not None and ra.accuracy >= rb.accuracy - 0.01
+    said = [str(getattr(e, "text", "")) for e in events]
+    assert any("running it again with the retain samples pulled" in t for t in said)
+    assert any("keeping the anchored run" in t for t in said)
+    steps = [layer.name for layer in result.layers if layer.reason.startswith("minibatch")]
+    assert len(steps) == len(set(steps)) == 2  # the first run's layer reports are dropped
+
+
+def test_no_second_run_where_the_bound_costs_little(
+    adapt: tuple[np.ndarray, np.ndarray], clean: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """The demo with labelled retain data keeps its gain within the bound: one run,
+    and ``retain_anchor`` 0 turns the second run off altogether."""
+    result = refine(MODEL, None, adapt, config=CPU, retain_data=clean)
+    assert result.data["retain"]["anchor"] == {
+        "weight": RefineConfig().retain.retain_anchor, "second_run": None}
+    off = refine(MODEL, None, adapt, config=CPU.replace(retain_anchor=0.0), retain_data=clean)
+    assert off.data["retain"]["anchor"] is None
+
+

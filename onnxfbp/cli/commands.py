@@ -113,6 +113,10 @@ def _print_retain(result: Any, stream: Any) -> None:
         return
     print(f"retain accuracy: {rb.accuracy:.4f} -> {ra.accuracy:.4f} (n={rb.n}, {what})",
           file=stream)
+    if second := (kept.get("anchor") or {}).get("second_run"):
+        print(f"retain bound: ran the schedule again with the retain samples anchored, kept "
+              f"the {second['kept']} run (held-out {second['anchored_heldout_accuracy']:.4f} "
+              f"anchored, {second['first_heldout_accuracy']:.4f} first)", file=stream)
 
 
 def _dumps(payload: Any, **kwargs: Any) -> str:

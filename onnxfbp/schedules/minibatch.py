@@ -233,6 +233,8 @@ class Minibatch:
         if self.blew_up(step, acts, y):
             return None, needed
         t_logits = state.label_target(acts, y, 1.0)
+        if self.ctx.anchor is not None:
+            t_logits = self.ctx.anchor.pull(idx, acts[state.plan.logits], t_logits, 1.0)
         if step == 1:
             needed = self.choose_route(acts, path, views, needed)
         residuals = self.residuals(acts, t_logits, views)
@@ -373,6 +375,7 @@ class Minibatch:
         else:
             if ctx.retain is not None and self.unbound.better(loss, correct):
                 ctx.unbound = dict(state.values)  # the best regardless of the retain bound
+                ctx.unbound_score = Score(loss, correct)
             if ctx.accept(state, loss, correct):
                 self.kept_values = dict(state.values)
                 self.kept_weights = {name: w.copy() for name, w in scored.items()}

@@ -36,7 +36,8 @@ from ..run.backend import array_module, cupy_or_none
 from ..run.device import run_to_device
 from ..run.forward import ForwardRunner, choose_providers
 
-__all__ = ["Clock", "ModelState", "Retain", "RunContext", "Score", "nodes_after", "select_layers"]
+__all__ = ["Anchor", "Clock", "ModelState", "Retain", "RunContext", "Score", "nodes_after",
+           "select_layers"]
 
 Views = dict[str, Any]
 
@@ -103,6 +104,37 @@ class Retain:
 
 
 @dataclass
+class Anchor:
+    """The pull of the retain training samples toward the input model's function:
+    a classifier's logits ``z0`` (n, classes) on the retain samples, which start
+    at index ``offset`` of the run's data. While ``on``, a retain sample's logits
+    residual gets ``weight * (z0 - z)`` added, so the step descends
+    ``CE(y, z) + weight / 2 ||z - z0||^2`` on it (logit replay, as in DER++,
+    Buzzega et al. 2020). Its cross-entropy alone pulls back only once a
+    prediction is about to flip; this pull grows with the drift of any logit.
+    ``refine.train_on_split`` turns it on for a second run of the schedule."""
+
+    offset: int
+    logits: np.ndarray
+    weight: float
+    on: bool = False
+    outcome: dict[str, Any] | None = None  # the second run's (retain.retry_anchored)
+
+    def pull(self, idx: np.ndarray, z: Any, target: Any, step: float) -> Any:
+        """``target`` (shaped as ``z``, the batch ``idx``'s logits) with
+        ``step * weight * (z0 - z)`` added on the retain samples' rows (while on)."""
+        rows = np.flatnonzero(idx >= self.offset)
+        if not self.on or not len(rows) or self.weight == 0:
+            return target
+        xp = xp_of(z)
+        sel = xp.asarray(rows)
+        z0 = xp.asarray(self.logits[idx[rows] - self.offset]).reshape(z[sel].shape)
+        out = target.copy()
+        out[sel] = target[sel] + (step * self.weight) * (z0.astype(z.dtype) - z[sel])
+        return out
+
+
+@dataclass
 class RunContext:
     """One run's split of the labelled data and what it collects."""
 
@@ -114,8 +146,11 @@ class RunContext:
     progress: Progress
     reports: list[LayerReport] = field(default_factory=list)
     retain: Retain | None = None  # with --retain-data: the constraint every update keeps
-    # with retain data: the minibatch schedule's best held-out weights regardless of its bound
+    anchor: Anchor | None = None  # with retain data (classifier): its samples' logit pull
+    # with retain data: the minibatch schedule's best held-out weights regardless of
+    # its bound, and their score
     unbound: dict[str, np.ndarray] | None = None
+    unbound_score: Score | None = None
     blend: dict[str, Any] | None = None  # what the blend back kept (schedules.blend)
 
     def accept(self, state: ModelState, loss: float, correct: int, commit: bool = True,
