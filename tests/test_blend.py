@@ -4,6 +4,8 @@ part of a change the retain bound refused whole."""
 
 from __future__ import annotations
 
+import html
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -134,15 +136,21 @@ def test_out_of_range_blend_and_retain_settings_say_which(settings: dict[str, An
         RefineConfig.of(**settings)
 
 
-def test_the_summary_says_what_the_blend_kept(adapt: Any, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
-    """The CLI's summary names the blend, even with --quiet (a changed result
-    is said, never hidden)."""
-    from onnxfbp.cli.commands import _outcome_lines  # noqa: PLC0415
+def test_the_summary_says_what_the_blend_kept(adapt: Any, tmp_path: Path) -> None:
+    """The summary names the blend (the CLI prints these lines even with --quiet;
+    the HTML report shows them under its header): a changed result is said, never
+    hidden."""
+    from onnxfbp.output.html import build_html  # noqa: PLC0415
+    from onnxfbp.output.outcome import outcome_lines  # noqa: PLC0415
 
     cfg = CPU.replace(min_z=1e9)  # the smallest blend that beats the input is kept
     result = refine(MODEL, None, adapt, config=cfg)
     a = result.data["blend"]["a"]
-    assert f"blended back: {a:g} of the schedule's change kept" in _outcome_lines(result)
+    said = f"blended back: {a:g} of the schedule's change kept"
+    assert said in outcome_lines(result.plan, result.data, result.warnings)
+    report = json.loads(json.dumps(result.to_dict()))
+    assert said in outcome_lines(report["plan"], report["data"], report["warnings"])
+    assert f"<li>{html.escape(said)}</li>" in build_html(report)
     plain = refine(MODEL, None, adapt, config=CPU.replace(blend_grid=()))
-    assert not any("blended" in line for line in _outcome_lines(plain))
+    assert not any("blended" in line
+                   for line in outcome_lines(plain.plan, plain.data, plain.warnings))

@@ -264,6 +264,10 @@ def test_anchored_second_run_where_the_bound_cost_the_gain() -> None:
     said = [str(getattr(e, "text", "")) for e in events]
     assert any("running it again with the retain samples pulled" in t for t in said)
     assert any("keeping the anchored run" in t for t in said)
+    from onnxfbp.output.outcome import outcome_lines  # noqa: PLC0415
+
+    assert any(line.startswith("retain bound: ran the schedule again") and "kept the anchored"
+               in line for line in outcome_lines(result.plan, result.data, result.warnings))
     steps = [layer.name for layer in result.layers if layer.reason.startswith("minibatch")]
     assert len(steps) == len(set(steps)) == 2  # the first run's layer reports are dropped
 

@@ -24,6 +24,7 @@ from types import FrameType
 from typing import Any
 
 from ..errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USER_ERROR, OnnxfbpError
+from ..output.outcome import outcome_lines
 from .outputs import eval_line, eval_payload, heldout_line, target_settings, task_options
 from .values import finite_float, seed_value
 
@@ -71,31 +72,10 @@ def _print_result(result: Any, stream: Any = None) -> None:
         eb, ea = result.eval_before, result.eval_after
         print(heldout_line(eb, ea, "eval"), file=stream)
     _print_retain(result, stream)
-    for line in _outcome_lines(result):
+    for line in outcome_lines(result.plan, getattr(result, "data", None),
+                              getattr(result, "warnings", None)):
         print(line, file=stream)
     print(f"time: {result.timings.get('total', 0.0):.1f}s", file=stream)
-
-
-def _outcome_lines(result: Any) -> list[str]:
-    """What changed, in words, from the report's plan (``changed`` is the truth:
-    the weights differ from the input model's) and the layers' reports: layers
-    changed, layers reverted or left unchanged and why, and whether the output
-    layer alone carries the gain."""
-    rows = [p for p in (result.plan or {}).get("layers", []) if p.get("selected", p["refined"])]
-    changed = [p["name"] for p in rows if p.get("changed", p["refined"])]
-    lines = [f"layers changed ({len(changed)} of {len(rows)}): "
-             + (", ".join(changed) if changed else "none")]
-    for p in rows:
-        if not p.get("changed", p["refined"]):
-            lines.append(f"  {p.get('outcome') or 'unchanged'}: {p['name']} "
-                         f"({p.get('reason') or 'no update kept'})")
-    if len(rows) > 1 and changed == [rows[-1]["name"]]:  # plan order: the output layer last
-        lines.append("only the output layer changed: it alone carries the gain")
-    if (blend := (getattr(result, "data", None) or {}).get("blend")) is not None:
-        what = "change" if blend["of"] == "kept" else "best change regardless of the retain bound"
-        lines.append(f"blended back: {blend['a']:g} of the schedule's {what} kept")
-    lines.extend(getattr(result, "warnings", None) or [])  # shown even with --quiet
-    return lines
 
 
 def _print_retain(result: Any, stream: Any) -> None:
@@ -113,10 +93,6 @@ def _print_retain(result: Any, stream: Any) -> None:
         return
     print(f"retain accuracy: {rb.accuracy:.4f} -> {ra.accuracy:.4f} (n={rb.n}, {what})",
           file=stream)
-    if second := (kept.get("anchor") or {}).get("second_run"):
-        print(f"retain bound: ran the schedule again with the retain samples anchored, kept "
-              f"the {second['kept']} run (held-out {second['anchored_heldout_accuracy']:.4f} "
-              f"anchored, {second['first_heldout_accuracy']:.4f} first)", file=stream)
 
 
 def _dumps(payload: Any, **kwargs: Any) -> str:

@@ -32,6 +32,7 @@ from .figures import (
     png,
     split_figure,
 )
+from .outcome import outcome_lines
 from .report import load_report
 
 __all__ = ["build_html", "render_html"]
@@ -175,7 +176,10 @@ def _header(report: dict[str, Any], title: str, source: str | None) -> str:
     sub.append(f"refined model: {_e(report['written'] or '(not written)')}")
     sub.append(f"schema {_e(report['schema'])}")
     sub.append(f"rendered {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
-    return f"<h1>{_e(title)}</h1><p class=\"sub\">{' · '.join(sub)}</p>" + _cards(report)
+    said = outcome_lines(report.get("plan"), report.get("data"), report.get("warnings"))
+    outcome = "<ul class=\"outcome\">" + "".join(f"<li>{_e(x)}</li>" for x in said) + "</ul>"
+    return (f"<h1>{_e(title)}</h1><p class=\"sub\">{' · '.join(sub)}</p>" + _cards(report)
+            + outcome)
 
 
 def _accuracy_section(report: dict[str, Any]) -> list[str]:
