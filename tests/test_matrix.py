@@ -104,3 +104,39 @@ def test_peer_script_round_trip(shared_models: Path, mnist: tuple[np.ndarray, np
     after = ort_accuracy(out, MODELS[name].prep(x[:256]), y[:256], 1)
     assert after >= before - 0.02  # one epoch at lr 1e-3 on clean digits keeps the model
     assert json.loads(report.read_text())["lr"] == 1e-3
+
+
+def test_peer_with_retain_keeps_the_bound_or_the_input(
+        shared_models: Path, mnist: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
+    """``peer_adam.py --tune --retain``: half the retain samples held out; every
+    candidate is scored on them, and only one within the bound may be chosen. With a
+    bound no candidate keeps (a negative drop), the input model comes back unchanged."""
+    pytest.importorskip("torch")
+    try:
+        import_onnx2torch()
+    except ImportError:
+        pytest.skip("onnx2torch is not installed (the bench extra)")
+    name = "mnist_pytorch25_legacy_cnn.onnx"
+    x, y = mnist
+    prep = MODELS[name].prep
+    data, retain = tmp_path / "adapt.npz", tmp_path / "retain.npz"
+    np.savez(data, x=prep(1.0 - x[:192]), y=y[:192])  # inverted digits
+    np.savez(retain, x=prep(x[192:392]), y=y[192:392])
+    for bound in ("0.01", "-1"):
+        out, report = tmp_path / f"peer{bound}.onnx", tmp_path / f"peer{bound}.json"
+        cmd = [sys.executable, str(TOOLS / "peer_adam.py"), str(shared_models / name), str(out),
+               "--data", str(data), "--report", str(report), "--threads", "1", "--tune",
+               "--retain", str(retain), "--max-retain-drop", bound]
+        subprocess.run(cmd, check=True, capture_output=True)
+        rep = json.loads(report.read_text())
+        assert rep["retain"]["train"] == rep["retain"]["heldout"] == 100
+        rows = rep["tuning"]
+        assert len(rows) == 9 and all("retain_accuracy" in r for r in rows)
+        if bound == "-1":
+            assert rep["epochs"] == 0 and not any(r["retain_kept"] for r in rows)
+            xe = prep(x[400:600])
+            assert (ort_accuracy(out, xe, y[400:600], 1)
+                    == ort_accuracy(shared_models / name, xe, y[400:600], 1))
+        else:
+            chosen = [r for r in rows if (r["lr"], r["epochs"]) == (rep["lr"], rep["epochs"])]
+            assert rep["epochs"] == 0 or chosen[0]["retain_kept"]

@@ -39,10 +39,20 @@ best score (ties: the earlier in lr-ascending, epochs-ascending order) is then r
 from the original weights on ALL the adaptation data, and that model is exported. The
 tuning counts in the script's time.
 
+``--retain RETAIN.npz`` (labelled original-domain data; one classification target):
+the retain-aware peer, onnxfbp's ``--retain-data`` rule in backprop. A seeded half of
+the retain samples is held out (as onnxfbp's ``retain_holdout``); the other half joins
+every training set. With ``--tune`` a candidate (lr, epochs) counts only if its accuracy
+on the retain held-out half is at most ``--max-retain-drop`` (default 0.01) below the
+input model's; the best held-out score among those is retrained as above (on all the
+adaptation data and the retain training half), and where none keeps the bound the input
+model is exported unchanged (``"epochs": 0`` in the report).
+
 Usage:
     python tools/peer_adam.py MODEL.onnx OUT.onnx --data ADAPT.npz
         [--target OUTPUT=KEY ...] [--loss mse|l1|huber] [--lr 1e-3] [--epochs 1]
-        [--tune] [--seed 0] [--threads 2] [--report OUT.json]
+        [--tune] [--retain RETAIN.npz [--max-retain-drop 0.01]] [--seed 0] [--threads 2]
+        [--report OUT.json]
 
 Exit codes: 0 written; 2 the model cannot be converted or exported, or the data lacks
 an input or a label key (one line on stderr).
@@ -290,10 +300,50 @@ def load_data(path: Path, proto: onnx.ModelProto, targets: list[tuple[str, str]]
     return [torch.from_numpy(np.ascontiguousarray(x)) for x in xs], ys, heads
 
 
+@dataclass
+class RetainSplit:
+    """``--retain``: the retain samples that train (joined to every training set) and
+    the held-out half whose accuracy may drop at most ``max_drop`` below ``before``."""
+
+    x_train: list[torch.Tensor]
+    y_train: list[torch.Tensor]
+    x_hold: list[torch.Tensor]
+    y_hold: list[torch.Tensor]
+    max_drop: float
+    before: float = 0.0
+
+    def join(self, xs: list[torch.Tensor], ys: list[torch.Tensor]
+             ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        import torch
+
+        return ([torch.cat([a, b]) for a, b in zip(xs, self.x_train, strict=True)],
+                [torch.cat([a, b]) for a, b in zip(ys, self.y_train, strict=True)])
+
+    def kept(self, net: torch.nn.Module, heads: list[Head]) -> tuple[bool, float]:
+        acc = score(net, heads, self.x_hold, self.y_hold)
+        return acc >= self.before - self.max_drop - 1e-12, acc
+
+
+def split_retain(xs: list[torch.Tensor], ys: list[torch.Tensor], seed: int,
+                 max_drop: float) -> RetainSplit:
+    """A seeded half of the retain samples held out (at least one each side)."""
+    import numpy as np
+    import torch
+
+    n = len(ys[0])
+    order = np.random.default_rng([seed, 2]).permutation(n)
+    n_hold = min(max(1, n // 2), n - 1)
+    hold, fit = torch.from_numpy(order[:n_hold]), torch.from_numpy(order[n_hold:])
+    return RetainSplit([x[fit] for x in xs], [y[fit] for y in ys],
+                       [x[hold] for x in xs], [y[hold] for y in ys], max_drop)
+
+
 def tune(net: torch.nn.Module, heads: list[Head], xs: list[torch.Tensor],
-         ys: list[torch.Tensor], seed: int) -> tuple[float, int, list[dict[str, Any]]]:
+         ys: list[torch.Tensor], seed: int, retain: RetainSplit | None = None
+         ) -> tuple[float, int, list[dict[str, Any]]]:
     """The (lr, epochs) with the best held-out score (module docstring) and every
-    candidate's score; the net is left at its original weights."""
+    candidate's score; with ``retain``, among those that keep its bound (epochs 0:
+    none does). The net is left at its original weights."""
     import numpy as np
     import torch
 
@@ -304,17 +354,25 @@ def tune(net: torch.nn.Module, heads: list[Head], xs: list[torch.Tensor],
     hold, fit = torch.from_numpy(order[:n_hold]), torch.from_numpy(order[n_hold:])
     xh, yh = [x[hold] for x in xs], [y[hold] for y in ys]
     xf, yf = [x[fit] for x in xs], [y[fit] for y in ys]
-    scores: list[tuple[float, float, int]] = []
+    if retain is not None:
+        xf, yf = retain.join(xf, yf)
+    rows: list[dict[str, Any]] = []
     for cand in TUNE_LRS:
         net.load_state_dict(initial)
 
         def after(epoch: int, cand: float = cand) -> None:
-            scores.append((score(net, heads, xh, yh), cand, epoch))
+            row = {"lr": cand, "epochs": epoch, "holdout_score": score(net, heads, xh, yh)}
+            if retain is not None:
+                row["retain_kept"], row["retain_accuracy"] = retain.kept(net, heads)
+            rows.append(row)
 
         train(net, heads, xf, yf, cand, TUNE_EPOCHS, seed, after)
-    best = max(scores, key=lambda s: s[0])  # first maximum: smaller lr, fewer epochs
     net.load_state_dict(initial)
-    return best[1], best[2], [{"lr": c, "epochs": e, "holdout_score": a} for a, c, e in scores]
+    allowed = [r for r in rows if r.get("retain_kept", True)]
+    if not allowed:
+        return 0.0, 0, rows
+    best = max(allowed, key=lambda r: r["holdout_score"])  # first: smaller lr, fewer epochs
+    return best["lr"], best["epochs"], rows
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -331,6 +389,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--report", type=Path, help="write the chosen settings and timings here")
+    p.add_argument("--retain", type=Path, metavar="RETAIN.npz",
+                   help="labelled original-domain data: trained on, and its held-out half "
+                        "must keep its accuracy (module docstring)")
+    p.add_argument("--max-retain-drop", type=float, default=0.01)
     p.add_argument("--loss", choices=REGRESSION,
                    help="float labels: this regression loss (default: the task of the labels)")
     args = p.parse_args(argv)
@@ -374,12 +436,29 @@ def main(argv: list[str] | None = None) -> int:
     lr, epochs = args.lr, args.epochs
     report: dict[str, Any] = {"output_kind": heads[0].kind, "initializers_trained": promoted,
                               "tasks": {out_names[h.index]: h.task for h in heads}}
+    retain = None
+    if args.retain is not None:
+        if len(heads) != 1 or heads[0].task != "classification":
+            print("peer_adam: error: --retain needs one classification target", file=sys.stderr)
+            return 2
+        try:
+            rx, ry, _ = load_data(args.retain, proto, targets, args.loss)
+        except PeerError as exc:
+            print(f"peer_adam: error: {exc}", file=sys.stderr)
+            return 2
+        retain = split_retain(rx, ry, args.seed, args.max_retain_drop)
+        _, retain.before = retain.kept(net, heads)
+        report["retain"] = {"train": len(retain.y_train[0]), "heldout": len(retain.y_hold[0]),
+                            "before": retain.before}
     if args.tune:
         t = time.perf_counter()
-        lr, epochs, report["tuning"] = tune(net, heads, xs, ys, args.seed)
+        lr, epochs, report["tuning"] = tune(net, heads, xs, ys, args.seed, retain)
         timings["tune_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    train(net, heads, xs, ys, lr, epochs, args.seed)
+    if retain is not None:
+        xs, ys = retain.join(xs, ys)
+    if epochs > 0:
+        train(net, heads, xs, ys, lr, epochs, args.seed)
     timings["train_s"] = time.perf_counter() - t
     report.update({"lr": lr, "epochs": epochs})
 
