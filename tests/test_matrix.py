@@ -122,14 +122,22 @@ def test_peer_with_retain_keeps_the_bound_or_the_input(
     data, retain = tmp_path / "adapt.npz", tmp_path / "retain.npz"
     np.savez(data, x=prep(1.0 - x[:192]), y=y[:192])  # inverted digits
     np.savez(retain, x=prep(x[192:392]), y=y[192:392])
-    for bound in ("0.01", "-1"):
+    np.savez(tmp_path / "retain_x.npz", x=prep(x[192:392]))
+    for bound in ("0.01", "-1", "unlabelled"):
         out, report = tmp_path / f"peer{bound}.onnx", tmp_path / f"peer{bound}.json"
+        given = tmp_path / "retain_x.npz" if bound == "unlabelled" else retain
         cmd = [sys.executable, str(TOOLS / "peer_adam.py"), str(shared_models / name), str(out),
                "--data", str(data), "--report", str(report), "--threads", "1", "--tune",
-               "--retain", str(retain), "--max-retain-drop", bound]
+               "--retain", str(given), "--max-retain-drop",
+               "0.01" if bound == "unlabelled" else bound]
         subprocess.run(cmd, check=True, capture_output=True)
         rep = json.loads(report.read_text())
         assert rep["retain"]["train"] == rep["retain"]["heldout"] == 100
+        # unlabelled: the bound is on the accuracy the input model expects (below 1)
+        assert rep["retain"]["labelled"] == (bound != "unlabelled")
+        assert 0.5 < rep["retain"]["before"] <= 1.0
+        if bound == "unlabelled":
+            assert rep["retain"]["before"] < 1.0
         rows = rep["tuning"]
         assert len(rows) == 9 and all("retain_accuracy" in r for r in rows)
         if bound == "-1":

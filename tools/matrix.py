@@ -32,6 +32,9 @@ Methods, each a child process timed by wall clock from its start to its exit
                 the same with ``--retain`` (the labelled retain images): half of them
                 train with the adaptation data, and a candidate counts only if it keeps
                 the other half's accuracy within 1 point (``peer_adam.py`` docstring)
+    adam-tuned-retain-unlabelled
+                the same without the labels: the input model's predictions are the labels
+                and its softmax scores the bound, as onnxfbp's
 
 Every output model is scored with onnxruntime (CPU, a dynamic-batch copy) on the shifted
 and the original evaluation images; the input model gives the "before" numbers.
@@ -96,7 +99,7 @@ if TYPE_CHECKING:
     from numpy.typing import NDArray
 
 METHODS = ("onnxfbp", "adam-1", "adam-tuned", "onnxfbp-retain", "onnxfbp-retain-unlabelled",
-           "adam-tuned-retain")
+           "adam-tuned-retain", "adam-tuned-retain-unlabelled")
 RETAIN = 1000  # original-domain samples (images 2000-2999, unshifted) for --retain-data
 TUNED = "adam-tuned"
 PLAIN_PEER = "adam-1"
@@ -220,6 +223,8 @@ def method_command(method: str, model: Path, out: Path, data: Path, report: Path
         return [*peer, "--tune"]
     if method == TUNED + "-retain":
         return [*peer, "--tune", "--retain", str(data.with_name("retain.npz"))]
+    if method == TUNED + "-retain-unlabelled":
+        return [*peer, "--tune", "--retain", str(data.with_name("retain_x.npz"))]
     raise ValueError(f"unknown method {method!r}")
 
 

@@ -39,8 +39,10 @@ best score (ties: the earlier in lr-ascending, epochs-ascending order) is then r
 from the original weights on ALL the adaptation data, and that model is exported. The
 tuning counts in the script's time.
 
-``--retain RETAIN.npz`` (labelled original-domain data; one classification target):
-the retain-aware peer, onnxfbp's ``--retain-data`` rule in backprop. A seeded half of
+``--retain RETAIN.npz`` (original-domain data; one classification target): the
+retain-aware peer, onnxfbp's ``--retain-data`` rule in backprop. Without labels in it,
+the input model's predictions are the labels, and the bound is on the accuracy the
+input model expects of the predictions, ``mean p0[i, pred_i]`` (as onnxfbp's). A seeded half of
 the retain samples is held out (as onnxfbp's ``retain_holdout``); the other half joins
 every training set. With ``--tune`` a candidate (lr, epochs) counts only if its accuracy
 on the retain held-out half is at most ``--max-retain-drop`` (default 0.01) below the
@@ -311,6 +313,7 @@ class RetainSplit:
     y_hold: list[torch.Tensor]
     max_drop: float
     before: float = 0.0
+    credit: torch.Tensor | None = None  # unlabelled: the input model's softmax on x_hold
 
     def join(self, xs: list[torch.Tensor], ys: list[torch.Tensor]
              ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -320,13 +323,37 @@ class RetainSplit:
                 [torch.cat([a, b]) for a, b in zip(ys, self.y_train, strict=True)])
 
     def kept(self, net: torch.nn.Module, heads: list[Head]) -> tuple[bool, float]:
-        acc = score(net, heads, self.x_hold, self.y_hold)
+        """Whether the held-out half keeps the bound, and its score: accuracy, or
+        unlabelled, the accuracy the input model expects, mean ``p0[i, pred_i]``."""
+        if self.credit is None:
+            acc = score(net, heads, self.x_hold, self.y_hold)
+        else:
+            pred = outputs(net, self.x_hold, heads[0]).argmax(1)
+            acc = float(self.credit[range(len(pred)), pred].mean())
         return acc >= self.before - self.max_drop - 1e-12, acc
 
 
+def outputs(net: torch.nn.Module, xs: list[torch.Tensor], head: Head) -> torch.Tensor:
+    """A classification head's class probabilities ``[N, C]`` (eval mode; the net is
+    left in training mode with BatchNorm frozen)."""
+    import torch
+
+    net.eval()
+    with torch.inference_mode():
+        out = torch.cat([forward(net, [x[i:i + EVAL_BATCH] for x in xs])[head.index]
+                         for i in range(0, len(xs[0]), EVAL_BATCH)])
+    net.train()
+    freeze_batchnorm(net)
+    z = out.reshape(len(out), -1)
+    if head.kind == "softmax":
+        return z
+    return z.exp() if head.kind == "logsoftmax" else torch.softmax(z, 1)
+
+
 def split_retain(xs: list[torch.Tensor], ys: list[torch.Tensor], seed: int,
-                 max_drop: float) -> RetainSplit:
-    """A seeded half of the retain samples held out (at least one each side)."""
+                 max_drop: float, probs: torch.Tensor | None = None) -> RetainSplit:
+    """A seeded half of the retain samples held out (at least one each side);
+    ``probs``: unlabelled, the input model's probabilities (``ys`` its predictions)."""
     import numpy as np
     import torch
 
@@ -335,7 +362,8 @@ def split_retain(xs: list[torch.Tensor], ys: list[torch.Tensor], seed: int,
     n_hold = min(max(1, n // 2), n - 1)
     hold, fit = torch.from_numpy(order[:n_hold]), torch.from_numpy(order[n_hold:])
     return RetainSplit([x[fit] for x in xs], [y[fit] for y in ys],
-                       [x[hold] for x in xs], [y[hold] for y in ys], max_drop)
+                       [x[hold] for x in xs], [y[hold] for y in ys], max_drop,
+                       credit=None if probs is None else probs[hold])
 
 
 def tune(net: torch.nn.Module, heads: list[Head], xs: list[torch.Tensor],
@@ -441,15 +469,23 @@ def main(argv: list[str] | None = None) -> int:
         if len(heads) != 1 or heads[0].task != "classification":
             print("peer_adam: error: --retain needs one classification target", file=sys.stderr)
             return 2
+        import numpy as np
+
+        with np.load(args.retain) as z:
+            labelled = heads[0].key in z.files
+        probs = None
         try:
-            rx, ry, _ = load_data(args.retain, proto, targets, args.loss)
+            rx, ry, _ = load_data(args.retain, proto, targets if labelled else [], args.loss)
         except PeerError as exc:
             print(f"peer_adam: error: {exc}", file=sys.stderr)
             return 2
-        retain = split_retain(rx, ry, args.seed, args.max_retain_drop)
+        if not labelled:  # the input model's predictions are the labels (as onnxfbp's)
+            probs = outputs(net, rx, heads[0])
+            ry = [probs.argmax(1)]
+        retain = split_retain(rx, ry, args.seed, args.max_retain_drop, probs)
         _, retain.before = retain.kept(net, heads)
         report["retain"] = {"train": len(retain.y_train[0]), "heldout": len(retain.y_hold[0]),
-                            "before": retain.before}
+                            "before": retain.before, "labelled": labelled}
     if args.tune:
         t = time.perf_counter()
         lr, epochs, report["tuning"] = tune(net, heads, xs, ys, args.seed, retain)
