@@ -203,14 +203,15 @@ def retry_anchored(state: ModelState, ctx: RunContext, before: Score,
     ``estimate`` (``schedule``'s return: a refitted output layer's held-out
     estimate, or None)."""
     anchor, best = ctx.anchor, ctx.unbound_score
-    if anchor is None or anchor.weight == 0 or best is None:
+    if anchor is None or best is None:
         return estimate
     gain, kept = best.correct - before.correct, ctx.score.correct - before.correct
     if gain <= 0 or kept >= RETRY_BELOW * gain:
         return estimate
     n = len(ctx.val_idx)
-    first = (dict(state.values), ctx.score, ctx.blend, ctx.unbound, best, len(ctx.reports),
-             estimate)
+    # the first run's result, to restore if the anchored run is not better
+    values, score, blend, unbound = dict(state.values), ctx.score, ctx.blend, ctx.unbound
+    first_end = len(ctx.reports)
     ctx.progress(Message(
         f"retain bound: the schedule kept {kept} of the {gain} held-out samples it won "
         f"regardless of the bound; running it again with the retain samples pulled toward "
@@ -223,18 +224,19 @@ def retry_anchored(state: ModelState, ctx: RunContext, before: Score,
     finally:
         anchor.on = False
     second = ctx.score
-    use_second = Score(first[1].loss, first[1].correct).better(second.loss, second.correct,
-                                                                 commit=False)
-    anchor.outcome = {"first_heldout_accuracy": first[1].correct / n,
+    use_second = Score(score.loss, score.correct).better(second.loss, second.correct,
+                                                         commit=False)
+    anchor.outcome = {"first_heldout_accuracy": score.correct / n,
                       "anchored_heldout_accuracy": second.correct / n,
                       "kept": "anchored" if use_second else "first"}
-    if use_second:
-        ctx.reports = ctx.reports[:mark] + ctx.reports[first[5]:]
+    if use_second:  # drop the first run's layer reports
+        ctx.reports = ctx.reports[:mark] + ctx.reports[first_end:]
     else:
-        state.values, ctx.score, ctx.blend, ctx.unbound, ctx.unbound_score = first[:5]
-        ctx.reports = ctx.reports[:first[5]]
+        state.values, ctx.score, ctx.blend = values, score, blend
+        ctx.unbound, ctx.unbound_score = unbound, best
+        ctx.reports = ctx.reports[:first_end]
     ctx.progress(Message(
         f"retain bound: the anchored run {'is' if use_second else 'is not'} better on "
-        f"held-out ({second.correct / n:.4f} vs {first[1].correct / n:.4f}); keeping the "
+        f"held-out ({second.correct / n:.4f} vs {score.correct / n:.4f}); keeping the "
         f"{'anchored' if use_second else 'first'} run"))
-    return second_estimate if use_second else first[6]
+    return second_estimate if use_second else estimate

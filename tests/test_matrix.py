@@ -79,14 +79,19 @@ def test_layer_counts_from_a_report(tmp_path: Path) -> None:
     assert "report_divergence" not in got
 
 
-@pytest.mark.slow
-def test_peer_script_round_trip(shared_models: Path, mnist: tuple[np.ndarray, np.ndarray],
-                                tmp_path: Path) -> None:
+def _need_peer() -> None:
+    """Skip unless the peer can run here (torch and onnx2torch: the bench extra)."""
     pytest.importorskip("torch")
     try:
         import_onnx2torch()
     except ImportError:
         pytest.skip("onnx2torch is not installed (the bench extra)")
+
+
+@pytest.mark.slow
+def test_peer_script_round_trip(shared_models: Path, mnist: tuple[np.ndarray, np.ndarray],
+                                tmp_path: Path) -> None:
+    _need_peer()
     name = "mnist_pytorch25_legacy_cnn.onnx"
     x, y = mnist
     data = tmp_path / "adapt.npz"
@@ -106,16 +111,13 @@ def test_peer_script_round_trip(shared_models: Path, mnist: tuple[np.ndarray, np
     assert json.loads(report.read_text())["lr"] == 1e-3
 
 
+@pytest.mark.slow
 def test_peer_with_retain_keeps_the_bound_or_the_input(
         shared_models: Path, mnist: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
     """``peer_adam.py --tune --retain``: half the retain samples held out; every
     candidate is scored on them, and only one within the bound may be chosen. With a
     bound no candidate keeps (a negative drop), the input model comes back unchanged."""
-    pytest.importorskip("torch")
-    try:
-        import_onnx2torch()
-    except ImportError:
-        pytest.skip("onnx2torch is not installed (the bench extra)")
+    _need_peer()
     name = "mnist_pytorch25_legacy_cnn.onnx"
     x, y = mnist
     prep = MODELS[name].prep

@@ -123,8 +123,10 @@ class Anchor:
     def pull(self, idx: np.ndarray, z: Any, target: Any, step: float) -> Any:
         """``target`` (shaped as ``z``, the batch ``idx``'s logits) with
         ``step * weight * (z0 - z)`` added on the retain samples' rows (while on)."""
+        if not self.on or self.weight == 0:
+            return target
         rows = np.flatnonzero(idx >= self.offset)
-        if not self.on or not len(rows) or self.weight == 0:
+        if not len(rows):
             return target
         xp = xp_of(z)
         sel = xp.asarray(rows)
@@ -146,7 +148,7 @@ class RunContext:
     progress: Progress
     reports: list[LayerReport] = field(default_factory=list)
     retain: Retain | None = None  # with --retain-data: the constraint every update keeps
-    anchor: Anchor | None = None  # with retain data (classifier): its samples' logit pull
+    anchor: Anchor | None = None  # with labelled retain data (classifier): its logit pull
     # with retain data: the minibatch schedule's best held-out weights regardless of
     # its bound, and their score
     unbound: dict[str, np.ndarray] | None = None
